@@ -1,0 +1,131 @@
+"""Frozen dataclass configs, `key=value` overrides and presets.
+
+Every stage has one frozen dataclass. The CLI turns `key=value` words into a config with
+`parse_overrides`; an unknown key fails and lists the valid ones. `to_dict` gives the resolved
+config that travels into every artifact.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+# preset name -> stage name -> {key: value}. Filled by the stage modules through `register_preset`.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
+
+
+class ConfigError(ValueError):
+    """A bad key, value, preset or name in user input: printed as one line by the CLI."""
+
+
+def register_preset(preset: str, stage: str, **values: Any) -> None:
+    PRESETS.setdefault(preset, {})[stage] = values
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(cls, key: str, raw: Any) -> Any:
+    """Turn `raw` (a string from the command line or a python value) into the field's type."""
+    hint = typing.get_type_hints(cls)[key]
+    origin = typing.get_origin(hint)
+    if isinstance(raw, str):
+        if hint is str:
+            return raw
+        if hint is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{cls.__name__}.{key} expects true/false, got {raw!r}")
+        if origin is tuple and "," in raw and not raw.strip().startswith("("):
+            raw = "(" + raw + ",)"   # `layers=3,4,5` reads as a tuple
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw   # e.g. a bare word for a str | None field
+    else:
+        value = raw
+    return _check_type(cls, key, hint, value)
+
+
+def _check_type(cls, key: str, hint, value):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(cls, key, option, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{cls.__name__}.{key} expects {hint}, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, (int, float, str)):
+            value = (value,)
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"{cls.__name__}.{key} expects a tuple, got {value!r}")
+        inner = args[0] if args else object
+        return tuple(_check_type(cls, key, inner, v) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        return str(value)
+    if hint in (int, float, bool, str) and not isinstance(value, hint):
+        raise ConfigError(f"{cls.__name__}.{key} expects {hint.__name__}, got {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{cls.__name__}.{key} expects int, got {value!r}")
+    return value
+
+
+def split_overrides(words: list[str]) -> dict[str, str]:
+    pairs = {}
+    for word in words:
+        if "=" not in word:
+            raise ConfigError(f"expected key=value, got {word!r}")
+        key, value = word.split("=", 1)
+        pairs[key.strip()] = value
+    return pairs
+
+
+def build(cls, stage: str, overrides: dict[str, Any] | list[str] | None = None):
+    """Defaults <- preset (if `preset=` is given) <- explicit overrides, all type-checked."""
+    if isinstance(overrides, list):
+        overrides = split_overrides(overrides)
+    overrides = dict(overrides or {})
+    valid = field_names(cls)
+    unknown = sorted(k for k in overrides if k not in valid)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} for stage {stage!r}; valid keys: {', '.join(valid)}")
+    values: dict[str, Any] = {}
+    preset = overrides.get("preset")
+    if preset is not None and "preset" in valid:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        values.update(PRESETS[preset].get(stage, {}))
+    values.update(overrides)
+    return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def to_json(cfg) -> str:
+    return json.dumps(to_dict(cfg), sort_keys=True)
+
+
+def from_dict(cls, values: dict[str, Any]):
+    """Rebuild a config saved by `to_dict`, ignoring keys this version no longer has."""
+    valid = set(field_names(cls))
+    return cls(**{k: _coerce(cls, k, v) for k, v in values.items() if k in valid})
+
+
+def resolve_path(p: str | Path) -> Path:
+    return Path(p).expanduser()

@@ -1,0 +1,214 @@
+"""The two on-disk layouts every stage shares.
+
+Image cache (`prepare` writes it, everything else reads it), HDF5:
+    images  N x H x W x 3 uint8 (HWC, RGB)
+    labels  N int64 (-1 where the source has no labels)
+    attrs   class_names, source, config, provenance (JSON strings), complete=True
+
+Feature file (`features` and `kmeans` write it, `svm` reads it), HDF5:
+    /<split>/features  N x D float32 or float16, chunked in row blocks
+    /<split>/labels    N int64
+    attrs   layer_names, layer_offsets (L+1 ints), feature_dim, kind, model,
+            config, provenance, source_<split> (JSON strings), complete=True
+Both are written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from .config import ConfigError
+from .utils import atomic_path, provenance
+
+ROW_CHUNK = 64   # rows per HDF5 chunk: row-block reads touch whole chunks only
+
+
+def _json_attrs(h5: h5py.File, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        h5.attrs[key] = value if isinstance(value, (int, float, bool, np.integer)) else json.dumps(value, default=str)
+
+
+def _load_attr(value):
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _open_complete(path: Path, what: str, remedy: str) -> h5py.File:
+    if not path.exists():
+        raise ConfigError(f"{what} not found: {path} ({remedy})")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as err:
+        raise ConfigError(f"{what} {path} is not a readable HDF5 file ({err}); delete it and {remedy}") from None
+    if not h5.attrs.get("complete", False):
+        h5.close()
+        raise ConfigError(f"{what} {path} is incomplete (an interrupted run?); delete it and {remedy}")
+    return h5
+
+
+# ============================================================================ image cache
+@dataclass
+class ImageSet:
+    images: np.ndarray            # N x H x W x 3 uint8
+    labels: np.ndarray            # N int64
+    class_names: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def write_image_cache(path: str | Path, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                      attrs: dict[str, Any]) -> Path:
+    path = Path(path)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"image cache expects N x H x W x 3 uint8, got {images.shape} {images.dtype}")
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as h5:
+            chunk = (min(len(images), 1024),) + images.shape[1:] if len(images) else None
+            h5.create_dataset("images", data=images, chunks=chunk)
+            h5.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+            _json_attrs(h5, {**attrs, "class_names": list(class_names), "provenance": provenance()})
+            h5.attrs["complete"] = True
+    return path
+
+
+def read_image_cache(path: str | Path, size: int | None = None) -> ImageSet:
+    path = Path(path)
+    with _open_complete(path, "image cache", "run `replearn prepare` to rebuild it") as h5:
+        images = h5["images"][...]
+        labels = h5["labels"][...]
+        attrs = {k: _load_attr(v) for k, v in h5.attrs.items()}
+    if size is not None and images.shape[1:3] != (size, size):
+        raise ConfigError(f"image cache {path} holds {images.shape[1]}x{images.shape[2]} images, expected "
+                          f"{size}x{size}; rerun `replearn prepare` with size={size}")
+    return ImageSet(images, labels, list(attrs.pop("class_names", [])), attrs)
+
+
+# ============================================================================ feature files
+class FeatureWriter:
+    """Streams feature rows into a new HDF5 file; renamed into place only on success."""
+
+    def __init__(self, path: str | Path, layers: Sequence[tuple[str, int]], attrs: dict[str, Any],
+                 dtype: str = "float32"):
+        if dtype not in ("float32", "float16"):
+            raise ConfigError(f"unknown feature dtype {dtype!r}; choose from: float16, float32")
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.layer_names = [name for name, _ in layers]
+        self.offsets = np.concatenate([[0], np.cumsum([dim for _, dim in layers])]).astype(int).tolist()
+        self.attrs = attrs
+        self._ctx = atomic_path(self.path)
+
+    @property
+    def dim(self) -> int:
+        return self.offsets[-1]
+
+    def __enter__(self) -> "FeatureWriter":
+        self._tmp = self._ctx.__enter__()
+        self.h5 = h5py.File(self._tmp, "w")
+        return self
+
+    def create_split(self, split: str, n: int, source: str = "") -> None:
+        group = self.h5.create_group(split)
+        group.create_dataset("features", shape=(n, self.dim), dtype=self.dtype,
+                             chunks=(max(1, min(n, ROW_CHUNK)), self.dim))
+        group.create_dataset("labels", shape=(n,), dtype=np.int64)
+        group.attrs["source"] = source
+
+    def write(self, split: str, start: int, features: np.ndarray, labels: np.ndarray) -> None:
+        stop = start + len(features)
+        self.h5[split]["features"][start:stop] = features.astype(self.dtype, copy=False)
+        self.h5[split]["labels"][start:stop] = labels
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            _json_attrs(self.h5, {**self.attrs, "layer_names": self.layer_names, "layer_offsets": self.offsets,
+                                  "feature_dim": int(self.dim), "provenance": provenance()})
+            self.h5.attrs["complete"] = True
+        self.h5.close()
+        return bool(self._ctx.__exit__(exc_type, exc, tb))
+
+
+class FeatureFile:
+    """Read side of a feature file: row blocks as float32, optionally a subset of layers."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.h5 = _open_complete(self.path, "feature file", "run `replearn features` (or `kmeans`) again")
+        self.attrs = {k: _load_attr(v) for k, v in self.h5.attrs.items()}
+        self.layer_names: list[str] = list(self.attrs["layer_names"])
+        self.offsets: list[int] = list(self.attrs["layer_offsets"])
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def splits(self) -> list[str]:
+        return [k for k in self.h5.keys() if isinstance(self.h5[k], h5py.Group)]
+
+    def require_split(self, split: str) -> h5py.Group:
+        if split not in self.h5:
+            raise ConfigError(f"feature file {self.path} has no split {split!r}; it has {self.splits}")
+        return self.h5[split]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.require_split(split)["labels"][...]
+
+    def num_rows(self, split: str) -> int:
+        return self.require_split(split)["features"].shape[0]
+
+    def columns(self, layers: Sequence[int] | None) -> np.ndarray | None:
+        """Column indices of the chosen layers (None = all)."""
+        if layers is None or len(layers) == 0:
+            return None
+        bad = [i for i in layers if not 0 <= i < len(self.layer_names)]
+        if bad:
+            raise ConfigError(f"layer index {bad} out of range; {self.path} has layers 0..{len(self.layer_names) - 1}"
+                              f" ({', '.join(self.layer_names)})")
+        return np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in layers])
+
+    def iter_blocks(self, split: str, rows: np.ndarray | None = None, block: int = 4096,
+                    layers: Sequence[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (row indices, float32 block) pairs; rows are read in sorted order for speed."""
+        data = self.require_split(split)["features"]
+        rows = np.arange(data.shape[0]) if rows is None else np.sort(np.asarray(rows))
+        cols = self.columns(layers)
+        for start in range(0, len(rows), block):
+            idx = rows[start:start + block]
+            contiguous = len(idx) and idx[-1] - idx[0] == len(idx) - 1
+            values = data[idx[0]:idx[-1] + 1] if contiguous else data[idx]
+            if cols is not None:
+                values = values[:, cols]
+            yield idx, values.astype(np.float32, copy=False)
+
+    def read(self, split: str, rows: np.ndarray | None = None, layers: Sequence[int] | None = None,
+             out_dtype=np.float32) -> np.ndarray:
+        """Rows in sorted order as one array (the caller holds one working copy)."""
+        rows_sorted = None if rows is None else np.sort(np.asarray(rows))
+        n = self.num_rows(split) if rows is None else len(rows_sorted)
+        cols = self.columns(layers)
+        dim = self.offsets[-1] if cols is None else len(cols)
+        out = np.empty((n, dim), dtype=out_dtype)
+        pos = 0
+        for idx, block in self.iter_blocks(split, rows_sorted, layers=layers):
+            out[pos:pos + len(idx)] = block
+            pos += len(idx)
+        return out
