@@ -7,7 +7,6 @@ maps z (N x z_dim, U(-1, 1)) to images in [-1, 1]. Images enter nets as float in
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -194,8 +193,3 @@ def pooled_features(critic: Critic, x: torch.Tensor, grid: int = 4) -> torch.Ten
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
-
-def _check_pool_grid(size: int) -> None:
-    if size % 4 != 0 or size < 4:
-        raise ConfigError(f"image_size must be a multiple of 4, got {size}")
-    math.log2(size)

@@ -1,0 +1,206 @@
+"""Critic features -> HDF5: every conv layer after norm + LeakyReLU, max-pooled to 4x4, concatenated.
+
+    python -m replearn features run=runs/dcgan train=... test=...
+
+The critic runs in inference mode (BatchNorm with statistics averaged over pretraining images,
+as the released DCGAN code did, or the running averages), `channels_last`, and bf16 autocast
+where the hardware has bf16 units (`precision=fp32` forces float32). The uint8 cache is read in
+blocks and a background thread writes HDF5 while the next block computes. Under `torchrun`
+each process computes an interleaved share of the batches and rank 0 writes the one file.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import nets
+from .config import ConfigError, register_preset, to_dict
+from .pretrain import Dist, init_distributed, load_run
+from .store import FeatureWriter
+from .utils import autocast, pick_device, resolve_precision
+
+
+@dataclass(frozen=True)
+class Config:
+    run: str = "runs/dcgan"                 # a pretrain run folder (or a checkpoint file)
+    checkpoint: str = "last.pt"
+    train: str = "hf:uoft-cs/cifar10:train"  # the labelled split the SVM trains on
+    test: str = "hf:uoft-cs/cifar10:test"    # the split it is scored on
+    out: str = ""                           # default <run>/features-<hash of inputs>.h5
+    batch: int = 256                        # large enough to keep the CPU's matmul units busy
+    grid: int = 4                           # PROTOCOL s.2: each layer max-pooled to 4x4
+    precision: str = "auto"                 # auto: bf16 where the hardware has bf16 units
+    channels_last: bool = True
+    dtype: str = "float32"                  # float16 halves the file (60k x 28672 x 2 B = 3.4 GB)
+    bn_stats: str = "recompute"             # recompute: average per-batch stats over pretraining images
+    bn_images: int = 10000                  # images used to recompute BatchNorm statistics
+    device: str = "auto"
+    cache_dir: str = "cache"
+    preset: str = ""
+
+
+register_preset("smoke", "features", bn_images=2048)
+register_preset("paper", "features")
+
+
+def default_out(cfg: Config) -> Path:
+    key = "|".join([cfg.train, cfg.test, cfg.checkpoint, cfg.dtype, cfg.precision, str(cfg.grid), cfg.bn_stats])
+    run_dir = Path(cfg.run) if Path(cfg.run).is_dir() else Path(cfg.run).parent
+    return run_dir / f"features-{hashlib.sha1(key.encode()).hexdigest()[:8]}.h5"
+
+
+# ============================================================================ BatchNorm statistics
+@torch.no_grad()
+def recompute_bn_stats(critic: nn.Module, images_uint8: np.ndarray, batch: int, device, channels_last: bool,
+                       seed: int = 0) -> int:
+    """Replace BN running stats by the plain average of per-batch statistics over `images_uint8`
+    (momentum=None makes PyTorch keep a cumulative average). Returns the number of batches."""
+    bns = [m for m in critic.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    order = np.random.default_rng(seed).permutation(len(images_uint8))
+    critic.train()
+    n_batches = 0
+    for start in range(0, len(order) - batch + 1, batch):
+        idx = np.sort(order[start:start + batch])
+        critic.features(nets.to_unit(torch.from_numpy(images_uint8[idx]), device, channels_last))
+        n_batches += 1
+    critic.eval()
+    return n_batches
+
+
+# ============================================================================ extraction
+class BackgroundWriter:
+    """Writes blocks on a thread so HDF5 I/O overlaps the next block's compute."""
+
+    def __init__(self, writer: FeatureWriter, depth: int = 2):
+        self.writer, self.queue = writer, queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                self.writer.write(*item)
+            except BaseException as err:   # reported on close, in the main thread
+                self.error = err
+
+    def put(self, split: str, start: int, feats: np.ndarray, labels: np.ndarray) -> None:
+        self.queue.put((split, start, feats, labels))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+@torch.no_grad()
+def extract_batches(critic, images: np.ndarray, batch: int, device, precision: str, channels_last: bool,
+                    grid: int, dist_info: Dist = Dist()):
+    """Yield (start row, N x D float32 features) for this process's share of the batches."""
+    for b, start in enumerate(range(0, len(images), batch)):
+        if b % dist_info.world != dist_info.rank:
+            continue
+        x = nets.to_unit(torch.from_numpy(images[start:start + batch]), device, channels_last)  # N x 3 x 32 x 32
+        with autocast(device, precision):
+            feats = nets.pooled_features(critic, x, grid)                                       # N x 28672
+        yield start, feats.float().cpu().numpy()
+
+
+def gather_to_rank0(start: int, feats: np.ndarray, dist_info: Dist):
+    """Under torchrun: every rank's block goes to rank 0, which yields them all in order."""
+    import torch.distributed as dist
+    blocks = [None] * dist_info.world
+    dist.all_gather_object(blocks, (start, feats))
+    return [b for b in blocks if b is not None and b[0] >= 0]
+
+
+def rounds(n: int, batch: int, world: int) -> int:
+    """Gather rounds: every rank takes part in each, idle ranks with an empty block."""
+    return math.ceil(math.ceil(n / batch) / world)
+
+
+def write_split(sink: BackgroundWriter | None, split: str, critic, images, labels, cfg: Config, device,
+                precision: str, dist_info: Dist, bar) -> None:
+    produced = extract_batches(critic, images, cfg.batch, device, precision, cfg.channels_last, cfg.grid, dist_info)
+    for _ in range(rounds(len(images), cfg.batch, dist_info.world)):
+        start, feats = next(produced, (-1, None))
+        blocks = [(start, feats)] if dist_info.world == 1 else gather_to_rank0(start, feats, dist_info)
+        for s, f in blocks:
+            if sink is not None and f is not None:
+                sink.put(split, s, f, labels[s:s + len(f)])
+                bar.update(len(f))
+
+
+def feature_attrs(cfg: Config, run_cfg, ckpt: dict, precision: str, layers, splits: dict) -> dict:
+    return {"kind": "critic", "model": run_cfg.model, "arch": run_cfg.arch, "loss": run_cfg.loss,
+            "config": to_dict(cfg), "precision": precision, "checkpoint_step": ckpt.get("step"),
+            "pretrain": {"config": to_dict(run_cfg), "data": ckpt.get("data"), "seconds": ckpt.get("seconds"),
+                         "precision": ckpt.get("precision"), "provenance": ckpt.get("provenance")},
+            "max_units": max(dim // (cfg.grid * cfg.grid) for _, dim in layers),
+            **{f"source_{k}": v for k, v in splits.items()}}
+
+
+def load_split(spec: str, cache_dir: str):
+    from . import data
+    return data.cached(spec, size=32, cache_dir=cache_dir)
+
+
+def run(cfg: Config) -> Path:
+    """Extract 4x4-max-pooled critic features of the train and test splits into one HDF5 file."""
+    from tqdm import tqdm
+    if cfg.bn_stats not in ("recompute", "running"):
+        raise ConfigError(f"unknown bn_stats {cfg.bn_stats!r}; choose from: recompute, running")
+    dist_info = init_distributed()
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    run_cfg, _, critic, ckpt = load_run(cfg.run, cfg.checkpoint, device=str(device))
+    if cfg.channels_last:
+        critic = critic.to(memory_format=torch.channels_last)
+    if cfg.bn_stats == "recompute":
+        pre = load_split(run_cfg.data, cfg.cache_dir).images
+        pick = np.random.default_rng(0).permutation(len(pre))[:cfg.bn_images]
+        recompute_bn_stats(critic, pre[np.sort(pick)], min(cfg.batch, 128), device, cfg.channels_last)
+    splits = {"train": cfg.train, "test": cfg.test}
+    sets = {name: load_split(spec, cfg.cache_dir) for name, spec in splits.items()}
+    layers = critic.feature_layers(run_cfg.image_size, cfg.grid)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    t0, total = time.time(), sum(len(s) for s in sets.values())
+    attrs = feature_attrs(cfg, run_cfg, ckpt, precision, layers, splits)
+    attrs["class_names"] = sets["train"].class_names
+    bar = tqdm(total=total, desc=f"features {run_cfg.model}", unit="img", disable=not dist_info.main)
+    if dist_info.main:
+        with FeatureWriter(out, layers, attrs, cfg.dtype) as writer:
+            for name, images in sets.items():
+                writer.create_split(name, len(images), splits[name])
+            sink = BackgroundWriter(writer)
+            try:
+                for name, images in sets.items():
+                    write_split(sink, name, critic, images.images, images.labels, cfg, device, precision,
+                                dist_info, bar)
+            finally:
+                sink.close()
+            writer.attrs["seconds"] = time.time() - t0
+            writer.attrs["images_per_second"] = total / max(time.time() - t0, 1e-9)
+    else:
+        for name, images in sets.items():
+            write_split(None, name, critic, images.images, images.labels, cfg, device, precision, dist_info, bar)
+    bar.close()
+    if dist_info.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    return out

@@ -1,0 +1,465 @@
+"""Pretraining: a GAN on unlabelled images, checkpoints that carry their config, resume by rerun.
+
+    python -m replearn pretrain model=wgan-gp data=../shared/data/tinyimagenet/train.parquet preset=smoke
+
+A run folder holds `last.pt` (model, optimizers, step, RNG, resolved config, provenance),
+`ckpt_<step>.pt` at intervals, `config.json`, `log.jsonl` (one JSON line per generator step),
+`samples/step_<step>.png` grids and `losses.png`. Rerunning the same command resumes from
+`last.pt`; raising `steps` continues a finished run. Under `torchrun` each process trains on its
+share of every global batch through DistributedDataParallel; rank 0 alone logs and saves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import nets
+from .config import ConfigError, from_dict, register_preset, to_dict
+from .losses import LOSSES, build_loss
+from .utils import (append_jsonl, atomic_write_json, autocast, lookup, make_registry, pick_device, provenance,
+                    resolve_precision, torch_atomic_save)
+
+RECIPES, register_recipe = make_registry("model")
+OPTIMIZERS, register_optimizer = make_registry("optimizer")
+# keys that define what a run *is*: resuming with different values would mix two runs
+IDENTITY_KEYS = ("arch", "loss", "norm", "spectral_norm", "attention_res", "z_dim", "width", "data", "image_size")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = "dcgan"          # a recipe: arch + loss + options (see RECIPES); explicit keys override it
+    run_dir: str = ""             # default runs/<model>
+    data: str = "hf:benjamin-paine/imagenet-1k-32x32:train"  # ImageNet-1k at 32x32 (PROTOCOL s.1)
+    image_size: int = 32
+    cache_dir: str = "cache"
+    # -- model (None: the recipe's value, then the loss's reference default)
+    arch: str | None = None
+    loss: str | None = None
+    norm: str | None = None       # critic normalisation: batch | layer | none
+    spectral_norm: bool | None = None
+    attention_res: int = 0        # put a self-attention block at this resolution (0: none)
+    z_dim: int = 256              # DCGAN ImageNet model: 256-dim z ~ U(-1, 1)
+    width: int = 1                # channel multiplier for the zoo's scalable families
+    force_batchnorm: bool = False  # BN breaks the per-sample gradient penalty: refused unless forced
+    # -- optimisation (None: the loss's reference default, PROTOCOL s.1)
+    steps: int = 60000            # generator steps; ~30 epochs of ImageNet at batch 128 x 1 critic step
+    batch_size: int | None = None
+    n_critic: int | None = None
+    gp_lambda: float = 10.0
+    clip: float = 0.01
+    optimizer: str | None = None  # adam | rmsprop | sgd
+    lr_g: float | None = None
+    lr_d: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    momentum: float = 0.0         # SGD only
+    weight_decay: float = 0.0     # some DCGAN scripts used 1e-5
+    lr_decay: str = "none"        # none | linear (to 0 at `steps`, as gan_cifar_resnet.py)
+    # -- speed
+    device: str = "auto"
+    precision: str = "auto"       # auto: bf16 autocast where the hardware has bf16 units, else fp32
+    channels_last: bool = True    # 1.1-1.2x on CPU convs, and what tensor cores want
+    compile: bool = False         # torch.compile the nets (first steps pay the compile time)
+    # -- bookkeeping
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 500
+    ckpt_every: int = 2000
+    max_minutes: float = 0.0      # stop (and save) after this long; 0: no limit
+    nan_policy: str = "stop"      # stop | rollback (reload last good checkpoint, skip the batch)
+    fid_every: int = 0            # run `evaluate` on each interval checkpoint (0: never)
+    preset: str = ""
+
+
+register_preset("smoke", "pretrain", steps=300, sample_every=100, ckpt_every=100, log_every=10)
+register_preset("paper", "pretrain")
+
+
+# ============================================================================ registries
+@register_recipe("dcgan")
+def _r_dcgan():
+    return dict(arch="dcgan", loss="dcgan")
+
+
+@register_recipe("wgan-gp")
+def _r_wgan_gp():
+    return dict(arch="dcgan", loss="wgan-gp")
+
+
+@register_recipe("wgan")
+def _r_wgan():
+    return dict(arch="dcgan", loss="wgan")
+
+
+@register_optimizer("adam")
+def _adam(params, lr, cfg):
+    return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+@register_optimizer("rmsprop")
+def _rmsprop(params, lr, cfg):
+    return torch.optim.RMSprop(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@register_optimizer("sgd")
+def _sgd(params, lr, cfg):
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill every None from the recipe, then the loss's reference defaults; check the choices."""
+    recipe = lookup(RECIPES, cfg.model, "model")()
+    values = {k: v for k, v in to_dict(cfg).items()}
+    for key, value in recipe.items():
+        if values.get(key) is None:
+            values[key] = value
+    loss_cls = lookup(LOSSES, values["loss"], "loss")
+    fallback = dict(n_critic=1, batch_size=64, optimizer="adam", lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999,
+                    norm="batch", spectral_norm=False)
+    for key, value in {**fallback, **loss_cls.defaults}.items():
+        if values.get(key) is None:
+            values[key] = value
+    values["run_dir"] = values["run_dir"] or f"runs/{cfg.model}"
+    out = from_dict(Config, values)
+    lookup(nets.ARCHS, out.arch, "architecture")
+    lookup(OPTIMIZERS, out.optimizer, "optimizer")
+    if out.norm not in nets.NORMS:
+        raise ConfigError(f"unknown norm {out.norm!r}; choose from: {', '.join(nets.NORMS)}")
+    if out.loss == "wgan-gp" and out.norm == "batch" and not out.force_batchnorm:
+        raise ConfigError("BatchNorm in the critic breaks the per-sample gradient penalty; use norm=layer or "
+                          "norm=none, or force_batchnorm=true to run it anyway")
+    if out.lr_decay not in ("none", "linear") or out.nan_policy not in ("stop", "rollback"):
+        raise ConfigError("lr_decay must be none|linear and nan_policy stop|rollback")
+    return out
+
+
+# ============================================================================ distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Dist(dist.get_rank(), world, local)
+
+
+def device_for(cfg: Config, dist_info: Dist) -> torch.device:
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and dist_info.world > 1:
+        device = torch.device("cuda", dist_info.local_rank)
+    return device
+
+
+# ============================================================================ data
+class BatchStream:
+    """Deterministic batches of indices: epoch e is randperm(N) seeded by (seed, e), so a resumed
+    run sees exactly the batches an uninterrupted one would. Each rank takes its slice of every
+    global batch."""
+
+    def __init__(self, n: int, batch: int, seed: int, dist_info: Dist, consumed: int = 0):
+        if batch % dist_info.world:
+            raise ConfigError(f"batch_size={batch} is not divisible by the {dist_info.world} processes")
+        if n < batch:
+            raise ConfigError(f"only {n} training images for batch_size={batch}")
+        self.n, self.batch, self.seed, self.dist = n, batch, seed, dist_info
+        self.per_epoch = n // batch            # drop the ragged end of each epoch
+        self.consumed = consumed               # global batches served so far
+        self._epoch, self._perm = -1, None
+
+    def next(self) -> torch.Tensor:
+        epoch, pos = divmod(self.consumed, self.per_epoch)
+        if epoch != self._epoch:
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            self._epoch = epoch
+        idx = self._perm[pos * self.batch:(pos + 1) * self.batch]
+        self.consumed += 1
+        return idx[self.dist.rank::self.dist.world]
+
+
+def load_training_images(cfg: Config) -> tuple[torch.Tensor, dict]:
+    from . import data
+    images = data.cached(cfg.data, size=cfg.image_size, cache_dir=cfg.cache_dir)
+    info = {"spec": cfg.data, "num_images": len(images), "cache": images.attrs.get("path", "")}
+    return torch.from_numpy(images.images), info   # N x 32 x 32 x 3 uint8, kept as uint8 in memory
+
+
+# ============================================================================ state
+@dataclass
+class State:
+    gen: nn.Module
+    critic: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    step: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    rng: torch.Generator = dataclasses.field(default_factory=torch.Generator)
+
+
+def build_state(cfg: Config, device: torch.device) -> State:
+    torch.manual_seed(cfg.seed)
+    gen, critic = nets.build_models(cfg.arch, norm=cfg.norm, spectral_norm=cfg.spectral_norm,
+                                    attention_res=cfg.attention_res, z_dim=cfg.z_dim, image_size=cfg.image_size,
+                                    width=cfg.width)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    gen, critic = gen.to(device, memory_format=fmt), critic.to(device, memory_format=fmt)
+    make = lookup(OPTIMIZERS, cfg.optimizer, "optimizer")
+    rng = torch.Generator().manual_seed(cfg.seed)
+    return State(gen, critic, make(gen.parameters(), cfg.lr_g, cfg), make(critic.parameters(), cfg.lr_d, cfg),
+                 rng=rng)
+
+
+def checkpoint_dict(state: State, cfg: Config, data_info: dict, precision: str) -> dict[str, Any]:
+    return {"generator": state.gen.state_dict(), "critic": state.critic.state_dict(),
+            "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
+            "step": state.step, "batches": state.batches, "seconds": state.seconds,
+            "rng": state.rng.get_state(), "config": to_dict(cfg), "data": data_info,
+            "precision": precision, "provenance": provenance()}
+
+
+def save_checkpoint(state: State, cfg: Config, data_info: dict, precision: str, keep_interval: bool) -> Path:
+    run_dir = Path(cfg.run_dir)
+    ckpt = checkpoint_dict(state, cfg, data_info, precision)
+    torch_atomic_save(ckpt, run_dir / "last.pt")
+    if keep_interval:
+        torch_atomic_save({k: v for k, v in ckpt.items() if not k.startswith("opt_")},
+                          run_dir / f"ckpt_{state.step:07d}.pt")
+    return run_dir / "last.pt"
+
+
+def restore(state: State, ckpt: dict) -> None:
+    state.gen.load_state_dict(ckpt["generator"])
+    state.critic.load_state_dict(ckpt["critic"])
+    state.opt_g.load_state_dict(ckpt["opt_g"])
+    state.opt_d.load_state_dict(ckpt["opt_d"])
+    state.step, state.batches, state.seconds = ckpt["step"], ckpt["batches"], ckpt["seconds"]
+    state.rng.set_state(ckpt["rng"])
+
+
+def check_same_run(saved: dict, cfg: Config, path: Path) -> None:
+    mismatched = [k for k in IDENTITY_KEYS if saved.get(k) != getattr(cfg, k)]
+    if mismatched:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in mismatched)
+        raise ConfigError(f"{path} belongs to a different run ({diffs}); pick another run_dir or delete it")
+
+
+def load_run(run_dir: str | Path, which: str = "last.pt", device: str = "cpu"):
+    """(resolved config, generator, critic, checkpoint dict) of a finished or running run."""
+    path = Path(run_dir) / which if Path(run_dir).is_dir() else Path(run_dir)
+    if not path.exists():
+        raise ConfigError(f"checkpoint not found: {path} (run `replearn pretrain run_dir={run_dir}` first)")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    cfg = from_dict(Config, ckpt["config"])
+    gen, critic = nets.build_models(cfg.arch, norm=cfg.norm, spectral_norm=cfg.spectral_norm,
+                                    attention_res=cfg.attention_res, z_dim=cfg.z_dim, image_size=cfg.image_size,
+                                    width=cfg.width)
+    gen.load_state_dict(ckpt["generator"])
+    critic.load_state_dict(ckpt["critic"])
+    return cfg, gen.to(device).eval(), critic.to(device).eval(), ckpt
+
+
+# ============================================================================ steps
+def set_lr(state: State, cfg: Config) -> None:
+    if cfg.lr_decay == "linear":
+        frac = max(0.0, 1.0 - state.step / cfg.steps)
+        for opt, base in ((state.opt_g, cfg.lr_g), (state.opt_d, cfg.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = base * frac
+
+
+def critic_update(run: "Runner", real_uint8: torch.Tensor) -> dict:
+    s, cfg = run.state, run.cfg
+    real = nets.to_unit(real_uint8, run.device, cfg.channels_last)
+    z = nets.sample_z(len(real), cfg.z_dim, "cpu", s.rng).to(run.device)
+    with torch.no_grad(), autocast(run.device, run.precision):
+        fake = run.gen(z)
+    with autocast(run.device, run.precision):
+        loss, stats = run.loss.critic_loss(run.critic_ddp, real, fake.float(), s.rng)
+    s.opt_d.zero_grad(set_to_none=True)
+    loss.backward()
+    s.opt_d.step()
+    run.loss.after_critic_step(s.critic)
+    return stats
+
+
+def generator_update(run: "Runner", n: int) -> dict:
+    s, cfg = run.state, run.cfg
+    s.critic.requires_grad_(False)    # no critic gradients on the generator step
+    z = nets.sample_z(n, cfg.z_dim, "cpu", s.rng).to(run.device)
+    with autocast(run.device, run.precision):
+        loss, stats = run.loss.generator_loss(run.critic_plain, run.gen_ddp(z))
+    s.opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    s.opt_g.step()
+    s.critic.requires_grad_(True)
+    return stats
+
+
+class Runner:
+    """Holds what one training process needs; `train_step` does one generator step."""
+
+    def __init__(self, cfg: Config, dist_info: Dist):
+        self.cfg, self.dist = cfg, dist_info
+        self.device = device_for(cfg, dist_info)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.state = build_state(cfg, self.device)
+        self.loss = build_loss(cfg.loss, cfg.n_critic, cfg.gp_lambda, cfg.clip)
+        self.gen, self.critic_plain = self.state.gen, self.state.critic
+        self.gen_ddp, self.critic_ddp = self.gen, self.critic_plain
+        if dist_info.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.gen_ddp = DDP(self.gen, device_ids=ids, broadcast_buffers=False)
+            self.critic_ddp = DDP(self.critic_plain, device_ids=ids, broadcast_buffers=False)
+        if cfg.compile:
+            self.gen, self.critic_plain = torch.compile(self.gen), torch.compile(self.critic_plain)
+            self.gen_ddp, self.critic_ddp = torch.compile(self.gen_ddp), torch.compile(self.critic_ddp)
+
+    def train_step(self, images: torch.Tensor, stream: BatchStream) -> dict:
+        s = self.state
+        set_lr(s, self.cfg)
+        stats: dict[str, float] = {}
+        for _ in range(self.loss.critic_steps(s.step)):
+            stats = critic_update(self, images[stream.next()])
+            s.batches += 1
+        stats.update(generator_update(self, self.cfg.batch_size // self.dist.world))
+        s.step += 1
+        return stats
+
+
+# ============================================================================ outputs
+def fixed_noise(cfg: Config, n: int = 64) -> torch.Tensor:
+    return nets.sample_z(n, cfg.z_dim, "cpu", torch.Generator().manual_seed(cfg.seed + 1))
+
+
+@torch.no_grad()
+def save_samples(run: Runner, path: Path) -> None:
+    from torchvision.utils import save_image
+    run.gen.eval()
+    images = run.state.gen(fixed_noise(run.cfg).to(run.device)).float().cpu()
+    run.gen.train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, path, nrow=8, normalize=True, value_range=(-1, 1))
+
+
+def write_run_files(cfg: Config, data_info: dict, precision: str) -> None:
+    atomic_write_json(Path(cfg.run_dir) / "config.json",
+                      {"config": to_dict(cfg), "data": data_info, "precision": precision, "provenance": provenance()})
+
+
+def finite(stats: dict) -> bool:
+    return all(math.isfinite(v) for v in stats.values())
+
+
+def handle_divergence(run: Runner, stats: dict, rollbacks: int) -> int:
+    last = Path(run.cfg.run_dir) / "last.pt"
+    if run.cfg.nan_policy == "rollback" and last.exists() and rollbacks < 5:
+        restore(run.state, torch.load(last, map_location=run.device, weights_only=False))
+        run.state.rng.manual_seed(run.cfg.seed + 7919 * (rollbacks + 1))   # different batches after rollback
+        print(f"pretrain: non-finite loss {stats}; rolled back to step {run.state.step}")
+        return rollbacks + 1
+    raise RuntimeError(f"pretrain: loss became non-finite at step {run.state.step} ({stats}); the last good "
+                       f"checkpoint is kept at {last}. Lower lr_d/lr_g, or rerun with nan_policy=rollback.")
+
+
+# ============================================================================ the loop
+def run(cfg: Config) -> Path:
+    """Train a GAN on unlabelled images; returns the run folder (rerun to resume)."""
+    cfg = resolve(cfg)
+    dist_info = init_distributed()
+    run_dir = Path(cfg.run_dir)
+    images, data_info = load_training_images(cfg)
+    runner = Runner(cfg, dist_info)
+    s = runner.state
+    last = run_dir / "last.pt"
+    if last.exists():
+        ckpt = torch.load(last, map_location=runner.device, weights_only=False)
+        check_same_run(ckpt["config"], cfg, last)
+        restore(s, ckpt)
+    stream = BatchStream(len(images), cfg.batch_size, cfg.seed, dist_info, consumed=s.batches)
+    if dist_info.main:
+        write_run_files(cfg, data_info, runner.precision)
+    if s.step < cfg.steps:
+        train_loop(runner, images, stream, data_info)
+    if dist_info.main and s.step >= cfg.steps:
+        write_finished(run_dir, s, cfg)
+    return run_dir
+
+
+def write_finished(run_dir: Path, s: State, cfg: Config) -> None:
+    """The marker later stages (and make) wait for: the run reached `steps`."""
+    atomic_write_json(run_dir / "finished.json", {"step": s.step, "critic_batches": s.batches,
+                                                  "train_seconds": s.seconds, "checkpoint": "last.pt",
+                                                  "config": to_dict(cfg), "provenance": provenance()})
+
+
+def train_loop(runner: Runner, images: torch.Tensor, stream: BatchStream, data_info: dict) -> None:
+    from tqdm import tqdm
+    cfg, s, main = runner.cfg, runner.state, runner.dist.main
+    run_dir = Path(cfg.run_dir)
+    bar = tqdm(total=cfg.steps, initial=s.step, desc=f"pretrain {cfg.model}", disable=not main, dynamic_ncols=True)
+    began, rollbacks = time.time(), 0
+    while s.step < cfg.steps:
+        t0, batches0 = time.time(), s.batches
+        stats = runner.train_step(images, stream)
+        if not finite(stats):
+            rollbacks = handle_divergence(runner, stats, rollbacks)
+            continue
+        dt = time.time() - t0
+        s.seconds += dt
+        bar.update(1)
+        if main and (s.step % cfg.log_every == 0 or s.step == cfg.steps):
+            real_seen = (s.batches - batches0) * cfg.batch_size
+            append_jsonl(run_dir / "log.jsonl", {"step": s.step, **stats, "sec_per_step": dt,
+                                                 "real_images_per_s": real_seen / max(dt, 1e-9),
+                                                 "lr_d": s.opt_d.param_groups[0]["lr"]})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
+        out_of_time = cfg.max_minutes and time.time() - began > 60 * cfg.max_minutes
+        at_interval = s.step % cfg.ckpt_every == 0
+        if main and (s.step % cfg.sample_every == 0 or s.step == cfg.steps):
+            save_samples(runner, run_dir / "samples" / f"step_{s.step:07d}.png")
+        if main and (at_interval or s.step == cfg.steps or out_of_time):
+            save_checkpoint(s, cfg, data_info, runner.precision, keep_interval=at_interval or s.step == cfg.steps)
+            plot_losses_safely(run_dir)
+            if cfg.fid_every and s.step % cfg.fid_every == 0:
+                evaluate_checkpoint(run_dir, s.step)
+        if out_of_time:
+            print(f"pretrain: max_minutes={cfg.max_minutes} reached at step {s.step}; rerun to continue")
+            break
+    bar.close()
+
+
+def plot_losses_safely(run_dir: Path) -> None:
+    from .plots import plot_losses
+    plot_losses(run_dir / "log.jsonl", run_dir / "losses.png")
+
+
+def evaluate_checkpoint(run_dir: Path, step: int) -> None:
+    from . import evaluate
+    evaluate.run(evaluate.Config(run=str(run_dir), checkpoint=f"ckpt_{step:07d}.pt"))
+
