@@ -39,7 +39,9 @@ class GanLoss:
     def critic_steps(self, gen_step: int) -> int:
         return self.n_critic
 
-    def critic_loss(self, critic, real, fake, rng=None) -> tuple[torch.Tensor, dict]:
+    def critic_loss(self, critic, real, fake, alpha=None) -> tuple[torch.Tensor, dict]:
+        """`alpha` (N x 1 x 1 x 1 in [0, 1)) is drawn by the trainer so that a run split over
+        processes draws exactly what a single process would; losses without a penalty ignore it."""
         raise NotImplementedError
 
     def generator_loss(self, critic, fake) -> tuple[torch.Tensor, dict]:
@@ -55,7 +57,7 @@ class DcganLoss(GanLoss):
     defaults = dict(n_critic=1, batch_size=128, optimizer="adam", lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999,
                     norm="batch")
 
-    def critic_loss(self, critic, real, fake, rng=None):
+    def critic_loss(self, critic, real, fake, alpha=None):
         d_real, d_fake = critic_scores(critic, real, fake)
         loss = (F.binary_cross_entropy_with_logits(d_real.float(), torch.ones_like(d_real, dtype=torch.float32))
                 + F.binary_cross_entropy_with_logits(d_fake.float(), torch.zeros_like(d_fake, dtype=torch.float32)))
@@ -74,19 +76,21 @@ def wasserstein_terms(d_real: torch.Tensor, d_fake: torch.Tensor) -> tuple[torch
     return -gap, gap.item()
 
 
-def gradient_penalty(critic, real, fake, rng=None, d_interp: torch.Tensor | None = None,
+def gradient_penalty(critic, real, fake, alpha=None, d_interp: torch.Tensor | None = None,
                      interp: torch.Tensor | None = None) -> torch.Tensor:
     """E[(||grad_x D(x_hat)||_2 - 1)^2], x_hat = a real + (1 - a) fake, one a ~ U(0, 1) per sample."""
     if interp is None:
-        interp = interpolate(real, fake, rng)
+        interp = interpolate(real, fake, alpha)
         d_interp = critic(interp)
     grads, = torch.autograd.grad(d_interp.float().sum(), interp, create_graph=True)
     norms = grads.float().flatten(1).norm(2, dim=1)     # N, in fp32 even under autocast
     return ((norms - 1.0) ** 2).mean()
 
 
-def interpolate(real: torch.Tensor, fake: torch.Tensor, rng=None) -> torch.Tensor:
-    alpha = torch.rand(real.shape[0], 1, 1, 1, generator=rng).to(real.device, real.dtype)
+def interpolate(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    if alpha is None:
+        alpha = torch.rand(real.shape[0], 1, 1, 1)
+    alpha = alpha.view(-1, 1, 1, 1).to(real.device, real.dtype)
     return (alpha * real + (1 - alpha) * fake).detach().requires_grad_(True)
 
 
@@ -96,8 +100,8 @@ class WganGpLoss(GanLoss):
     defaults = dict(n_critic=5, batch_size=64, optimizer="adam", lr_g=1e-4, lr_d=1e-4, beta1=0.5, beta2=0.9,
                     norm="layer")
 
-    def critic_loss(self, critic, real, fake, rng=None):
-        interp = interpolate(real, fake, rng)
+    def critic_loss(self, critic, real, fake, alpha=None):
+        interp = interpolate(real, fake, alpha)
         d_real, d_fake, d_interp = critic_scores(critic, real, fake, interp)
         base, w_est = wasserstein_terms(d_real, d_fake)
         gp = gradient_penalty(critic, real, fake, d_interp=d_interp, interp=interp)
@@ -118,7 +122,7 @@ class WganClipLoss(WganGpLoss):
     def critic_steps(self, gen_step: int) -> int:
         return 100 if gen_step < 25 or gen_step % 500 == 0 else self.n_critic
 
-    def critic_loss(self, critic, real, fake, rng=None):
+    def critic_loss(self, critic, real, fake, alpha=None):
         d_real, d_fake = critic_scores(critic, real, fake)
         loss, w_est = wasserstein_terms(d_real, d_fake)
         return loss, {"d_loss": loss.item(), "wasserstein": w_est}
@@ -135,7 +139,7 @@ class HingeLoss(GanLoss):
     defaults = dict(n_critic=1, batch_size=64, optimizer="adam", lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9,
                     norm="none", spectral_norm=True)
 
-    def critic_loss(self, critic, real, fake, rng=None):
+    def critic_loss(self, critic, real, fake, alpha=None):
         d_real, d_fake = critic_scores(critic, real, fake)
         loss = F.relu(1 - d_real.float()).mean() + F.relu(1 + d_fake.float()).mean()
         return loss, {"d_loss": loss.item(), "wasserstein": (d_real.float().mean() - d_fake.float().mean()).item()}

@@ -162,12 +162,18 @@ def sample_z(n: int, z_dim: int, device, generator: torch.Generator | None = Non
 
 
 # ============================================================================ registry
+def scaled(channels, width: float) -> tuple[int, ...]:
+    return tuple(max(4, int(round(c * width))) for c in channels)
+
+
 @register_arch("dcgan")
 def dcgan(norm: str = "batch", spectral_norm: bool = False, attention_res: int = 0, z_dim: int = 256,
-          image_size: int = 32, **_) -> tuple[nn.Module, Critic]:
+          image_size: int = 32, width: float = 1.0, g_norm: str = "batch", **_) -> tuple[nn.Module, Critic]:
     """DCGAN ImageNet critic (6 convs 128..512, BN on layers 2-6) and its generator."""
-    return (ConvGenerator(z_dim, image_size=image_size, attention_res=attention_res),
-            ConvCritic(norm=norm, spectral_norm=spectral_norm, attention_res=attention_res, image_size=image_size))
+    gen = ConvGenerator(z_dim, scaled((512, 256, 256, 128, 128), width), image_size, attention_res, g_norm)
+    critic = ConvCritic(scaled((128, 128, 256, 256, 512, 512), width), norm=norm, spectral_norm=spectral_norm,
+                        attention_res=attention_res, image_size=image_size)
+    return gen, critic
 
 
 def build_models(arch: str, **options) -> tuple[nn.Module, Critic]:

@@ -30,7 +30,7 @@ from .utils import (append_jsonl, atomic_write_json, autocast, lookup, make_regi
 RECIPES, register_recipe = make_registry("model")
 OPTIMIZERS, register_optimizer = make_registry("optimizer")
 # keys that define what a run *is*: resuming with different values would mix two runs
-IDENTITY_KEYS = ("arch", "loss", "norm", "spectral_norm", "attention_res", "z_dim", "width", "data", "image_size")
+IDENTITY_KEYS = ("arch", "loss", "norm", "g_norm", "spectral_norm", "attention_res", "z_dim", "width", "data", "image_size")
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,11 @@ class Config:
     arch: str | None = None
     loss: str | None = None
     norm: str | None = None       # critic normalisation: batch | layer | none
+    g_norm: str = "batch"         # generator normalisation (BN as DCGAN; layer/none for exact multi-process)
     spectral_norm: bool | None = None
     attention_res: int = 0        # put a self-attention block at this resolution (0: none)
     z_dim: int = 256              # DCGAN ImageNet model: 256-dim z ~ U(-1, 1)
-    width: int = 1                # channel multiplier for the zoo's scalable families
+    width: float = 1.0            # channel multiplier (tests use small nets; 1.0 is the paper's)
     force_batchnorm: bool = False  # BN breaks the per-sample gradient penalty: refused unless forced
     # -- optimisation (None: the loss's reference default, PROTOCOL s.1)
     steps: int = 60000            # generator steps; ~30 epochs of ImageNet at batch 128 x 1 critic step
@@ -131,8 +132,8 @@ def resolve(cfg: Config) -> Config:
     out = from_dict(Config, values)
     lookup(nets.ARCHS, out.arch, "architecture")
     lookup(OPTIMIZERS, out.optimizer, "optimizer")
-    if out.norm not in nets.NORMS:
-        raise ConfigError(f"unknown norm {out.norm!r}; choose from: {', '.join(nets.NORMS)}")
+    if out.norm not in nets.NORMS or out.g_norm not in nets.NORMS:
+        raise ConfigError(f"unknown norm {out.norm!r}/{out.g_norm!r}; choose from: {', '.join(nets.NORMS)}")
     if out.loss == "wgan-gp" and out.norm == "batch" and not out.force_batchnorm:
         raise ConfigError("BatchNorm in the critic breaks the per-sample gradient penalty; use norm=layer or "
                           "norm=none, or force_batchnorm=true to run it anyway")
@@ -225,7 +226,7 @@ def build_state(cfg: Config, device: torch.device) -> State:
     torch.manual_seed(cfg.seed)
     gen, critic = nets.build_models(cfg.arch, norm=cfg.norm, spectral_norm=cfg.spectral_norm,
                                     attention_res=cfg.attention_res, z_dim=cfg.z_dim, image_size=cfg.image_size,
-                                    width=cfg.width)
+                                    width=cfg.width, g_norm=cfg.g_norm)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     gen, critic = gen.to(device, memory_format=fmt), critic.to(device, memory_format=fmt)
     make = lookup(OPTIMIZERS, cfg.optimizer, "optimizer")
@@ -277,7 +278,7 @@ def load_run(run_dir: str | Path, which: str = "last.pt", device: str = "cpu"):
     cfg = from_dict(Config, ckpt["config"])
     gen, critic = nets.build_models(cfg.arch, norm=cfg.norm, spectral_norm=cfg.spectral_norm,
                                     attention_res=cfg.attention_res, z_dim=cfg.z_dim, image_size=cfg.image_size,
-                                    width=cfg.width)
+                                    width=cfg.width, g_norm=cfg.g_norm)
     gen.load_state_dict(ckpt["generator"])
     critic.load_state_dict(ckpt["critic"])
     return cfg, gen.to(device).eval(), critic.to(device).eval(), ckpt
@@ -285,21 +286,28 @@ def load_run(run_dir: str | Path, which: str = "last.pt", device: str = "cpu"):
 
 # ============================================================================ steps
 def set_lr(state: State, cfg: Config) -> None:
-    if cfg.lr_decay == "linear":
-        frac = max(0.0, 1.0 - state.step / cfg.steps)
-        for opt, base in ((state.opt_g, cfg.lr_g), (state.opt_d, cfg.lr_d)):
-            for group in opt.param_groups:
-                group["lr"] = base * frac
+    """The config's learning rates are authoritative (also over a resumed optimizer's state)."""
+    frac = max(0.0, 1.0 - state.step / cfg.steps) if cfg.lr_decay == "linear" else 1.0
+    for opt, base in ((state.opt_g, cfg.lr_g), (state.opt_d, cfg.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = base * frac
+
+
+def my_share(run: "Runner", draws: torch.Tensor) -> torch.Tensor:
+    """Randomness is drawn for the whole global batch and sliced like the data, so a run over
+    several processes computes exactly what one process would."""
+    return draws[run.dist.rank::run.dist.world].to(run.device)
 
 
 def critic_update(run: "Runner", real_uint8: torch.Tensor) -> dict:
     s, cfg = run.state, run.cfg
-    real = nets.to_unit(real_uint8, run.device, cfg.channels_last)
-    z = nets.sample_z(len(real), cfg.z_dim, "cpu", s.rng).to(run.device)
+    real = nets.to_unit(real_uint8, run.device, cfg.channels_last)                # n x 3 x 32 x 32
+    z = my_share(run, nets.sample_z(cfg.batch_size, cfg.z_dim, "cpu", s.rng))      # n x z_dim
+    alpha = my_share(run, torch.rand(cfg.batch_size, 1, 1, 1, generator=s.rng))    # n x 1 x 1 x 1
     with torch.no_grad(), autocast(run.device, run.precision):
         fake = run.gen(z)
     with autocast(run.device, run.precision):
-        loss, stats = run.loss.critic_loss(run.critic_ddp, real, fake.float(), s.rng)
+        loss, stats = run.loss.critic_loss(run.critic_ddp, real, fake.float(), alpha)
     s.opt_d.zero_grad(set_to_none=True)
     loss.backward()
     s.opt_d.step()
@@ -307,10 +315,10 @@ def critic_update(run: "Runner", real_uint8: torch.Tensor) -> dict:
     return stats
 
 
-def generator_update(run: "Runner", n: int) -> dict:
+def generator_update(run: "Runner") -> dict:
     s, cfg = run.state, run.cfg
     s.critic.requires_grad_(False)    # no critic gradients on the generator step
-    z = nets.sample_z(n, cfg.z_dim, "cpu", s.rng).to(run.device)
+    z = my_share(run, nets.sample_z(cfg.batch_size, cfg.z_dim, "cpu", s.rng))
     with autocast(run.device, run.precision):
         loss, stats = run.loss.generator_loss(run.critic_plain, run.gen_ddp(z))
     s.opt_g.zero_grad(set_to_none=True)
@@ -347,7 +355,7 @@ class Runner:
         for _ in range(self.loss.critic_steps(s.step)):
             stats = critic_update(self, images[stream.next()])
             s.batches += 1
-        stats.update(generator_update(self, self.cfg.batch_size // self.dist.world))
+        stats.update(generator_update(self))
         s.step += 1
         return stats
 

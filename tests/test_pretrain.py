@@ -1,0 +1,105 @@
+"""Training: config resolution, resume == uninterrupted, DDP (gloo, 2 processes) == one process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_images
+from replearn import pretrain
+from replearn.config import ConfigError, build
+from replearn.store import write_image_cache
+
+TINY = dict(width=0.125, batch_size=8, n_critic=2, precision="fp32", log_every=1, sample_every=2, ckpt_every=2)
+
+
+@pytest.fixture
+def image_cache(tmp_path) -> Path:
+    images = random_images(96, seed=1)
+    return write_image_cache(tmp_path / "images.h5", images, np.full(len(images), -1), [], {"source": "test"})
+
+
+def tiny_config(tmp_path, cache, **over) -> pretrain.Config:
+    values = {**TINY, "data": str(cache), "run_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache")}
+    return build(pretrain.Config, "pretrain", {**values, **over})
+
+
+def params(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, weights_only=False)
+    return {**{f"g.{k}": v for k, v in ckpt["generator"].items()}, **{f"d.{k}": v for k, v in ckpt["critic"].items()}}
+
+
+def test_recipes_fill_reference_defaults():
+    cfg = pretrain.resolve(pretrain.Config(model="wgan-gp"))
+    assert (cfg.loss, cfg.n_critic, cfg.batch_size, cfg.lr_d, cfg.beta1, cfg.beta2) == ("wgan-gp", 5, 64, 1e-4, .5, .9)
+    assert cfg.norm == "layer"
+    cfg = pretrain.resolve(pretrain.Config(model="dcgan"))
+    assert (cfg.batch_size, cfg.lr_d, cfg.beta1, cfg.norm) == (128, 2e-4, 0.5, "batch")
+    cfg = pretrain.resolve(pretrain.Config(model="wgan"))
+    assert (cfg.optimizer, cfg.lr_d, cfg.clip) == ("rmsprop", 5e-5, 0.01)
+
+
+def test_batchnorm_with_gradient_penalty_is_refused():
+    with pytest.raises(ConfigError, match="force_batchnorm"):
+        pretrain.resolve(pretrain.Config(model="wgan-gp", norm="batch"))
+    assert pretrain.resolve(pretrain.Config(model="wgan-gp", norm="batch", force_batchnorm=True)).norm == "batch"
+
+
+def test_unknown_key_and_model_list_the_choices():
+    with pytest.raises(ConfigError, match="valid keys: .*batch_size"):
+        build(pretrain.Config, "pretrain", ["bacth_size=3"])
+    with pytest.raises(ConfigError, match="choose from: .*wgan-gp"):
+        pretrain.resolve(pretrain.Config(model="nope"))
+
+
+@pytest.mark.parametrize("model", ["dcgan", "wgan-gp"])
+def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, image_cache, model):
+    whole = pretrain.run(tiny_config(tmp_path / "a", image_cache, model=model, steps=4))
+    pretrain.run(tiny_config(tmp_path / "b", image_cache, model=model, steps=2))
+    assert not (tmp_path / "b" / "run" / "finished.json").exists() or \
+        __import__("json").loads((tmp_path / "b" / "run" / "finished.json").read_text())["step"] == 2
+    resumed = pretrain.run(tiny_config(tmp_path / "b", image_cache, model=model, steps=4))
+    a, b = params(whole / "last.pt"), params(resumed / "last.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for name in ("log.jsonl", "losses.png", "config.json", "finished.json", "ckpt_0000004.pt"):
+        assert (resumed / name).exists(), name
+    assert (resumed / "samples" / "step_0000004.png").exists()
+
+
+def test_resuming_a_different_run_is_refused(tmp_path, image_cache):
+    pretrain.run(tiny_config(tmp_path, image_cache, model="wgan-gp", steps=1))
+    with pytest.raises(ConfigError, match="different run"):
+        pretrain.run(tiny_config(tmp_path, image_cache, model="dcgan", steps=1))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_cache):
+    cfg = tiny_config(tmp_path, image_cache, model="wgan-gp", steps=2)
+    pretrain.run(cfg)
+    good = params(tmp_path / "run" / "last.pt")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        pretrain.run(tiny_config(tmp_path, image_cache, model="wgan-gp", steps=4, lr_d=1e30, lr_g=1e30))
+    after = params(tmp_path / "run" / "last.pt")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path, image_cache):
+    """torchrun, gloo, 2 processes on CPU: the first update equals the 1-process one at the same global batch."""
+    args = [f"{k}={v}" for k, v in {**TINY, "model": "wgan-gp", "steps": 1, "n_critic": 1, "g_norm": "layer",
+                                      "data": image_cache, "cache_dir": tmp_path / "cache"}.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "replearn", "pretrain", *args, f"run_dir={tmp_path / 'one'}"],
+                   check=True, env=env, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "replearn", "pretrain", *args, f"run_dir={tmp_path / 'two'}"],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = params(tmp_path / "one" / "last.pt"), params(tmp_path / "two" / "last.pt")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-4), key
