@@ -43,6 +43,7 @@ class Config:
     dtype: str = "float32"                  # float16 halves the file (60k x 28672 x 2 B = 3.4 GB)
     bn_stats: str = "recompute"             # recompute: average per-batch stats over pretraining images
     bn_images: int = 10000                  # images used to recompute BatchNorm statistics
+    bn_batch: int = 128                     # batch for those statistics: the DCGAN training batch
     device: str = "auto"
     cache_dir: str = "cache"
     preset: str = ""
@@ -174,7 +175,7 @@ def run(cfg: Config) -> Path:
     if cfg.bn_stats == "recompute":
         pre = load_split(run_cfg.data, cfg.cache_dir).images
         pick = np.random.default_rng(0).permutation(len(pre))[:cfg.bn_images]
-        recompute_bn_stats(critic, pre[np.sort(pick)], min(cfg.batch, 128), device, cfg.channels_last)
+        recompute_bn_stats(critic, pre[np.sort(pick)], min(cfg.bn_batch, len(pick)), device, cfg.channels_last)
     splits = {"train": cfg.train, "test": cfg.test}
     sets = {name: load_split(spec, cfg.cache_dir) for name, spec in splits.items()}
     layers = critic.feature_layers(run_cfg.image_size, cfg.grid)
