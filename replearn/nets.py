@@ -199,3 +199,7 @@ def pooled_features(critic: Critic, x: torch.Tensor, grid: int = 4) -> torch.Ten
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
+
+
+# the rest of the zoo registers itself into ARCHS
+from . import zoo  # noqa: E402,F401

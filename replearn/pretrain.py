@@ -24,10 +24,10 @@ import torch.nn as nn
 from . import nets
 from .config import ConfigError, from_dict, register_preset, to_dict
 from .losses import LOSSES, build_loss
+from .recipes import RECIPES
 from .utils import (append_jsonl, atomic_write_json, autocast, lookup, make_registry, pick_device, provenance,
                     resolve_precision, torch_atomic_save)
 
-RECIPES, register_recipe = make_registry("model")
 OPTIMIZERS, register_optimizer = make_registry("optimizer")
 # keys that define what a run *is*: resuming with different values would mix two runs
 IDENTITY_KEYS = ("arch", "loss", "norm", "g_norm", "spectral_norm", "attention_res", "z_dim", "width", "data", "image_size")
@@ -85,21 +85,6 @@ register_preset("paper", "pretrain")
 
 
 # ============================================================================ registries
-@register_recipe("dcgan")
-def _r_dcgan():
-    return dict(arch="dcgan", loss="dcgan")
-
-
-@register_recipe("wgan-gp")
-def _r_wgan_gp():
-    return dict(arch="dcgan", loss="wgan-gp")
-
-
-@register_recipe("wgan")
-def _r_wgan():
-    return dict(arch="dcgan", loss="wgan")
-
-
 @register_optimizer("adam")
 def _adam(params, lr, cfg):
     return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)

@@ -1,0 +1,1 @@
+"""More GAN families for ARCHS (MLP, residual, dense): filled in by the GAN-zoo work."""
