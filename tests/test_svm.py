@@ -1,0 +1,149 @@
+"""The L2-SVM solver against scikit-learn's LinearSVC, and the evaluation protocol end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from replearn import svm
+from replearn.config import ConfigError, build
+from replearn.store import FeatureWriter
+
+
+def blobs(n: int, d: int, k: int, seed: int, spread: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """N x D float32 class-dependent Gaussian features and N int labels."""
+    g = np.random.default_rng(seed)
+    y = g.integers(0, k, n)
+    centres = spread * g.normal(size=(k, d))
+    return (g.normal(size=(n, d)) + centres[y]).astype(np.float32), y
+
+
+# ----------------------------------------------------------------------------- the solver
+@pytest.mark.parametrize("n,d,k", [(200, 40, 3), (120, 300, 4), (150, 20, 2)])   # primal, Gram space, binary
+@pytest.mark.parametrize("C", [1e-3, 0.02, 0.2])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_matches_linearsvc(n, d, k, C, fit_intercept):
+    X, y = blobs(n, d, k, seed=n + k)
+    ours = svm.fit(X, y, C, fit_intercept=fit_intercept, device="cpu")
+    ref = svm.fit_liblinear(X, y, C, fit_intercept=fit_intercept, tol=1e-7, max_iter=200000)
+    ours_obj, ref_obj = ours.objective(X, y, C), ref.objective(X, y, C)
+    assert ours_obj <= ref_obj * (1 + 1e-3)      # within 0.1% (ours may be the lower one)
+    assert ref_obj <= ours_obj * (1 + 1e-3)
+    assert np.mean(ours.predict(X) == ref.predict(X)) >= 0.99
+    assert ours.W.shape == ref.W.shape
+
+
+def test_objective_closed_form():
+    """w = 0, b = 0: every hinge is 1, so the objective is C * N * (number of one-vs-rest problems)."""
+    X, y = blobs(30, 5, 3, seed=1)
+    zero = svm.LinearModel(np.zeros((3, 5), np.float32), np.zeros(3, np.float32), np.arange(3))
+    assert zero.objective(X, y, 0.5) == pytest.approx(0.5 * 30 * 3)
+
+
+def test_intercept_is_regularised_like_liblinear():
+    """The bias is the weight of a constant feature s: its penalty is 0.5 (b / s)^2."""
+    X, y = blobs(100, 10, 2, seed=2)
+    X += 3.0                                        # an offset the bias must absorb
+    for scaling in (1.0, 10.0):
+        ours = svm.fit(X, y, 0.1, intercept_scaling=scaling)
+        ref = svm.fit_liblinear(X, y, 0.1, intercept_scaling=scaling, tol=1e-8)
+        assert ours.objective(X, y, 0.1) == pytest.approx(ref.objective(X, y, 0.1), rel=1e-3)
+        assert ours.b == pytest.approx(ref.b, rel=2e-2, abs=1e-3)
+
+
+def test_separable_toy_set_is_learned_perfectly():
+    g = np.random.default_rng(3)
+    y = np.repeat(np.arange(4), 25)
+    X = (np.eye(4)[y] * 5 + 0.1 * g.normal(size=(100, 4))).astype(np.float32)
+    model = svm.fit(X, y, 1.0)
+    assert svm.accuracy(model, X, y) == 1.0
+
+
+def test_warm_started_path_matches_cold_fits():
+    X, y = blobs(150, 400, 3, seed=4)
+    cs = [1e-3, 1e-2, 1e-1]
+    path = svm.fit_path(X, y, cs)
+    for c, model in zip(cs, path):
+        cold = svm.fit(X, y, c)
+        assert model.objective(X, y, c) == pytest.approx(cold.objective(X, y, c), rel=1e-5)
+
+
+def test_torch_input_and_primal_equal_gram():
+    torch = pytest.importorskip("torch")
+    X, y = blobs(100, 150, 3, seed=5)
+    gram = svm.fit(torch.from_numpy(X), y, 0.05, method="gram")
+    primal = svm.fit(X, y, 0.05, method="primal")
+    assert gram.objective(X, y, 0.05) == pytest.approx(primal.objective(X, y, 0.05), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- draws and splits
+def test_draws_are_class_balanced_and_reproducible():
+    labels = np.repeat(np.arange(10), 50)
+    np.random.default_rng(0).shuffle(labels)
+    a = svm.balanced_draw(labels, 7, svm.draw_rng(0, 3, 5))
+    b = svm.balanced_draw(labels, 7, svm.draw_rng(0, 3, 5))
+    c = svm.balanced_draw(labels, 7, svm.draw_rng(0, 3, 6))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.bincount(labels[a]).tolist() == [7] * 10
+    assert len(np.unique(a)) == len(a)
+
+
+def test_validation_split_is_disjoint_and_draws_respect_it():
+    labels = np.repeat(np.arange(5), 100)
+    rest, val = svm.split_validation(labels, 100, seed=0)
+    assert np.bincount(labels[val]).tolist() == [20] * 5
+    assert len(np.intersect1d(rest, val)) == 0 and len(rest) + len(val) == len(labels)
+    draw = svm.balanced_draw(labels, 10, svm.draw_rng(0, 2, 0), pool=rest)
+    assert len(np.intersect1d(draw, val)) == 0
+    with pytest.raises(ConfigError):
+        svm.balanced_draw(labels, 90, svm.draw_rng(0, 2, 0), pool=rest)
+
+
+# ----------------------------------------------------------------------------- protocol end to end
+def write_features(path, dtype: str = "float32", n_train: int = 300, n_test: int = 100, k: int = 3):
+    g = np.random.default_rng(7)
+    centres = g.normal(size=(k, 24))
+    layers = [("conv1", 8), ("conv2", 16)]
+    with FeatureWriter(path, layers, {"kind": "test", "model": "blobs", "config": {"k": k}}, dtype=dtype) as writer:
+        for split, n in (("train", n_train), ("test", n_test)):
+            y = np.arange(n) % k
+            writer.create_split(split, n)
+            writer.write(split, 0, (g.normal(size=(n, 24)) + 1.5 * centres[y]).astype(np.float32), y)
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_run_end_to_end(tmp_path, dtype):
+    features = write_features(tmp_path / f"feat_{dtype}.h5", dtype)
+    cfg = build(svm.Config, "svm", {"features": str(features), "preset": "smoke", "per_class": 20,
+                                   "val_size": 60, "select_draws": 2, "final_draws": 4,
+                                   "c_grid": (1e-3, 1e-2, 1e-1), "device": "cpu"})
+    out = svm.run(cfg)
+    assert out == features.with_suffix(".svm.json") and out.with_suffix(".png").exists()
+    record = json.loads(out.read_text())
+    assert set(record) >= {"config", "provenance", "features", "settings"}
+    assert record["features"]["attrs"]["model"] == "blobs"
+    full, few = record["settings"]["full"], record["settings"]["400"]
+    assert 0.8 < full["test_acc"] <= 1.0 and len(full["val_curve"]) == 3
+    assert len(few["draws"]) == 4 and few["mean"] == pytest.approx(np.mean(few["draws"]))
+    assert few["ci95"] == pytest.approx(1.96 * np.std(few["draws"]))
+    assert float(few["c"]) in [float(c) for c in few["val_curve"]]
+
+
+def test_run_options_fixed_c_layers_preprocessing(tmp_path):
+    features = write_features(tmp_path / "feat.h5")
+    cfg = build(svm.Config, "svm", ["features=" + str(features), "settings=full", "fixed_c=100", "c_form=mean",
+                                   "layers=1", "standardize=true", "l2_normalize=true", "val_size=60",
+                                   f"out={tmp_path / 'r.json'}"])
+    record = json.loads(svm.run(cfg).read_text())
+    assert record["settings"]["full"]["c"] == pytest.approx(100 / 300)   # mean form -> sum form over all of train
+    assert record["settings"]["full"]["val_curve"] == {}
+    assert record["settings"]["full"]["test_acc"] > 0.8
+
+
+def test_bad_config_fails_with_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="solver"):
+        svm.run(svm.Config(features=str(tmp_path / "x.h5"), solver="sgd"))
+    with pytest.raises(ConfigError, match="not found"):
+        svm.run(svm.Config(features=str(tmp_path / "missing.h5")))
