@@ -150,19 +150,17 @@ def kmeans(x: torch.Tensor, k: int, iterations: int, seed: int, batch: int = 409
     g = torch.Generator().manual_seed(seed)
     centroids = torch.randn(k, x.shape[1], generator=g) * 0.1
     low = torch.bfloat16 if precision == "bf16" else torch.float32
-    x_low = x.to(low)
+    # [x, 1] . [c; -||c||^2 / 2] gives the assignment score from one matmul, with no N x K temporaries
+    x_aug = torch.cat([x, torch.ones(len(x), 1)], 1).to(low)                 # N x (D + 1)
     scores = torch.empty(min(batch, len(x)), k, dtype=low)   # reused: fresh big buffers page-fault
     empty = 0
     for _ in tqdm(range(iterations), desc=f"kmeans K={k}", disable=not progress, leave=False):
         sums = torch.zeros(k, x.shape[1], dtype=torch.float64)
         counts = torch.zeros(k, dtype=torch.float64)
-        half_norms = 0.5 * (centroids * centroids).sum(1)
-        bank = centroids.T.to(low).contiguous()           # D x K
+        bank = torch.cat([centroids.T, -0.5 * (centroids * centroids).sum(1)[None]]).to(low)   # (D + 1) x K
         for start in range(0, len(x), batch):
-            rows = x_low[start:start + batch]
-            out = scores[:len(rows)]
-            torch.mm(rows, bank, out=out)
-            labels = (out.float() - half_norms).argmax(1)
+            rows = x_aug[start:start + batch]
+            labels = torch.mm(rows, bank, out=scores[:len(rows)]).argmax(1)
             sums.index_add_(0, labels, x[start:start + batch].double())
             counts += torch.bincount(labels, minlength=k).double()
         empty = int((counts == 0).sum())
