@@ -1,0 +1,174 @@
+"""Benchmark the L2-SVM stage: replearn's solver against scikit-learn's LinearSVC on real features.
+
+Features: CIFAR-10 train images (../shared/data/cifar10/train.parquet, 50k) through an UNTRAINED
+DCGAN critic (`nets.build_models('dcgan')`, eval mode, 4x4 max-pooled layers -> 28672 dims),
+cached as a float16 feature file under cache/ (gitignored) so reruns skip extraction.
+The parquet's first 40k images form the feature file's `train` split, the last 10k its `test` split.
+
+Measured, in one run on one machine:
+  * 4000 x 28672 (a class-balanced draw), one C: replearn vs LinearSVC -> time, test accuracy,
+    objective (both objectives evaluated by the same float64 code);
+  * 40000 x 28672: replearn alone;
+  * the whole 400-per-class protocol (7 C x 10 selection draws + 100 final draws) via `svm.run`.
+Writes benchmarks/results/svm.json.   Usage: python benchmarks/svm.py [--skip-liblinear]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from replearn import nets, store, svm  # noqa: E402
+from replearn.config import build  # noqa: E402
+from replearn.utils import atomic_write_json, hardware, provenance  # noqa: E402
+
+PARQUET = REPO.parent / "shared" / "data" / "cifar10" / "train.parquet"
+FEATURES = REPO / "cache" / "bench_svm_dcgan_untrained.h5"
+RESULTS = REPO / "benchmarks" / "results" / "svm.json"
+N_TRAIN = 40000          # the rest (10k) is the test split
+BENCH_C = 1e-4           # smallest grid C: LinearSVC's dual coordinate descent converges fastest there
+
+
+def load_images() -> tuple[np.ndarray, np.ndarray]:
+    """N x 32 x 32 x 3 uint8 and labels, through replearn.data when it exists."""
+    try:
+        from replearn import data
+        images = data.cached(f"{PARQUET}", size=32, cache_dir=str(REPO / "cache"))
+        return images.images, np.asarray(images.labels)
+    except (ImportError, AttributeError):
+        pass
+    import pyarrow.parquet as pq
+    from PIL import Image
+    table = pq.read_table(PARQUET).to_pydict()
+    images = np.stack([np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB")) for cell in table["img"]])
+    return images, np.asarray(table["label"], dtype=np.int64)
+
+
+@torch.no_grad()
+def extract_features(path: Path = FEATURES, batch: int = 500) -> Path:
+    if path.exists():
+        return path
+    images, labels = load_images()
+    torch.manual_seed(0)
+    _, critic = nets.build_models("dcgan")
+    critic.eval()
+    device = torch.device("cpu")
+    attrs = {"kind": "gan", "model": "dcgan (untrained, seed 0)", "config": {"source": str(PARQUET)}}
+    # the parquet is sorted by label: a seeded permutation makes both splits hold every class
+    order = np.random.default_rng(0).permutation(len(images))
+    with store.FeatureWriter(path, critic.feature_layers(), attrs, dtype="float16") as writer:
+        for split, rows in (("train", order[:N_TRAIN]), ("test", order[N_TRAIN:])):
+            writer.create_split(split, len(rows), source=f"{PARQUET} permuted (seed 0) [{split}]")
+            for start in range(0, len(rows), batch):
+                picked = rows[start:start + batch]
+                x = nets.to_unit(torch.from_numpy(images[picked]), device)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    feats = nets.pooled_features(critic, x)   # B x 28672
+                writer.write(split, start, feats.float().numpy(), labels[picked])
+                print(f"\rfeatures {split} {start + len(picked)}/{len(rows)}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    return path
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def compare_at_4000(ff: store.FeatureFile, X_test: np.ndarray, y_test: np.ndarray, skip_liblinear: bool) -> dict:
+    """replearn vs LinearSVC on one class-balanced 4000 x 28672 draw, the same C."""
+    labels = ff.labels("train")
+    idx = svm.balanced_draw(labels, 400, np.random.default_rng(0))
+    X, y = ff.read("train", idx), labels[idx]
+    ours, t_ours = timed(svm.fit, X, y, BENCH_C)
+    row = {"n": len(X), "d": X.shape[1], "C": BENCH_C, "replearn_seconds": t_ours,
+           "replearn_test_acc": svm.accuracy(ours, X_test, y_test), "replearn_objective": ours.objective(X, y, BENCH_C)}
+    path, t_path = timed(svm.fit_path, X, y, svm.DEFAULT_C_GRID)
+    row["replearn_c_path_seconds"] = t_path
+    row["replearn_c_path_test_acc"] = {repr(c): svm.accuracy(m, X_test, y_test) for c, m in zip(svm.DEFAULT_C_GRID, path)}
+    if not skip_liblinear:
+        # LinearSVC defaults (tol=1e-4, dual CD since N < D) with a generous max_iter
+        ref, t_ref = timed(svm.fit_liblinear, X, y, BENCH_C, tol=1e-4, max_iter=100000)
+        row.update(liblinear_seconds=t_ref, liblinear_test_acc=svm.accuracy(ref, X_test, y_test),
+                   liblinear_objective=ref.objective(X, y, BENCH_C))
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def large_40000(ff: store.FeatureFile, X_test: np.ndarray, y_test: np.ndarray) -> dict:
+    X, y = ff.read("train"), ff.labels("train")                  # 40000 x 28672 float32, 4.6 GB
+    model, seconds = timed(svm.fit, X, y, BENCH_C)
+    row = {"n": len(X), "d": X.shape[1], "C": BENCH_C, "replearn_seconds": seconds,
+           "replearn_test_acc": svm.accuracy(model, X_test, y_test), "replearn_objective": model.objective(X, y, BENCH_C)}
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def protocol_400() -> dict:
+    out = REPO / "cache" / "bench_svm_protocol.json"
+    cfg = build(svm.Config, "svm", {"features": str(FEATURES), "out": str(out), "settings": ("400",)})
+    _, seconds = timed(svm.run, cfg)
+    result = json.loads(out.read_text())["settings"]["400"]
+    return {"seconds": seconds, "c": result["c"], "val_curve": result["val_curve"], "mean": result["mean"],
+            "ci95": result["ci95"], "final_draws": len(result["draws"]), "select_draws": cfg.select_draws,
+            "c_grid": list(cfg.c_grid)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--extract-only", action="store_true")
+    parser.add_argument("--skip-liblinear", action="store_true")
+    parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--skip-protocol", action="store_true")
+    args = parser.parse_args()
+    extract_features()
+    if args.extract_only:
+        return
+    torch.set_num_threads(2)
+    record = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    with store.FeatureFile(FEATURES) as ff:
+        y_test = ff.labels("test")
+        X_test = ff.read("test")                                   # 10000 x 28672 float32
+        small = compare_at_4000(ff, X_test, y_test, args.skip_liblinear)
+        if args.skip_liblinear:   # keep the reference numbers of an earlier run
+            small.update({k: v for k, v in record.get("compare_4000", {}).items() if k.startswith("liblinear")})
+        record["compare_4000"] = small
+        write(record)
+        if not args.skip_large:
+            record["large_40000"] = large_40000(ff, X_test, y_test)
+            write(record)
+        del X_test
+    if not args.skip_protocol:
+        record["protocol_400"] = protocol_400()
+        write(record)
+    print(json.dumps(record["summary"], indent=2))
+
+
+def write(record: dict) -> None:
+    """Summary from whatever parts have run so far; written after every part."""
+    small, protocol = record.get("compare_4000", {}), record.get("protocol_400")
+    summary = {"machine": hardware(), "features": "CIFAR-10 (40k train / 10k test, permuted) through an UNTRAINED "
+                                                  "DCGAN critic, 28672 dims, float16 file", "C": BENCH_C}
+    if "liblinear_seconds" in small:
+        summary.update(speedup_vs_liblinear=small["liblinear_seconds"] / small["replearn_seconds"],
+                       acc_delta_points=100 * (small["replearn_test_acc"] - small["liblinear_test_acc"]),
+                       objective_rel_diff=(small["replearn_objective"] - small["liblinear_objective"])
+                       / small["liblinear_objective"])
+    if protocol:
+        summary["protocol_400_seconds"] = protocol["seconds"]
+    record.update(summary=summary, provenance=provenance())
+    atomic_write_json(RESULTS, record)
+
+
+if __name__ == "__main__":
+    main()
