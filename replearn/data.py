@@ -10,7 +10,8 @@ A *source spec* is one string, accepted wherever a stage takes data:
     path/to/root[:split]            a JPEG tree root/<class>/<file> (`:train` = root/train)
     path/to/cache.h5                an image cache written by `prepare`
 
-Any spec may end in a python slice `[a:b]`, applied after loading in the source's row order:
+Any spec may end in a python slice `[a:b]` over a fixed seed-0 shuffle of the rows, read in file order
+(so `[:40000]` / `[40000:]` are a random, disjoint carve-out even of class-sorted files):
 `train.parquet[:40000]` and `train.parquet[40000:]` carve a validation split out of train.
 
 Geometry (PROTOCOL section 1): min-side resize to `size`, then center crop `size` x `size`.
@@ -169,8 +170,23 @@ def _has_images(folder: Path) -> bool:
     return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
 
 
-def _resolve_rows(spec: Spec, num_rows: int) -> range:
-    rows = range(num_rows)[slice(spec.start, spec.stop)]
+SLICE_SEED = 0   # the fixed shuffle that slices index (see `_resolve_rows`)
+
+
+def _resolve_rows(spec: Spec, num_rows: int) -> np.ndarray:
+    """Sorted row indices picked by the spec's `[a:b]`.
+
+    A slice indexes a fixed seeded shuffle of the rows, not the file order, and the picked rows
+    are then read in file order. So `[:40000]` and `[40000:]` are disjoint, together cover the
+    split, and are random carve-outs whatever order the file stores: the shared CIFAR-10 parquet,
+    many ImageNet mirrors and every JPEG tree are sorted by class, where a file-order slice would
+    hold out whole classes.
+    """
+    if spec.start is None and spec.stop is None:
+        rows = np.arange(num_rows)
+    else:
+        order = np.random.default_rng(SLICE_SEED).permutation(num_rows)
+        rows = np.sort(order[slice(spec.start, spec.stop)])
     if len(rows) == 0:
         where = f" (slice [{spec.start}:{spec.stop}] of {num_rows} rows)" if num_rows else ""
         raise ConfigError(f"data source {spec.text} holds no images{where}; check the path and slice")
@@ -486,8 +502,7 @@ def load_source(spec: str, size: int = 32, workers: int = 2, progress: bool = Tr
     if parsed.kind == "cache":
         cache = read_image_cache(parsed.location, size=size)
         keep = _resolve_rows(parsed, len(cache))
-        return ImageSet(cache.images[keep.start:keep.stop], cache.labels[keep.start:keep.stop],
-                        cache.class_names, cache.attrs)
+        return ImageSet(cache.images[keep], cache.labels[keep], cache.class_names, cache.attrs)
     raw = READERS[parsed.kind](parsed)
     rows = _resolve_rows(parsed, raw.num_rows)
     images = np.empty((len(rows), size, size, 3), dtype=np.uint8)   # pages are committed as filled
@@ -495,18 +510,22 @@ def load_source(spec: str, size: int = 32, workers: int = 2, progress: bool = Tr
     kept, skipped = 0, []
     bar = tqdm(total=len(rows), desc=f"prepare {Path(parsed.location).name}", unit="img", file=sys.stderr,
                disable=not progress, mininterval=1.0)
+    wanted = np.zeros(raw.num_rows, dtype=bool)
+    wanted[rows] = True
     pool = DecoderPool(workers)
     try:
-        row = rows.start
-        for items, batch_labels in raw.batches(rows.start, rows.stop):
-            for i, img in enumerate(_decode_batch(items, size, pool)):
+        row = int(rows[0])
+        for items, batch_labels in raw.batches(int(rows[0]), int(rows[-1]) + 1):
+            picked = np.flatnonzero(wanted[row:row + len(items)])     # undecoded items are cheap to skip
+            chosen = items[picked] if isinstance(items, np.ndarray) else [items[j] for j in picked]
+            for j, img in zip(picked, _decode_batch(chosen, size, pool)):
                 if img is None:
-                    skipped.append(raw.item_names(row + i))
+                    skipped.append(raw.item_names(row + j))
                     continue
-                images[kept], labels[kept] = img, batch_labels[i]
+                images[kept], labels[kept] = img, batch_labels[j]
                 kept += 1
             row += len(items)
-            bar.update(len(items))
+            bar.update(len(picked))
     finally:
         bar.close()
         pool.close()
@@ -536,7 +555,8 @@ def _fingerprint(spec: Spec) -> list:
 def source_id(spec: str, size: int) -> str:
     """Short hash of the resolved source (absolute path or id, split, slice, stat) and size."""
     parsed = parse_spec(spec)
-    key = [parsed.kind, parsed.location, parsed.split, parsed.start, parsed.stop, size, _fingerprint(parsed)]
+    key = [parsed.kind, parsed.location, parsed.split, parsed.start, parsed.stop, size, _fingerprint(parsed),
+           f"shuffled-slice-{SLICE_SEED}"]   # slices became shuffled carve-outs: older caches are stale
     return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]
 
 

@@ -118,12 +118,21 @@ def test_hf_parquet_file_is_read_exactly_with_class_names(tmp_path):
     assert out.class_names == ["cat", "dog", "emu"]
 
 
-def test_slices_follow_python_rules(tmp_path):
+def picked(n: int, start=None, stop=None) -> np.ndarray:
+    """The documented slice rule: rows start..stop of a seed-0 shuffle, read in file order."""
+    return np.sort(np.random.default_rng(0).permutation(n)[start:stop])
+
+
+def test_slices_pick_from_a_fixed_shuffle_in_file_order(tmp_path):
     images = random_images(10, 32)
     spec = str(write_hf_parquet(tmp_path / "t.parquet", images, list(range(10)), [str(i) for i in range(10)]))
-    assert data.load_source(spec + "[2:5]", progress=False).labels.tolist() == [2, 3, 4]
-    assert data.load_source(spec + "[-2:]", progress=False).labels.tolist() == [8, 9]
-    assert np.array_equal(data.load_source(spec + "[:3]", progress=False).images, images[:3])
+    assert data.load_source(spec + "[2:5]", progress=False).labels.tolist() == picked(10, 2, 5).tolist()
+    assert data.load_source(spec + "[-2:]", progress=False).labels.tolist() == picked(10, -2).tolist()
+    assert np.array_equal(data.load_source(spec + "[:3]", progress=False).images, images[picked(10, None, 3)])
+    head = set(data.load_source(spec + "[:6]", progress=False).labels.tolist())
+    tail = set(data.load_source(spec + "[6:]", progress=False).labels.tolist())
+    assert head.isdisjoint(tail) and head | tail == set(range(10))   # a carve-out: disjoint, covering
+    assert data.load_source(spec, progress=False).labels.tolist() == list(range(10))   # no slice: file order
     with pytest.raises(ConfigError, match=r"holds no images.*\[5:5\]"):
         data.load_source(spec + "[5:5]", progress=False)
 
@@ -177,7 +186,8 @@ def test_hub_dataset_rows_are_decoded_like_parquet(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: asked.append((name, split)) or ds)
     out = data.load_source("hf:someone/tiny:validation[1:4]", progress=False)
     assert asked == [("someone/tiny", "validation")]
-    assert np.array_equal(out.images, images[1:4]) and out.labels.tolist() == [1, 1, 0]
+    rows = picked(5, 1, 4)
+    assert np.array_equal(out.images, images[rows]) and out.labels.tolist() == np.array([0, 1, 1, 0, 1])[rows].tolist()
     assert out.class_names == ["p", "q"]
 
 
@@ -196,7 +206,7 @@ def test_cifar_batches_are_channel_planar_row_major(tmp_path):
     for c in range(3):   # channel c of pixel (y, x) is byte c*1024 + y*32 + x
         assert np.array_equal(train.images[0, :, :, c], first[c * 1024:(c + 1) * 1024].reshape(32, 32))
     test = data.load_source(f"{tmp_path}/cifar-10-batches-py:test[1:3]", progress=False)
-    assert test.labels.tolist() == [8, 7]
+    assert test.labels.tolist() == np.array([9, 8, 7, 6])[picked(4, 1, 3)].tolist()
     assert len(data.load_source(str(tmp_path), progress=False)) == 20   # the folder above works too
     with pytest.raises(ConfigError, match="no split 'val'.*train, test"):
         data.load_source(f"{folder}:val", progress=False)
@@ -257,7 +267,7 @@ def test_cache_round_trip_reuse_and_provenance(tmp_path, monkeypatch, capsys):
     first = data.cached(spec, cache_dir=str(cache_dir), workers=0)
     path = data.cache_path(spec, 32, cache_dir)
     assert path.exists() and path.name.startswith("cifar10-train-0-8-s32-")
-    assert np.array_equal(first.images, images[:8]) and first.class_names == ["a", "b"]
+    assert np.array_equal(first.images, images[picked(12, None, 8)]) and first.class_names == ["a", "b"]
     assert first.attrs["config"]["source"] == spec and first.attrs["skipped"] == 0
     assert "git_commit" in first.attrs["provenance"]
 
@@ -321,10 +331,13 @@ def test_shared_parquet_files(shared_data):
     import pyarrow.parquet as pq
     cifar = data.load_source(f"{shared_data}/cifar10/train.parquet[:100]", progress=False)
     assert cifar.images.shape == (100, 32, 32, 3) and cifar.class_names[0] == "airplane"
+    assert len(set(cifar.labels.tolist())) == 10   # the file is sorted by class; a slice is not
     assert len(cifar.class_names) == 10
     tiny = data.load_source(f"{shared_data}/tinyimagenet/train.parquet[:20]", progress=False)
     assert tiny.images.shape == (20, 32, 32, 3) and len(tiny.class_names) == 202
-    first = pq.ParquetFile(shared_data / "tinyimagenet" / "train.parquet").read_row_group(0, columns=["image"])
-    with Image.open(io.BytesIO(first.column("image")[0]["bytes"].as_py())) as img:
+    row = int(picked(len(pq.ParquetFile(shared_data / "tinyimagenet" / "train.parquet").read(columns=["label"])),
+                     None, 20)[0])
+    table = pq.ParquetFile(shared_data / "tinyimagenet" / "train.parquet").read(columns=["image"])
+    with Image.open(io.BytesIO(table.column("image")[row]["bytes"].as_py())) as img:
         assert img.size == (64, 64)
         assert np.array_equal(tiny.images[0], data.fit_square(img, 32))
