@@ -109,7 +109,7 @@ def plot_metrics_vs_step(records: list[dict], out_png: str | Path, title: str) -
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("generator step")
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)   # above the two-line panel titles
     return save_figure(fig, Path(out_png))
 
 
