@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ QUOTED = [
     ("WGAN-GP (2024 paper)", 83.2, 74.1, None, 512, "Tarek et al. 2024"),
 ]
 FAMILY_NAMES = {"dcgan": "DCGAN (BCE)", "wgan-gp": "WGAN-GP", "wgan": "WGAN (weight clipping)"}
-COLUMNS = ["model", "full", "400 per class", "max # features units", "status", "how produced"]
+COLUMNS = ["model", "full", "400 per class", "max # features units", "status", "samples", "how produced"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def percent(value: float | None, spread: float | None = None) -> str:
 
 def quoted_rows() -> list[dict[str, Any]]:
     return [{"model": m, "full": f"{full:.1f}%", "400 per class": f"{k400:.1f}%" + (f" (+-{pm})" if pm else ""),
-             "max # features units": units, "status": "quoted", "how produced": src}
+             "max # features units": units, "status": "quoted", "samples": "", "how produced": src}
             for m, full, k400, pm, units, src in QUOTED]
 
 
@@ -98,7 +99,26 @@ def row_name(feat: dict, scale: str) -> str:
     return name + (f" [{scale} scale]" if scale not in ("", "paper") else "")
 
 
-def reproduced_row(path: Path) -> dict[str, Any]:
+def run_dir_of(res: dict) -> Path | None:
+    """The pretrain run a critic's features came from (the features file sits in its folder)."""
+    path = Path(str((res.get("features") or {}).get("path", "")))
+    return path.parent if (path.parent / "config.json").exists() else None
+
+
+def samples_link(res: dict, out_dir: Path, slug: str) -> str:
+    """Copy the run's latest sample grid next to the table (one PNG per row) and link it."""
+    from .report import latest_sample_grid
+    run_dir = run_dir_of(res)
+    grid = latest_sample_grid(run_dir) if run_dir else None
+    if grid is None:
+        return ""
+    target = out_dir / "samples" / f"{slug}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(grid, target)
+    return f"[grid](samples/{slug}.png)"
+
+
+def reproduced_row(path: Path, out_dir: Path) -> dict[str, Any]:
     res = json.loads(path.read_text())
     feat = (res.get("features") or {}).get("attrs", {})
     settings = res.get("settings", {})
@@ -115,13 +135,24 @@ def reproduced_row(path: Path) -> dict[str, Any]:
     return {"model": row_name(feat, scale), "full": percent(full.get("test_acc")),
             "400 per class": percent(k400.get("mean"), k400.get("ci95")),
             "max # features units": feat.get("max_units", (feat.get("config") or {}).get("k", "-")),
-            "status": f"reproduced ({scale or 'custom'} scale)", "how produced": how}
+            "status": f"reproduced ({scale or 'custom'} scale)",
+            "samples": samples_link(res, out_dir, path.name.split(".")[0] + "-" + path.parent.name),
+            "how produced": how}
 
 
 def build_table(cfg: Config) -> pd.DataFrame:
     rows = quoted_rows() if cfg.quoted else []
-    rows += [reproduced_row(p) for p in result_paths(cfg.results)]
+    rows += [reproduced_row(p, Path(cfg.out_dir)) for p in result_paths(cfg.results)]
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def compare_samples(cfg: Config) -> Path | None:
+    """All reproduced GAN rows' sample grids side by side in one PNG."""
+    from .report import report_compare
+    runs = [r for r in (run_dir_of(json.loads(p.read_text())) for p in result_paths(cfg.results)) if r]
+    if not runs:
+        return None
+    return report_compare(runs, Path(cfg.out_dir) / f"{cfg.name}_samples.png", "samples of each reproduced GAN")
 
 
 def header(cfg: Config, n_reproduced: int) -> str:
@@ -138,8 +169,10 @@ def run(cfg: Config) -> Path:
     table = build_table(cfg)
     out = Path(cfg.out_dir)
     n_rep = int((table["status"] != "quoted").sum())
-    atomic_write_text(out / f"{cfg.name}.md", header(cfg, n_rep) + table.to_markdown(index=False) + "\n")
+    compared = compare_samples(cfg)
+    footer = f"\n![samples]({compared.name})\n" if compared else ""
+    atomic_write_text(out / f"{cfg.name}.md", header(cfg, n_rep) + table.to_markdown(index=False) + "\n" + footer)
     atomic_write_text(out / f"{cfg.name}.csv", table.to_csv(index=False))
-    atomic_write_text(out / f"{cfg.name}.tex", table.drop(columns=["how produced"]).to_latex(index=False))
-    print(table.drop(columns=["how produced"]).to_markdown(index=False))
+    atomic_write_text(out / f"{cfg.name}.tex", table.drop(columns=["how produced", "samples"]).to_latex(index=False))
+    print(table.drop(columns=["how produced", "samples"]).to_markdown(index=False))
     return out / f"{cfg.name}.md"

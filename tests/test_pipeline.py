@@ -44,12 +44,12 @@ def test_whole_protocol_on_generated_images(tmp_path, capsys):
     assert cli("pretrain", "model=wgan-gp", f"data={unlabelled}", f"run_dir={run_dir}", "width=0.125",
                "batch_size=8", "steps=2", "n_critic=1", "precision=fp32", f"cache_dir={cache}") == 0
     assert (run_dir / "finished.json").exists()
-    feats = tmp_path / "features.h5"
+    feats = run_dir / "features.h5"
     assert cli("features", f"run={run_dir}", f"train={cifar}", f"test={cifar}:test", f"out={feats}",
                "bn_images=32", f"cache_dir={cache}") == 0
     with FeatureFile(feats) as f:
         assert f.num_rows("train") == 160 and f.num_rows("test") == 40
-    results = tmp_path / "features.svm.json"
+    results = run_dir / "features.svm.json"
     assert cli("svm", f"features={feats}", f"out={results}", "preset=smoke", "per_class=10", "val_size=40",
                "final_draws=3", "select_draws=2") == 0
     res = json.loads(results.read_text())
@@ -59,6 +59,8 @@ def test_whole_protocol_on_generated_images(tmp_path, capsys):
     table = (tmp_path / "tables" / "cifar10.md").read_text()
     assert "WGAN-GP (reproduced" in table and "quoted" in table and "DCGAN (ImageNet-1k critic)" in table
     assert (tmp_path / "tables" / "cifar10.csv").exists() and (tmp_path / "tables" / "cifar10.tex").exists()
+    assert "](samples/features-wgan-gp.png)" in table and (tmp_path / "tables" / "samples" / "features-wgan-gp.png").exists()
+    assert (tmp_path / "tables" / "cifar10_samples.png").exists()
 
 
 def test_cli_errors_are_one_line_and_list_choices(capsys):
