@@ -44,9 +44,9 @@ class Config:
     arch: str | None = None
     loss: str | None = None
     norm: str | None = None       # critic normalisation: batch | layer | none
-    g_norm: str = "batch"         # generator normalisation (BN as DCGAN; layer/none for exact multi-process)
+    g_norm: str | None = None     # generator normalisation; default batch (BN as DCGAN; layer/none for exact multi-process)
     spectral_norm: bool | None = None
-    attention_res: int = 0        # put a self-attention block at this resolution (0: none)
+    attention_res: int | None = None  # put a self-attention block at this resolution (default 0: none)
     z_dim: int = 256              # DCGAN ImageNet model: 256-dim z ~ U(-1, 1)
     width: float = 1.0            # channel multiplier (tests use small nets; 1.0 is the paper's)
     force_batchnorm: bool = False  # BN breaks the per-sample gradient penalty: refused unless forced
@@ -61,9 +61,9 @@ class Config:
     lr_d: float | None = None
     beta1: float | None = None
     beta2: float | None = None
-    momentum: float = 0.0         # SGD only
+    momentum: float | None = None  # RMSprop and SGD; default 0
     weight_decay: float = 0.0     # some DCGAN scripts used 1e-5
-    lr_decay: str = "none"        # none | linear (to 0 at `steps`, as gan_cifar_resnet.py)
+    lr_decay: str | None = None   # none (default) | linear (to 0 at `steps`, as gan_cifar_resnet.py)
     # -- speed
     device: str = "auto"
     precision: str = "auto"       # auto: bf16 autocast where the hardware has bf16 units, else fp32
@@ -74,13 +74,15 @@ class Config:
     log_every: int = 10
     sample_every: int = 500
     ckpt_every: int = 2000
-    max_minutes: float = 0.0      # stop (and save) after this long; 0: no limit
+    max_minutes: float = 0.0      # training-time budget of the whole run (kept across resumes); 0: none
     nan_policy: str = "stop"      # stop | rollback (reload last good checkpoint, skip the batch)
     fid_every: int = 0            # run `evaluate` on each interval checkpoint (0: never)
     preset: str = ""
 
 
-register_preset("smoke", "pretrain", steps=300, sample_every=100, ckpt_every=100, log_every=10)
+# smoke: a fixed CPU budget per model, so the whole chain takes ~30 min on 2 cores; the table reports
+# the steps each model reached in it
+register_preset("smoke", "pretrain", steps=1000, max_minutes=5.0, sample_every=25, ckpt_every=50, log_every=5)
 register_preset("paper", "pretrain")
 
 
@@ -109,7 +111,8 @@ def resolve(cfg: Config) -> Config:
             values[key] = value
     loss_cls = lookup(LOSSES, values["loss"], "loss")
     fallback = dict(n_critic=1, batch_size=64, optimizer="adam", lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999,
-                    norm="batch", spectral_norm=False)
+                    norm="batch", spectral_norm=False, g_norm="batch", attention_res=0, momentum=0.0,
+                    lr_decay="none")   # keys a recipe may set, so None (unset) until here
     for key, value in {**fallback, **loss_cls.defaults}.items():
         if values.get(key) is None:
             values[key] = value
@@ -397,16 +400,25 @@ def run(cfg: Config) -> Path:
     stream = BatchStream(len(images), cfg.batch_size, cfg.seed, dist_info, consumed=s.batches)
     if dist_info.main:
         write_run_files(cfg, data_info, runner.precision)
-    if s.step < cfg.steps:
+    if not finished(s, cfg):
         train_loop(runner, images, stream, data_info)
-    if dist_info.main and s.step >= cfg.steps:
+    if dist_info.main and finished(s, cfg):
         write_finished(run_dir, s, cfg)
     return run_dir
+
+
+def budget_spent(s: State, cfg: Config) -> bool:
+    return bool(cfg.max_minutes) and s.seconds >= 60 * cfg.max_minutes
+
+
+def finished(s: State, cfg: Config) -> bool:
+    return s.step >= cfg.steps or budget_spent(s, cfg)
 
 
 def write_finished(run_dir: Path, s: State, cfg: Config) -> None:
     """The marker later stages (and make) wait for: the run reached `steps`."""
     atomic_write_json(run_dir / "finished.json", {"step": s.step, "critic_batches": s.batches,
+                                                  "reason": "steps" if s.step >= cfg.steps else "max_minutes",
                                                   "train_seconds": s.seconds, "checkpoint": "last.pt",
                                                   "config": to_dict(cfg), "provenance": provenance()})
 
@@ -416,8 +428,8 @@ def train_loop(runner: Runner, images: torch.Tensor, stream: BatchStream, data_i
     cfg, s, main = runner.cfg, runner.state, runner.dist.main
     run_dir = Path(cfg.run_dir)
     bar = tqdm(total=cfg.steps, initial=s.step, desc=f"pretrain {cfg.model}", disable=not main, dynamic_ncols=True)
-    began, rollbacks = time.time(), 0
-    while s.step < cfg.steps:
+    rollbacks = 0
+    while not finished(s, cfg):
         t0, batches0 = time.time(), s.batches
         stats = runner.train_step(images, stream)
         if not finite(stats):
@@ -425,26 +437,35 @@ def train_loop(runner: Runner, images: torch.Tensor, stream: BatchStream, data_i
             continue
         dt = time.time() - t0
         s.seconds += dt
+        if runner.dist.world > 1:   # every rank must agree on when the time budget is spent
+            s.seconds = broadcast_from_rank0(s.seconds)
         bar.update(1)
-        if main and (s.step % cfg.log_every == 0 or s.step == cfg.steps):
+        if main and (s.step % cfg.log_every == 0 or s.step == cfg.steps or budget_spent(s, cfg)):
             real_seen = (s.batches - batches0) * cfg.batch_size
             append_jsonl(run_dir / "log.jsonl", {"step": s.step, **stats, "sec_per_step": dt,
                                                  "real_images_per_s": real_seen / max(dt, 1e-9),
                                                  "lr_d": s.opt_d.param_groups[0]["lr"]})
             bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
-        out_of_time = cfg.max_minutes and time.time() - began > 60 * cfg.max_minutes
+        out_of_time = budget_spent(s, cfg)
         at_interval = s.step % cfg.ckpt_every == 0
-        if main and (s.step % cfg.sample_every == 0 or s.step == cfg.steps):
+        if main and (s.step % cfg.sample_every == 0 or s.step == cfg.steps or out_of_time):
             save_samples(runner, run_dir / "samples" / f"step_{s.step:07d}.png")
         if main and (at_interval or s.step == cfg.steps or out_of_time):
-            save_checkpoint(s, cfg, data_info, runner.precision, keep_interval=at_interval or s.step == cfg.steps)
+            save_checkpoint(s, cfg, data_info, runner.precision,
+                            keep_interval=at_interval or s.step == cfg.steps or bool(out_of_time))
             plot_losses_safely(run_dir)
             if cfg.fid_every and s.step % cfg.fid_every == 0:
                 evaluate_checkpoint(run_dir, s.step)
         if out_of_time:
-            print(f"pretrain: max_minutes={cfg.max_minutes} reached at step {s.step}; rerun to continue")
-            break
+            print(f"pretrain: training budget max_minutes={cfg.max_minutes} spent at step {s.step}")
     bar.close()
+
+
+def broadcast_from_rank0(value: float) -> float:
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(t, 0)
+    return float(t.item())
 
 
 def plot_losses_safely(run_dir: Path) -> None:

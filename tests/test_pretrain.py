@@ -103,3 +103,13 @@ def test_two_process_ddp_matches_one_process(tmp_path, image_cache):
     a, b = params(tmp_path / "one" / "last.pt"), params(tmp_path / "two" / "last.pt")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-4), key
+
+
+def test_time_budget_finishes_the_run_and_survives_resume(tmp_path, image_cache):
+    cfg = tiny_config(tmp_path, image_cache, model="dcgan", steps=1000, max_minutes=1e-4)
+    run_dir = pretrain.run(cfg)
+    done = __import__("json").loads((run_dir / "finished.json").read_text())
+    assert done["reason"] == "max_minutes" and 1 <= done["step"] < 1000
+    assert (run_dir / f"ckpt_{done['step']:07d}.pt").exists()
+    pretrain.run(cfg)   # a rerun of a spent budget trains no further
+    assert torch.load(run_dir / "last.pt", weights_only=False)["step"] == done["step"]
