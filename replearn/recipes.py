@@ -2,6 +2,7 @@
 
 A recipe returns config values; anything the user sets explicitly wins, and what neither sets
 falls back to the loss's reference defaults (losses.py). The table names each row by it.
+Architectures and their feature sizes are listed in zoo.py.
 """
 from __future__ import annotations
 
@@ -14,6 +15,29 @@ def recipe(name: str, **values):
     register_recipe(name)(lambda: dict(values))
 
 
+# -- the two papers (PROTOCOL s.1)
 recipe("dcgan", arch="dcgan", loss="dcgan")        # Radford et al.: the ImageNet critic, BCE
 recipe("wgan-gp", arch="dcgan", loss="wgan-gp")    # the same widths, no BN, gradient penalty
 recipe("wgan", arch="dcgan", loss="wgan")          # weight clipping, RMSprop
+
+# -- other families the seeds ask for
+# vanilla GAN of fully connected layers (3 x 512, LeakyReLU D, ReLU/BN G, tanh), no critic norm
+recipe("mlp-gan", arch="mlp", loss="dcgan", norm="none")
+# gan_cifar_resnet.py: ResNet G/D, WGAN-GP, plus spectral norm on every critic layer; its Adam
+# settings (lr 2e-4, betas (0, 0.9)) with the linear decay to 0
+recipe("wgan-gp-sn-resnet", arch="resnet", loss="wgan-gp", norm="none", spectral_norm=True,
+       lr_g=2e-4, lr_d=2e-4, beta1=0.0, beta2=0.9, lr_decay="linear")
+# SNGAN's CIFAR setting: ResNet, spectral norm, hinge loss, 5 critic steps, lr 2e-4, betas (0, 0.9)
+recipe("resnet-hinge", arch="resnet", loss="hinge", norm="none", spectral_norm=True, n_critic=5,
+       lr_g=2e-4, lr_d=2e-4, beta1=0.0, beta2=0.9)
+# SAGAN at 32x32: the DCGAN net with spectral norm in D, self-attention at 16x16 in G and D, hinge
+# loss with its two time-scale learning rates (1e-4 G, 4e-4 D; hinge defaults)
+recipe("sagan", arch="dcgan", loss="hinge", norm="none", spectral_norm=True, attention_res=16)
+# DenseNet-style blocks in G and D, WGAN-GP (LayerNorm critic, the WGAN-GP default)
+recipe("dense-wgan-gp", arch="dense", loss="wgan-gp")
+
+# -- optimizer comparison on the same model (PROTOCOL s.1: RMSprop, Adam and SGD); `dcgan` is the
+# Adam row. Learning rates are common starting points, not tuned: RMSprop at DCGAN's Adam rate,
+# SGD with momentum 0.9 at 10x that rate (its effective step is ~ lr / (1 - momentum)).
+recipe("dcgan-rmsprop", arch="dcgan", loss="dcgan", optimizer="rmsprop", lr_g=2e-4, lr_d=2e-4)
+recipe("dcgan-sgd", arch="dcgan", loss="dcgan", optimizer="sgd", lr_g=2e-3, lr_d=2e-3, momentum=0.9)
