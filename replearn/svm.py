@@ -125,12 +125,29 @@ def _sign_targets(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
 
 # ============================================================================ designs
+DENSE_PRECONDITIONER_MAX_DIM = 8192   # A^T A (P x P float64) is formed and factorised up to this width
+
+
 class _Design:
     """The augmented design [A | s * 1] as products; parameters V are (P + 1) x K, last row = bias."""
 
     def __init__(self, A: torch.Tensor, scale: float):
         self.A = A                # N x P float32
         self.scale = scale        # 0 when there is no intercept: the bias row then stays 0
+        self._cov: torch.Tensor | None = None
+
+    def covariance(self) -> torch.Tensor | None:
+        """[A | s]^T [A | s] / N ((P+1) x (P+1) float64), formed once; None where P is too wide."""
+        if self.A.shape[1] > DENSE_PRECONDITIONER_MAX_DIM:
+            return None
+        if self._cov is None:
+            n, p = self.A.shape
+            aug = torch.empty(p + 1, p + 1, dtype=torch.float64, device=self.A.device)
+            aug[:p, :p] = (self.A.T @ self.A).double()
+            col = self.scale * self.A.sum(0, dtype=torch.float64)
+            aug[:p, p], aug[p, :p], aug[p, p] = col, col, self.scale ** 2 * n
+            self._cov = aug / n
+        return self._cov
 
     # Products run in A's dtype (float32 features, float64 Gram factor); parameters, scores and
     # residuals stay float64 so that cancellation in the gradient does not limit the accuracy.
@@ -230,12 +247,26 @@ def _gradient(design: _Design, Y, V, scores, C: float):
     return V + 2.0 * C * design.backward(active * (scores - Y)), active
 
 
+def _preconditioner(design: _Design, active, C: float):
+    """z = M^-1 r. Narrow designs: M = I + 2C f N cov with f the mean active fraction, a dense
+    approximation of every class's Hessian that captures correlated features (standardised K-means
+    features need hundreds of CG steps with a diagonal one); wide designs: the Hessian's diagonal."""
+    cov = design.covariance()
+    if cov is None:
+        diag = 1.0 + 2.0 * C * design.active_sq_norms(active)                    # (P+1) x K
+        return lambda r: r / diag
+    weight = 2.0 * C * float(active.sum()) / active.shape[1]                      # 2C f N
+    M = torch.eye(len(cov), dtype=cov.dtype, device=cov.device) + weight * cov
+    L = torch.linalg.cholesky(M)
+    return lambda r: torch.cholesky_solve(r, L)
+
+
 def _cg(design: _Design, active, C: float, G, rel_tol: float = 1e-3, max_iter: int = 1000):
-    """Solve (I + 2C A^T D_k A) d_k = -g_k for every column k, diagonal preconditioner."""
-    precond = 1.0 + 2.0 * C * design.active_sq_norms(active)                      # (P+1) x K
+    """Solve (I + 2C A^T D_k A) d_k = -g_k for every column k by preconditioned CG."""
+    apply_m = _preconditioner(design, active, C)
     d = torch.zeros_like(G)
     r = -G
-    z = r / precond
+    z = apply_m(r)
     p = z.clone()
     rz = (r * z).sum(0, dtype=torch.float64)
     target = rel_tol * G.norm(dim=0)
@@ -247,7 +278,7 @@ def _cg(design: _Design, active, C: float, G, rel_tol: float = 1e-3, max_iter: i
         alpha = torch.where(r.norm(dim=0) > target, rz / pHp, 0.0)
         d += alpha * p
         r -= alpha * Hp
-        z = r / precond
+        z = apply_m(r)
         rz_new = (r * z).sum(0, dtype=torch.float64)
         p = z + (rz_new / rz.clamp_min(1e-300)) * p
         rz = rz_new
