@@ -43,15 +43,20 @@ def _coerce(cls, key: str, raw: Any) -> Any:
             if low in ("0", "false", "no", "off"):
                 return False
             raise ConfigError(f"{cls.__name__}.{key} expects true/false, got {raw!r}")
-        if origin is tuple and "," in raw and not raw.strip().startswith("("):
-            raw = "(" + raw + ",)"   # `layers=3,4,5` reads as a tuple
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw   # e.g. a bare word for a str | None field
+        if origin is tuple and not raw.strip().startswith("("):
+            # `layers=3,4,5` and `settings=full,400` read as tuples, item by item
+            return _check_type(cls, key, hint, tuple(_literal(part.strip()) for part in raw.split(",") if part.strip()))
+        value = _literal(raw)
     else:
         value = raw
     return _check_type(cls, key, hint, value)
+
+
+def _literal(raw: str):
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw   # a bare word, e.g. for a str field
 
 
 def _check_type(cls, key: str, hint, value):

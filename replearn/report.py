@@ -10,6 +10,8 @@ runs' latest sample grids side by side (one PNG per table row).
 """
 from __future__ import annotations
 
+import os
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,13 @@ def fmt(value: Any, spec: str = ".4g") -> str:
 
 
 def image(path: Path | str, run_dir: Path, alt: str) -> str:
-    rel = Path(path).relative_to(run_dir) if Path(path).is_absolute() else Path(path)
+    # links are relative to the report's folder: `path` may be relative to it already, absolute,
+    # or relative to the working directory
+    path = Path(path)
+    if not path.is_absolute() and (Path(run_dir) / path).exists():
+        rel = path
+    else:
+        rel = Path(os.path.relpath(path.resolve(), Path(run_dir).resolve()))
     return f"![{alt}]({rel.as_posix()})"
 
 

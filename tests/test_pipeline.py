@@ -50,7 +50,7 @@ def test_whole_protocol_on_generated_images(tmp_path, capsys):
     with FeatureFile(feats) as f:
         assert f.num_rows("train") == 160 and f.num_rows("test") == 40
     results = run_dir / "features.svm.json"
-    assert cli("svm", f"features={feats}", f"out={results}", "preset=smoke", "per_class=10", "val_size=40",
+    assert cli("svm", f"features={feats}", f"out={results}", "preset=smoke", "settings=full,400", "per_class=10", "val_size=40",
                "final_draws=3", "select_draws=2") == 0
     res = json.loads(results.read_text())
     assert res["settings"]["full"]["test_acc"] > 0.6          # chance is 0.25
@@ -79,3 +79,12 @@ def test_stage_help_lists_keys(capsys):
     assert cli("svm", "--help") == 0
     out = capsys.readouterr().out
     assert "c_grid=" in out and "final_draws=" in out
+
+
+def test_overrides_parse_lists_words_and_numbers():
+    from replearn import svm
+    from replearn.config import build
+    cfg = build(svm.Config, "svm", ["settings=full,400", "layers=3,4,5", "c_grid=1e-3,1e-2", "standardize=true"])
+    assert cfg.settings == ("full", "400") and cfg.layers == (3, 4, 5) and cfg.c_grid == (1e-3, 1e-2)
+    assert cfg.standardize is True
+    assert build(svm.Config, "svm", ["settings=400"]).settings == ("400",)

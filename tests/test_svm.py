@@ -117,7 +117,7 @@ def write_features(path, dtype: str = "float32", n_train: int = 300, n_test: int
 def test_run_end_to_end(tmp_path, dtype):
     features = write_features(tmp_path / f"feat_{dtype}.h5", dtype)
     cfg = build(svm.Config, "svm", {"features": str(features), "preset": "smoke", "per_class": 20,
-                                   "val_size": 60, "select_draws": 2, "final_draws": 4,
+                                   "settings": ("full", "400"), "val_size": 60, "select_draws": 2, "final_draws": 4,
                                    "c_grid": (1e-3, 1e-2, 1e-1), "device": "cpu"})
     out = svm.run(cfg)
     assert out == features.with_suffix(".svm.json") and out.with_suffix(".png").exists()
