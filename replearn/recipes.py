@@ -33,7 +33,7 @@ recipe("resnet-hinge", arch="resnet", loss="hinge", norm="none", spectral_norm=T
 # SAGAN at 32x32: the DCGAN net with spectral norm in D, self-attention at 16x16 in G and D, hinge
 # loss with its two time-scale learning rates (1e-4 G, 4e-4 D; hinge defaults)
 recipe("sagan", arch="dcgan", loss="hinge", norm="none", spectral_norm=True, attention_res=16)
-# DenseNet-style blocks in G and D, WGAN-GP (LayerNorm critic, the WGAN-GP default)
+# DenseNet-style blocks in G and D, WGAN-GP (unnormalised critic, the WGAN-GP default)
 recipe("dense-wgan-gp", arch="dense", loss="wgan-gp")
 
 # -- optimizer comparison on the same model (PROTOCOL s.1: RMSprop, Adam and SGD); `dcgan` is the
