@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,11 @@ def samples_link(res: dict, out_dir: Path, slug: str) -> str:
     target = out_dir / "samples" / f"{slug}.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(grid, target)
-    return f"[grid](samples/{slug}.png)"
+    link = f"[grid](samples/{slug}.png)"
+    report = run_dir / "report.md"   # `replearn report run=...` writes it; runs/ stays local
+    if report.exists():
+        link += f" [report]({os.path.relpath(report.resolve(), out_dir.resolve())})"
+    return link
 
 
 def reproduced_row(path: Path, out_dir: Path) -> dict[str, Any]:
