@@ -133,8 +133,11 @@ def reproduced_row(path: Path, out_dir: Path) -> dict[str, Any]:
                 or (feat.get("config") or {}).get("preset") or svm_cfg.get("preset") or "")
     how = kmeans_text(feat) if feat.get("kind") == "kmeans" else pretrain_text(feat)
     prov = res.get("provenance") or {}
+    feat_cfg = feat.get("config") or {}
+    train = feat.get("source_train") or feat_cfg.get("train")   # critic files / the kmeans config
+    test = feat.get("source_test") or feat_cfg.get("test")
     how += (f"; features {feat.get('precision', 'fp32')}; L2-SVM ({svm_cfg.get('solver')}) trained on "
-            f"{split_name(str(feat.get('source_train')))}, scored on {split_name(str(feat.get('source_test')))}, "
+            f"{split_name(str(train))}, scored on {split_name(str(test))}, "
             f"C full={full.get('c', '-')}, C 400={k400.get('c', '-')}, {len(k400.get('draws', []))} draws; "
             f"commit {prov.get('git_commit', '?')}, {str(prov.get('date', '?'))[:10]}")
     return {"model": row_name(feat, scale), "full": percent(full.get("test_acc")),
