@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .config import ConfigError, build, field_names, to_dict
+from .config import ConfigError, build, to_dict
 
 # stage name -> module holding `Config` and `run`
 STAGES = {
@@ -57,5 +57,3 @@ def main(argv: list[str] | None = None) -> int:
     print(out)
     return 0
 
-
-__all__ = ["main", "STAGES", "field_names"]

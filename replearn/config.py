@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import typing
-from pathlib import Path
 from typing import Any
 
 # preset name -> stage name -> {key: value}. Filled by the stage modules through `register_preset`.
@@ -122,15 +120,8 @@ def to_dict(cfg) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
-def to_json(cfg) -> str:
-    return json.dumps(to_dict(cfg), sort_keys=True)
-
-
 def from_dict(cls, values: dict[str, Any]):
     """Rebuild a config saved by `to_dict`, ignoring keys this version no longer has."""
     valid = set(field_names(cls))
     return cls(**{k: _coerce(cls, k, v) for k, v in values.items() if k in valid})
 
-
-def resolve_path(p: str | Path) -> Path:
-    return Path(p).expanduser()

@@ -31,7 +31,6 @@ config is returned as is.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -196,8 +196,6 @@ def pooled_features(critic: Critic, x: torch.Tensor, grid: int = 4) -> torch.Ten
     return torch.cat(pooled, dim=1)
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 

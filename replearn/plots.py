@@ -70,17 +70,6 @@ def plot_accuracy_vs_c(curves: dict[str, dict[float, float]], out_png: str | Pat
     return save_figure(fig, Path(out_png))
 
 
-def plot_series(xs, ys, out_png: str | Path, title: str, xlabel: str, ylabel: str) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.plot(xs, ys, marker="o")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    return save_figure(fig, Path(out_png))
-
-
 # ============================================================================ generator quality (evaluate / report)
 def plot_metrics_vs_step(records: list[dict], out_png: str | Path, title: str) -> Path | None:
     """FID (where computed), the critic's Wasserstein estimate and diversity against training step.

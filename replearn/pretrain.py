@@ -24,6 +24,7 @@ import torch.nn as nn
 from . import nets
 from .config import ConfigError, from_dict, register_preset, to_dict
 from .losses import LOSSES, build_loss
+from .plots import plot_losses
 from .recipes import RECIPES
 from .utils import (append_jsonl, atomic_write_json, autocast, lookup, make_registry, pick_device, provenance,
                     resolve_precision, torch_atomic_save)
@@ -193,7 +194,7 @@ class BatchStream:
 def load_training_images(cfg: Config) -> tuple[torch.Tensor, dict]:
     from . import data
     images = data.cached(cfg.data, size=cfg.image_size, cache_dir=cfg.cache_dir)
-    info = {"spec": cfg.data, "num_images": len(images), "cache": images.attrs.get("path", "")}
+    info = {"spec": cfg.data, "num_images": len(images)}
     return torch.from_numpy(images.images), info   # N x 32 x 32 x 3 uint8, kept as uint8 in memory
 
 
@@ -453,7 +454,7 @@ def train_loop(runner: Runner, images: torch.Tensor, stream: BatchStream, data_i
         if main and (at_interval or s.step == cfg.steps or out_of_time):
             save_checkpoint(s, cfg, data_info, runner.precision,
                             keep_interval=at_interval or s.step == cfg.steps or bool(out_of_time))
-            plot_losses_safely(run_dir)
+            plot_losses(run_dir / "log.jsonl", run_dir / "losses.png")
             if cfg.fid_every and s.step % cfg.fid_every == 0:
                 evaluate_checkpoint(run_dir, s.step)
         if out_of_time:
@@ -466,11 +467,6 @@ def broadcast_from_rank0(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.broadcast(t, 0)
     return float(t.item())
-
-
-def plot_losses_safely(run_dir: Path) -> None:
-    from .plots import plot_losses
-    plot_losses(run_dir / "log.jsonl", run_dir / "losses.png")
 
 
 def evaluate_checkpoint(run_dir: Path, step: int) -> None:

@@ -202,13 +202,12 @@ class FeatureFile:
     def read(self, split: str, rows: np.ndarray | None = None, layers: Sequence[int] | None = None,
              out_dtype=np.float32) -> np.ndarray:
         """Rows in sorted order as one array (the caller holds one working copy)."""
-        rows_sorted = None if rows is None else np.sort(np.asarray(rows))
-        n = self.num_rows(split) if rows is None else len(rows_sorted)
+        n = self.num_rows(split) if rows is None else len(rows)
         cols = self.columns(layers)
         dim = self.offsets[-1] if cols is None else len(cols)
         out = np.empty((n, dim), dtype=out_dtype)
         pos = 0
-        for idx, block in self.iter_blocks(split, rows_sorted, layers=layers):
+        for idx, block in self.iter_blocks(split, rows, layers=layers):   # sorts the rows itself
             out[pos:pos + len(idx)] = block
             pos += len(idx)
         return out

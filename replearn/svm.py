@@ -57,7 +57,6 @@ A PNG of validation accuracy against C is written beside it (`<out stem>.png`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -134,14 +134,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def require_file(path: str | Path, what: str, hint: str) -> Path:
-    """One-line error naming the missing thing and what to do about it."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{what} not found: {path} ({hint})")
-    return path
-
-
 # ----------------------------------------------------------------------------- hardware choices
 def pick_device(name: str = "auto"):
     import torch
