@@ -63,7 +63,7 @@ def bench(k: int, precision: str, compile_: bool) -> dict:
     path = kmeans.run(cfg)
     with FeatureFile(path) as ff:
         stages = dict(ff.attrs["seconds"])
-        empty = ff.attrs["empty_clusters"]
+        empty = int(ff.attrs["empty_clusters"])      # numpy ints from HDF5 attributes are not JSON
         resolved = ff.attrs["precision"]
     scored = fit_and_score(path)
     total = time.perf_counter() - started
@@ -89,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     data.cached(TRAIN), data.cached(VALIDATION)   # decode JPEGs once, outside the timed pipeline
     result = bench(args.k, args.precision, not args.no_compile)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2, default=str))
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results[args.key] = result
     results["provenance"] = provenance()
