@@ -4,10 +4,15 @@ PRESET        ?= paper
 PRETRAIN_DATA ?= hf:benjamin-paine/imagenet-1k-32x32:train
 CIFAR_TRAIN   ?= hf:uoft-cs/cifar10:train
 CIFAR_TEST    ?= hf:uoft-cs/cifar10:test
-# GAN families to pretrain and tabulate (see README); KMEANS=1 adds the Coates baseline rows
-# (opt-in until its Makefile path is validated end to end; `make kmeans` runs it alone)
+# GAN families to pretrain and tabulate (see README): the two papers' models, plus at smoke scale
+# one row per other family the issues name (weight clipping, SN-ResNet with WGAN-GP, self-attention);
+# KMEANS=1 adds the reproduced Coates baseline rows (KMEANS=0 leaves them out)
+ifeq ($(PRESET),smoke)
+MODELS        ?= dcgan wgan-gp wgan wgan-gp-sn-resnet sagan
+else
 MODELS        ?= dcgan wgan-gp
-KMEANS        ?= 0
+endif
+KMEANS        ?= 1
 
 PYTHON ?= python3
 VENV   := .venv

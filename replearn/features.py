@@ -151,7 +151,8 @@ def feature_attrs(cfg: Config, run_cfg, ckpt: dict, precision: str, layers, spli
     return {"kind": "critic", "model": run_cfg.model, "arch": run_cfg.arch, "loss": run_cfg.loss,
             "config": to_dict(cfg), "precision": precision, "checkpoint_step": ckpt.get("step"),
             "pretrain": {"config": to_dict(run_cfg), "data": ckpt.get("data"), "seconds": ckpt.get("seconds"),
-                         "precision": ckpt.get("precision"), "provenance": ckpt.get("provenance")},
+                         "critic_batches": ckpt.get("batches"), "precision": ckpt.get("precision"),
+                         "provenance": ckpt.get("provenance")},
             "max_units": max(dim // (cfg.grid * cfg.grid) for _, dim in layers),
             **{f"source_{k}": v for k, v in splits.items()}}
 

@@ -30,7 +30,10 @@ QUOTED = [
     ("DCGAN (ImageNet-1k critic)", 82.8, 73.8, 0.4, 512, "Radford et al. 2016, Table 1"),
     ("WGAN-GP (2024 paper)", 83.2, 74.1, None, 512, "Tarek et al. 2024"),
 ]
-FAMILY_NAMES = {"dcgan": "DCGAN (BCE)", "wgan-gp": "WGAN-GP", "wgan": "WGAN (weight clipping)"}
+FAMILY_NAMES = {"dcgan": "DCGAN (BCE)", "wgan-gp": "WGAN-GP", "wgan": "WGAN (weight clipping)",
+                "wgan-gp-sn-resnet": "WGAN-GP", "resnet-hinge": "SNGAN (hinge)", "sagan": "SAGAN (hinge)",
+                "mlp-gan": "MLP GAN (BCE)", "dense-wgan-gp": "WGAN-GP", "dcgan-rmsprop": "DCGAN (BCE, RMSprop)",
+                "dcgan-sgd": "DCGAN (BCE, SGD)"}
 COLUMNS = ["model", "full", "400 per class", "max # features units", "status", "samples", "how produced"]
 
 
@@ -75,7 +78,7 @@ def pretrain_text(feat: dict) -> str:
     prov = pre.get("provenance") or {}
     steps = feat.get("checkpoint_step")
     return (f"pretrained on {split_name(str(data.get('spec', '?')))} ({data.get('num_images', '?')} images), "
-            f"{steps} G steps x batch {cfg.get('batch_size')} ({cfg.get('n_critic')} critic steps each, "
+            f"{steps} G steps and {pre.get('critic_batches', '?')} critic steps x batch {cfg.get('batch_size')} ("
             f"{cfg.get('optimizer')} lr {cfg.get('lr_d')}), {pre.get('precision')}, "
             f"{(pre.get('seconds') or 0) / 60:.0f} min on {prov.get('hardware', '?')}")
 

@@ -77,6 +77,44 @@ def test_torch_input_and_primal_equal_gram():
     assert gram.objective(X, y, 0.05) == pytest.approx(primal.objective(X, y, 0.05), rel=1e-5)
 
 
+def test_nystrom_preconditioner_is_exact_at_full_rank(monkeypatch):
+    """Rank >= P+1: the randomized preconditioner equals the dense (I + mu S)^-1."""
+    torch = pytest.importorskip("torch")
+    X, _ = blobs(80, 12, 3, seed=8)
+    design = svm._Design(torch.from_numpy(X), 1.0)
+    monkeypatch.setattr(svm, "NYSTROM_RANK", 13)
+    r = torch.randn(13, 3, dtype=torch.float64)
+    dense, low_rank = design._dense(0.3)(r), design._nystrom(0.3)(r)
+    assert torch.allclose(dense, low_rank, rtol=1e-4, atol=1e-6)
+
+
+def test_gram_preconditioner_inverts_i_plus_mu_ztz(monkeypatch):
+    """In Gram space (Z = L, N x N) the preconditioner at full rank is exactly (I + mu Z^T Z)^-1."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(svm, "NYSTROM_RANK", 41)
+    X, y = blobs(40, 60, 3, seed=9)
+    problem = svm.prepare(X, y, method="gram", device="cpu")
+    Z = problem.design.A.double()
+    r = torch.randn(41, 3, dtype=torch.float64)
+    r[-1] = 0                                        # the bias row is folded into the Gram matrix
+    z = problem.design.preconditioner(0.7)(r)
+    M = torch.eye(40, dtype=torch.float64) + 0.7 * Z.T @ Z
+    assert torch.allclose(M @ z[:-1], r[:-1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_wide_primal_with_nystrom_matches_linearsvc(monkeypatch, fit_intercept):
+    """Designs wider than the dense limit take the randomized (Nystrom) preconditioner."""
+    monkeypatch.setattr(svm, "DENSE_PRECONDITIONER_MAX_DIM", 16)
+    monkeypatch.setattr(svm, "NYSTROM_RANK", 8)
+    X, y = blobs(300, 50, 3, seed=10)
+    X += 2.0                                         # a large mean direction, as trained features have
+    for C in (1e-3, 0.1):
+        ours = svm.fit(X, y, C, fit_intercept=fit_intercept, method="primal", device="cpu")
+        ref = svm.fit_liblinear(X, y, C, fit_intercept=fit_intercept, tol=1e-7, max_iter=200000)
+        assert ours.objective(X, y, C) == pytest.approx(ref.objective(X, y, C), rel=1e-3)
+
+
 # ----------------------------------------------------------------------------- draws and splits
 def test_draws_are_class_balanced_and_reproducible():
     labels = np.repeat(np.arange(10), 50)
