@@ -233,12 +233,13 @@ class _GramDesign(_Design):
         return self._nystrom(mu)
 
 
-def _gram(X: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """N x N float64 Gram matrix from fp32 block products (lower blocks only, mirrored: ~56% of a full product)."""
+def _gram(X: torch.Tensor, block: int = 1024, dtype=torch.float64) -> torch.Tensor:
+    """N x N Gram matrix from fp32 block products (lower blocks only, mirrored: ~56% of a full
+    product), stored in `dtype` (float32 loses nothing: the products are float32)."""
     n = X.shape[0]
-    G = torch.empty(n, n, dtype=torch.float64, device=X.device)
+    G = torch.empty(n, n, dtype=dtype, device=X.device)
     for i in range(0, n, block):
-        tile = (X[i:i + block] @ X[:i + block].T).double()                # the row panel left of the diagonal
+        tile = (X[i:i + block] @ X[:i + block].T).to(dtype)                # the row panel left of the diagonal
         G[i:i + block, :i + block] = tile
         G[:i, i:i + block] = tile[:, :i].T
     return G
@@ -294,8 +295,9 @@ class Problem:
 
 
 def prepare(X, y, fit_intercept: bool = True, intercept_scaling: float = 1.0, device=None,
-            method: str = "auto") -> Problem:
-    """method: 'gram' (N <= D), 'primal' (N > D) or 'auto'."""
+            method: str = "auto", gram: torch.Tensor | None = None) -> Problem:
+    """method: 'gram' (N <= D), 'primal' (N > D) or 'auto'; `gram`: X X^T already computed (the
+    protocol cuts each draw's block out of the whole train split's Gram matrix)."""
     device = pick_device("auto") if device is None else torch.device(device)
     X = torch.as_tensor(X).to(device=device, dtype=torch.float32)
     y = np.asarray(y)
@@ -305,8 +307,9 @@ def prepare(X, y, fit_intercept: bool = True, intercept_scaling: float = 1.0, de
     Y = torch.as_tensor(_sign_targets(y, classes), dtype=torch.float64, device=device)   # N x K
     n, d = X.shape
     scale = intercept_scaling if fit_intercept else 0.0
-    if method == "gram" or (method == "auto" and n <= d):
-        L = _cholesky(_gram(X).add_(scale ** 2))     # [X | s] [X | s]^T = L L^T
+    if gram is not None or method == "gram" or (method == "auto" and n <= d):
+        G = _gram(X) if gram is None else gram.to(device=device, dtype=torch.float64, copy=True)
+        L = _cholesky(G.add_(scale ** 2))            # [X | s] [X | s]^T = L L^T
         return Problem(X, _GramDesign(L), L, Y, classes, fit_intercept, intercept_scaling)
     return Problem(X, _Design(X, scale), None, Y, classes, fit_intercept, intercept_scaling)
 
@@ -426,18 +429,19 @@ def _objectives(V, scores, Y, C: float) -> torch.Tensor:
 
 
 def fit(X, y, C: float, fit_intercept: bool = True, intercept_scaling: float = 1.0, tol: float = 1e-6,
-        max_iter: int = 100, device=None, warm_start: LinearModel | None = None, method: str = "auto") -> LinearModel:
+        max_iter: int = 100, device=None, warm_start: LinearModel | None = None, method: str = "auto",
+        gram: torch.Tensor | None = None) -> LinearModel:
     """LinearSVC(C, loss='squared_hinge', penalty='l2', multi_class='ovr') fitted by truncated Newton."""
-    problem = prepare(X, y, fit_intercept, intercept_scaling, device, method)
+    problem = prepare(X, y, fit_intercept, intercept_scaling, device, method, gram)
     V0 = problem.from_model(warm_start) if warm_start is not None else None
     return problem.to_model(solve(problem, C, V0, tol, max_iter))
 
 
 def fit_path(X, y, c_values: Sequence[float], fit_intercept: bool = True, intercept_scaling: float = 1.0,
              tol: float = 1e-6, max_iter: int = 100, device=None, method: str = "auto",
-             warm_start: LinearModel | None = None) -> list[LinearModel]:
+             warm_start: LinearModel | None = None, gram: torch.Tensor | None = None) -> list[LinearModel]:
     """One model per C (in the given order), sharing one factorisation, each warm-started from the last."""
-    problem = prepare(X, y, fit_intercept, intercept_scaling, device, method)
+    problem = prepare(X, y, fit_intercept, intercept_scaling, device, method, gram)
     models, V = [], (problem.from_model(warm_start) if warm_start is not None else None)
     for C in c_values:
         V = solve(problem, C, V, tol, max_iter)
@@ -459,10 +463,10 @@ def fit_liblinear(X, y, C: float, fit_intercept: bool = True, intercept_scaling:
 
 
 def fit_c_path(X, y, c_values: Sequence[float], solver: str = "replearn", device=None,
-               warm_start: LinearModel | None = None) -> list[LinearModel]:
+               warm_start: LinearModel | None = None, gram: torch.Tensor | None = None) -> list[LinearModel]:
     if solver == "liblinear":
         return [fit_liblinear(X, y, C) for C in c_values]
-    return fit_path(X, y, c_values, device=device, warm_start=warm_start)
+    return fit_path(X, y, c_values, device=device, warm_start=warm_start, gram=gram)
 
 
 # ============================================================================ protocol
@@ -483,6 +487,10 @@ class Config:
     standardize: bool = False              # the DCGAN code used none; Coates standardised
     l2_normalize: bool = False             # per-row, as VISSL
     layers: tuple[int, ...] = ()           # feature layer indices; empty = all
+    # 400 per class: 'auto' computes the Gram matrix of all train rows once (float32, N^2 x 4 bytes)
+    # when the draws would otherwise compute more products than it and it fits in memory; each draw
+    # then cuts its block out of it. 'on' forces it, 'off' computes a Gram matrix per draw.
+    gram_cache: str = "auto"
     device: str = "auto"
     preset: str = ""
 
@@ -499,6 +507,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"svm settings {cfg.settings} invalid; choose from: {', '.join(SETTINGS)}")
     if cfg.solver not in SOLVERS:
         raise ConfigError(f"unknown svm solver {cfg.solver!r}; choose from: {', '.join(SOLVERS)}")
+    if cfg.gram_cache not in ("auto", "on", "off"):
+        raise ConfigError(f"unknown gram_cache {cfg.gram_cache!r}; choose from: auto, on, off")
     if cfg.c_form not in ("sum", "mean"):
         raise ConfigError(f"unknown c_form {cfg.c_form!r}; choose from: sum, mean")
     if cfg.fixed_c <= 0 and (not cfg.c_grid or min(cfg.c_grid) <= 0):
@@ -597,8 +607,36 @@ def _pick(curve: dict[float, float]) -> float:
     return min(c for c, acc in curve.items() if acc == best)
 
 
-def _fit_models(X, y, cs, cfg: Config, device, warm_start: LinearModel | None = None) -> list[LinearModel]:
-    return fit_c_path(X, y, cs, cfg.solver, device, warm_start)
+def _fit_models(X, y, cs, cfg: Config, device, warm_start: LinearModel | None = None,
+                gram: torch.Tensor | None = None) -> list[LinearModel]:
+    return fit_c_path(X, y, cs, cfg.solver, device, warm_start, gram)
+
+
+def _available_memory() -> int:
+    """Bytes of memory available now (Linux MemAvailable: free plus reclaimable page cache; a large
+    number where /proc/meminfo is missing, so that 'auto' then trusts the user)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def train_gram(X: np.ndarray, n_fit: int, n_draws: int, cfg: Config, device) -> torch.Tensor | None:
+    """X X^T over all train rows (float32, on `device`) when `gram_cache` says so, else None.
+
+    'auto' builds it when the draws' own Gram matrices would cost more products (n_draws * n_fit^2
+    against n^2 / 2: each is computed as lower panels) and it takes under half of the available memory.
+    """
+    n, d = X.shape
+    if cfg.solver != "replearn" or cfg.gram_cache == "off" or n_fit > d:
+        return None
+    free = _available_memory() if torch.device(device).type == "cpu" else torch.cuda.mem_get_info(device)[0]
+    if cfg.gram_cache == "auto" and (n_draws * n_fit ** 2 < n * n / 2 or 4 * n * n > free / 2):
+        return None
+    return _gram(torch.from_numpy(X).to(device), dtype=torch.float32)
 
 
 def run_400(X: np.ndarray, y: np.ndarray, n_rest: int, ff: FeatureFile, cfg: Config, stats, device,
@@ -606,26 +644,37 @@ def run_400(X: np.ndarray, y: np.ndarray, n_rest: int, ff: FeatureFile, cfg: Con
     start = time.time()
     n_fit = cfg.per_class * len(np.unique(y))
     cs = _grid(cfg, n_fit)
+    gram_all = train_gram(X, n_fit, cfg.final_draws + (cfg.select_draws if len(cs) > 1 else 0), cfg, device)
+
+    def gram_of(idx):   # this draw's block of the cached Gram matrix
+        if gram_all is None:
+            return None
+        rows = torch.as_tensor(idx, device=gram_all.device)
+        return gram_all[rows[:, None], rows[None, :]]
     val_draws: dict[float, list[float]] = {c: [] for c in cs}
     if len(cs) > 1:
         X_val, y_val = X[n_rest:], y[n_rest:]
         for draw in range(cfg.select_draws):
             idx = balanced_draw(y, cfg.per_class, draw_rng(cfg.seed, 2, draw), pool=np.arange(n_rest))
-            for c, model in zip(cs, _fit_models(X[idx], y[idx], cs, cfg, device)):
+            for c, model in zip(cs, _fit_models(X[idx], y[idx], cs, cfg, device, gram=gram_of(idx))):
                 val_draws[c].append(accuracy(model, X_val, y_val))
             bar.update(len(cs))
     curve = {c: float(np.mean(v)) for c, v in val_draws.items() if v}
     chosen = _pick(curve) if curve else cs[0]
+    selected_at = time.time()
     models: list[LinearModel] = []
     for draw in range(cfg.final_draws):
         idx = balanced_draw(y, cfg.per_class, draw_rng(cfg.seed, 3, draw))
         # the previous draw's solution is close to this one's: fewer Newton steps
-        models.append(_fit_models(X[idx], y[idx], [chosen], cfg, device, models[-1] if models else None)[0])
+        models.append(_fit_models(X[idx], y[idx], [chosen], cfg, device, models[-1] if models else None,
+                                  gram_of(idx))[0])
         bar.update(1)
     draws = score_on_split(ff, "test", models, cfg, stats)
     return {"c": chosen, "val_curve": curve, "val_draws": {c: v for c, v in val_draws.items() if v},
             "draws": draws, "mean": float(np.mean(draws)), "std": float(np.std(draws)),
-            "ci95": float(1.96 * np.std(draws)), "seconds": time.time() - start}
+            "ci95": float(1.96 * np.std(draws)), "seconds": time.time() - start,
+            "selection_seconds": selected_at - start, "final_seconds": time.time() - selected_at,
+            "gram_cache": gram_all is not None}
 
 
 def run_full(X: np.ndarray, y: np.ndarray, n_rest: int, ff: FeatureFile, cfg: Config, stats, device,

@@ -169,6 +169,30 @@ def test_run_end_to_end(tmp_path, dtype):
     assert float(few["c"]) in [float(c) for c in few["val_curve"]]
 
 
+def test_cached_train_gram_gives_the_same_protocol(tmp_path):
+    """gram_cache=on cuts each draw's block (18 rows < 24 dims: the Gram route) out of one Gram
+    matrix of all train rows: same draws, same models (up to float32 rounding), same accuracies."""
+    features = write_features(tmp_path / "feat.h5", n_train=240, n_test=90)
+    results = {}
+    for mode in ("on", "off"):
+        cfg = build(svm.Config, "svm", {"features": str(features), "settings": ("400",), "per_class": 6,
+                                       "val_size": 60, "select_draws": 2, "final_draws": 3,
+                                       "c_grid": (1e-3, 1e-1), "gram_cache": mode, "device": "cpu",
+                                       "out": str(tmp_path / f"{mode}.json")})
+        results[mode] = json.loads(svm.run(cfg).read_text())["settings"]["400"]
+    assert results["on"]["gram_cache"] and not results["off"]["gram_cache"]
+    assert results["on"]["draws"] == results["off"]["draws"]
+    assert results["on"]["val_curve"] == results["off"]["val_curve"]
+
+
+def test_given_gram_equals_computed():
+    torch = pytest.importorskip("torch")
+    X, y = blobs(60, 90, 3, seed=11)
+    given = svm.fit(X, y, 0.05, gram=torch.from_numpy(X) @ torch.from_numpy(X).T)
+    computed = svm.fit(X, y, 0.05)
+    assert given.objective(X, y, 0.05) == pytest.approx(computed.objective(X, y, 0.05), rel=1e-6)
+
+
 def test_run_options_fixed_c_layers_preprocessing(tmp_path):
     features = write_features(tmp_path / "feat.h5")
     cfg = build(svm.Config, "svm", ["features=" + str(features), "settings=full", "fixed_c=100", "c_form=mean",
