@@ -8,7 +8,8 @@ The parquet's first 40k images form the feature file's `train` split, the last 1
 Measured, in one run on one machine:
   * 4000 x 28672 (a class-balanced draw), every C of dcgan_code's grid, each fitted cold by both:
     replearn vs LinearSVC -> time, test accuracy, objective (both evaluated by the same float64 code);
-    the headline speedup is the sum over the grid (the work one selection draw of the protocol needs);
+    the headline speedup is LinearSVC's time summed over the grid against replearn's warm-started
+    path over the same grid (the work one selection draw of the protocol needs), cold fits beside it;
   * 40000 x 28672: replearn alone;
   * the whole 400-per-class protocol (7 C x 10 selection draws + 100 final draws) via `svm.run`.
 Writes benchmarks/results/svm.json.   Usage: python benchmarks/svm.py [--skip-liblinear]
