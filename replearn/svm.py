@@ -150,10 +150,10 @@ class _Design:
     """
 
     def __init__(self, A: torch.Tensor, scale: float):
-        self.A = A                # N x P float32 (or the N x N float64 Gram factor)
+        self.A = A                # N x P float32 (features, or the N x N Gram factor)
         self.scale = scale        # 0 when there is no intercept (or it is folded in): the bias row then stays 0
 
-    # Products run in A's dtype (float32 features, float64 Gram factor); parameters, scores and
+    # Products run in A's dtype (float32); parameters, scores and
     # residuals stay float64 so that cancellation in the gradient does not limit the accuracy.
     def forward(self, V: torch.Tensor) -> torch.Tensor:        # (P+1) x K -> N x K
         return (self.A @ V[:-1].to(self.A.dtype)).double() + self.scale * V[-1]
@@ -206,16 +206,12 @@ class _Design:
         return lambda r: U @ (gain * (U.T @ r)) + r / floor
 
 
-def _cholesky_solver(M: torch.Tensor, dtype=torch.float64):
-    """r -> M^-1 r by two triangular solves with M's Cholesky factor, stored row-major in `dtype`.
-    (torch's factor comes back column-major, where products and cholesky_solve run several times
-    slower than solve_triangular on a contiguous copy.)"""
-    R = torch.linalg.cholesky(M).to(dtype).contiguous()
-
-    def solve(r):
-        half = torch.linalg.solve_triangular(R, r.to(dtype), upper=False)
-        return torch.linalg.solve_triangular(R.T, half, upper=True).to(r.dtype)
-    return solve
+def _cholesky_solver(M: torch.Tensor):
+    """r -> M^-1 r by two triangular solves with M's Cholesky factor, stored row-major (torch's
+    factor comes back column-major, where cholesky_solve runs several times slower than
+    solve_triangular on a contiguous copy)."""
+    R = torch.linalg.cholesky(M).contiguous()
+    return lambda r: torch.linalg.solve_triangular(R.T, torch.linalg.solve_triangular(R, r, upper=False), upper=True)
 
 
 class _GramDesign(_Design):
