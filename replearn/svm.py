@@ -397,8 +397,9 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float, max
         G, active = _gradient(design, Y, V, scores, C)
         if bool((G.norm(dim=0) <= target).all()):
             break
-        # the preconditioner is rebuilt only when the active fraction has moved by over 1.5x: each
-        # build is a factorisation, and a slightly stale M costs a few CG steps at most
+        # the preconditioner is rebuilt only when the active fraction has moved by over 1.5x: a dense
+        # build is a factorisation (Nystrom ones reuse their cached eigenpairs), and a slightly stale
+        # M costs a few CG steps at most
         mu = 2.0 * C * max(float(active.mean()), 1e-3)
         if apply_m is None or not 1 / 1.5 < mu / mu_m < 1.5:
             apply_m, mu_m = design.preconditioner(mu), mu
