@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError
+from .penalty import piecewise_linear
 from .utils import lookup, make_registry
 
 ARCHS, register_arch = make_registry("architecture")
@@ -104,6 +105,7 @@ class Critic(nn.Module):
         return [(name, t.shape[1] * min(grid, t.shape[2]) * min(grid, t.shape[3])) for name, t in maps]
 
 
+@piecewise_linear
 class ConvCritic(Critic):
     """The DCGAN ImageNet critic of PROTOCOL s.1: 3x3 convs, conv -> norm -> LeakyReLU(0.2)."""
 

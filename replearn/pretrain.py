@@ -288,28 +288,34 @@ def my_share(run: "Runner", draws: torch.Tensor) -> torch.Tensor:
     return draws[run.dist.rank::run.dist.world].to(run.device)
 
 
-def critic_update(run: "Runner", real_uint8: torch.Tensor) -> dict:
+def critic_update(run: "Runner", real_uint8: torch.Tensor, keep_fake: bool = False) -> tuple[dict, torch.Tensor | None]:
+    """One critic step. With `keep_fake` the fakes are made with their graph and returned, for a
+    generator step that reuses them (otherwise None)."""
     s, cfg = run.state, run.cfg
     real = nets.to_unit(real_uint8, run.device, cfg.channels_last)                # n x 3 x 32 x 32
     z = my_share(run, nets.sample_z(cfg.batch_size, cfg.z_dim, "cpu", s.rng))      # n x z_dim
     alpha = my_share(run, torch.rand(cfg.batch_size, 1, 1, 1, generator=s.rng))    # n x 1 x 1 x 1
-    with torch.no_grad(), autocast(run.device, run.precision):
-        fake = run.gen(z)
+    with torch.set_grad_enabled(keep_fake), autocast(run.device, run.precision):
+        fake_graph = (run.gen_ddp if keep_fake else run.gen)(z)
     with autocast(run.device, run.precision):
-        loss, stats = run.loss.critic_loss(run.critic_ddp, real, fake.float(), alpha)
+        loss, stats = run.loss.critic_loss(run.critic_ddp, real, fake_graph.detach().float(), alpha)
     s.opt_d.zero_grad(set_to_none=True)
     loss.backward()
     s.opt_d.step()
     run.loss.after_critic_step(s.critic)
-    return stats
+    return stats, fake_graph if keep_fake else None
 
 
-def generator_update(run: "Runner") -> dict:
+def generator_update(run: "Runner", fake: torch.Tensor | None = None) -> dict:
+    """One generator step, on `fake` (made by the critic step with its graph) or on fresh fakes."""
     s, cfg = run.state, run.cfg
     s.critic.requires_grad_(False)    # no critic gradients on the generator step
-    z = my_share(run, nets.sample_z(cfg.batch_size, cfg.z_dim, "cpu", s.rng))
+    if fake is None:
+        z = my_share(run, nets.sample_z(cfg.batch_size, cfg.z_dim, "cpu", s.rng))
+        with autocast(run.device, run.precision):
+            fake = run.gen_ddp(z)
     with autocast(run.device, run.precision):
-        loss, stats = run.loss.generator_loss(run.critic_plain, run.gen_ddp(z))
+        loss, stats = run.loss.generator_loss(run.critic_plain, fake)
     s.opt_g.zero_grad(set_to_none=True)
     loss.backward()
     s.opt_g.step()
@@ -341,10 +347,13 @@ class Runner:
         s = self.state
         set_lr(s, self.cfg)
         stats: dict[str, float] = {}
-        for _ in range(self.loss.critic_steps(s.step)):
-            stats = critic_update(self, images[stream.next()])
+        steps, fake = self.loss.critic_steps(s.step), None
+        for _ in range(steps):
+            # one critic step per generator step (DCGAN, hinge): the generator step reuses its fakes, as
+            # the PyTorch DCGAN example does -- one generator forward per iteration instead of two
+            stats, fake = critic_update(self, images[stream.next()], keep_fake=steps == 1)
             s.batches += 1
-        stats.update(generator_update(self))
+        stats.update(generator_update(self, fake))
         s.step += 1
         return stats
 

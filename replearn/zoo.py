@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError
 from .nets import Critic, SelfAttention, maybe_sn, norm_layer, register_arch, scaled
+from .penalty import piecewise_linear
 
 
 def check_attention(attention_res: int, available: list[int], arch: str) -> None:
@@ -39,6 +40,7 @@ def with_attention(block: nn.Module, res: int, attention_res: int, channels: int
 
 
 # ============================================================================ mlp
+@piecewise_linear
 class FullyConnected(nn.Module):
     """Linear on the flattened input, output kept as N x C x 1 x 1 so that the 2d norm layers
     (BatchNorm2d over N, GroupNorm(1, C) = LayerNorm over C) and the 4x4 feature pooling
@@ -53,6 +55,7 @@ class FullyConnected(nn.Module):
         return self.post(self.linear(x.flatten(1))[:, :, None, None])   # N x C x 1 x 1
 
 
+@piecewise_linear
 class MlpCritic(Critic):
     """Flattened image -> 3 hidden FC layers (LeakyReLU 0.2) -> 1; each hidden layer is a feature."""
 
@@ -97,6 +100,7 @@ def mlp(norm: str = "none", spectral_norm: bool = False, attention_res: int = 0,
 
 
 # ============================================================================ resnet
+@piecewise_linear
 class ResBlock(nn.Module):
     """Pre-activation residual block of gan_cifar_resnet.py: norm -> ReLU -> conv3x3 -> norm ->
     ReLU -> conv3x3, plus a shortcut (identity, or 1x1 conv when the shape changes).
@@ -125,6 +129,7 @@ class ResBlock(nn.Module):
         return h + skip
 
 
+@piecewise_linear
 class OptimizedDownBlock(nn.Module):
     """The critic's first block (OptimizedResBlockDisc1): conv3x3 -> ReLU -> conv3x3 -> pool, with
     a pool -> conv1x1 shortcut; no activation before the first conv, which sees raw pixels."""
@@ -140,6 +145,7 @@ class OptimizedDownBlock(nn.Module):
         return h + self.shortcut(F.avg_pool2d(x, 2))
 
 
+@piecewise_linear
 class ResNetCritic(Critic):
     """gan_cifar_resnet.py / SNGAN 32x32 critic: optimised down block 32->16, residual down 16->8,
     two residual blocks at 8, ReLU, global mean pool, linear. Each block's output is a feature."""
@@ -193,6 +199,7 @@ def resnet(norm: str = "none", spectral_norm: bool = False, attention_res: int =
 
 
 # ============================================================================ dense
+@piecewise_linear
 class DenseLayer(nn.Module):
     """conv3x3 -> norm -> activation producing `growth` new maps, concatenated to its input
     (DenseNet connectivity: every layer sees all earlier maps of its block)."""
@@ -214,6 +221,7 @@ def dense_block(c_in: int, growth: int, n_layers: int, c_out: int, norm: str, ac
     return nn.Sequential(*layers, *transition)
 
 
+@piecewise_linear
 class DenseCritic(Critic):
     """stem conv3x3 at 32, then three dense blocks each ending in a 1x1 transition and 2x2 average
     pooling (32->16->8->4); LeakyReLU 0.2 throughout; linear head on the 4 x 4 map."""

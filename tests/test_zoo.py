@@ -106,8 +106,9 @@ def textbook_wgan_gp_step(critic, gen, real_uint8, z, alpha, lr, betas, gp_lambd
 
 
 def test_fp32_step_equals_the_textbook_step(images):
-    """One WGAN-GP critic step of replearn's fp32 path (channels_last, one pass over real|fake|interp)
-    gives the gradients and parameters of the textbook step, from the same weights and draws."""
+    """One WGAN-GP critic step of replearn's fp32 path (channels_last, one pass over real|fake, the
+    penalty through penalty.input_gradient_pass) gives the gradients and parameters of the textbook
+    step, from the same weights and draws."""
     run = tiny_runner(model="wgan-gp", width=0.25, batch_size=8, z_dim=64, channels_last=True)
     critic, gen = copy.deepcopy(run.state.critic), copy.deepcopy(run.state.gen)
     critic, gen = critic.to(memory_format=torch.contiguous_format), gen.to(memory_format=torch.contiguous_format)
@@ -123,3 +124,15 @@ def test_fp32_step_equals_the_textbook_step(images):
         # Adam's first step is ~lr * sign(grad): grads equal to ~1e-7 leave the weights equal to ~1e-6
         assert torch.allclose(ours[name], p, rtol=0, atol=2e-6), name
     assert losses.has_batchnorm(critic) is False
+
+
+@pytest.mark.parametrize("model, forwards", [("dcgan", 1), ("wgan-gp", 3)])
+def test_generator_forwards_per_iteration(model, forwards, images):
+    """With one critic step per generator step the generator step reuses that step's fakes (as the
+    PyTorch DCGAN example): one generator forward per iteration; with n_critic=2, three."""
+    run = tiny_runner(model=model, n_critic=1 if model == "dcgan" else 2, g_norm="batch")
+    bn = next(m for m in run.state.gen.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    stream = pretrain.BatchStream(len(images), run.cfg.batch_size, 0, run.dist)
+    before = int(bn.num_batches_tracked)
+    run.train_step(images, stream)
+    assert int(bn.num_batches_tracked) - before == forwards

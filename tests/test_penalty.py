@@ -1,0 +1,84 @@
+"""The gradient penalty's cheaper forward pass (replearn.penalty) gives exactly the penalty
+gradients of PyTorch's standard double backward, for every critic it accepts, and is refused
+where it would not be exact."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from replearn import losses, nets, penalty
+
+
+def penalty_grads(critic: torch.nn.Module, real, fake, alpha, fast: bool, bf16: bool = False) -> dict:
+    """Parameter gradients of the penalty alone; a parameter with no gradient counts as zeros."""
+    critic = copy.deepcopy(critic)        # spectral norm's power iteration must start alike
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        interp = losses.interpolate(real, fake, alpha)
+        d_interp = losses.penalty_pass(critic, interp) if fast else critic(interp)
+        gp = losses.gradient_penalty(critic, real, fake, d_interp=d_interp, interp=interp)
+    gp.backward()
+    return {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in critic.named_parameters()}
+
+
+def draws(seed: int = 0, n: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    real, fake = torch.rand(n, 3, 32, 32, generator=g) * 2 - 1, torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
+    return (real.contiguous(memory_format=torch.channels_last), fake.contiguous(memory_format=torch.channels_last),
+            torch.rand(n, generator=g))
+
+
+@pytest.mark.parametrize("spectral", [False, True], ids=["plain", "sn"])
+@pytest.mark.parametrize("arch", sorted(nets.ARCHS))
+def test_fast_penalty_gradients_equal_the_double_backward(arch, spectral):
+    torch.manual_seed(0)
+    _, critic = nets.build_models(arch, norm="none", spectral_norm=spectral, width=0.125)
+    critic = critic.to(memory_format=torch.channels_last)
+    assert penalty.supports(critic)
+    real, fake, alpha = draws()
+    fast, standard = (penalty_grads(critic, real, fake, alpha, f) for f in (True, False))
+    assert any(g.abs().sum() > 0 for g in standard.values())
+    for name, g in standard.items():
+        assert torch.allclose(fast[name], g, rtol=1e-4, atol=1e-7 * g.abs().max().clamp(min=1)), name
+
+
+def test_fast_penalty_under_bf16_tracks_the_standard_one():
+    """Under autocast both paths round differently but must agree to bf16 precision."""
+    torch.manual_seed(0)
+    _, critic = nets.build_models("dcgan", norm="none", width=0.25)
+    real, fake, alpha = draws(1)
+    fast, standard = (torch.cat([g.flatten() for g in penalty_grads(critic, real, fake, alpha, f, True).values()])
+                      for f in (True, False))
+    assert fast.dtype == torch.float32
+    assert (fast - standard).norm() < 0.02 * standard.norm()
+
+
+@pytest.mark.parametrize("options", [dict(norm="batch"), dict(norm="layer"), dict(norm="none", attention_res=16)],
+                         ids=["batch", "layer", "attention"])
+def test_critics_whose_backward_reads_activations_keep_the_standard_path(options):
+    """Norm layers and self-attention make the input gradient depend on forward values."""
+    _, critic = nets.build_models("dcgan", width=0.125, **options)
+    assert not penalty.supports(critic)
+    assert penalty.supports(nets.build_models("dcgan", width=0.125, norm="none")[1])
+
+
+def test_a_subclass_with_its_own_forward_is_not_trusted_by_inheritance():
+    class Squared(nets.ConvCritic):
+        def forward(self, x):
+            return super().forward(x) ** 2
+
+    assert penalty.supports(nets.ConvCritic(norm="none"))
+    assert not penalty.supports(Squared(norm="none"))
+
+
+def test_strided_and_biased_convs_return_the_input_shape():
+    """conv_transpose2d's output_padding restores odd and even input sizes alike."""
+    conv = torch.nn.Conv2d(3, 5, 3, stride=2, padding=1)
+    for size in (7, 8):
+        x = torch.randn(2, 3, size, size, requires_grad=True)
+        with penalty.input_gradient_pass():
+            y = conv(x)
+        grad_fast, = torch.autograd.grad(y.sum(), x)
+        grad_std, = torch.autograd.grad(conv(x).sum(), x)
+        assert grad_fast.shape == x.shape and torch.allclose(grad_fast, grad_std, atol=1e-6)
