@@ -89,7 +89,9 @@ def gradient_penalty(critic, real, fake, alpha=None, d_interp: torch.Tensor | No
 
 
 def penalty_pass(critic: nn.Module, interp: torch.Tensor) -> torch.Tensor:
-    """D(x_hat) for the penalty, through `penalty.input_gradient_pass` where that is exact."""
+    """D(x_hat) for the penalty, through `penalty.input_gradient_pass` where that is exact. Always
+    eager: AOTAutograd (torch.compile) cannot double-backward, so a compiled critic runs uncompiled here."""
+    critic = getattr(critic, "_orig_mod", critic)
     if penalty.supports(critic):
         with penalty.input_gradient_pass():
             return critic(interp)

@@ -136,3 +136,16 @@ def test_generator_forwards_per_iteration(model, forwards, images):
     before = int(bn.num_batches_tracked)
     run.train_step(images, stream)
     assert int(bn.num_batches_tracked) - before == forwards
+
+
+@pytest.mark.slow
+def test_compiled_wgan_gp_trains_like_eager(images):
+    """torch.compile cannot double-backward: the penalty pass runs the critic uncompiled, the rest compiled."""
+    stats = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        run = tiny_runner(model="wgan-gp", n_critic=1, compile=compiled)
+        stream = pretrain.BatchStream(len(images), run.cfg.batch_size, 0, run.dist)
+        stats[compiled] = run.train_step(images, stream)
+    for key, value in stats[False].items():
+        assert stats[True][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
