@@ -165,7 +165,7 @@ def time_one(model: str, config: str, warmup: int, timed: int) -> dict:
 def in_fresh_process(model: str, config: str, warmup: int, timed: int) -> dict:
     cmd = [sys.executable, __file__, "--one", model, config, "--warmup", str(warmup), "--timed", str(timed)]
     done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:   # reported as data (torch.compile cannot double-backward the gradient penalty)
+    if done.returncode != 0:   # a failure (say, of torch.compile) is reported as data
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         return {"error": (lines or ["no output"])[-1][:300], "where": lines[-4:-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
