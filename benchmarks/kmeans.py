@@ -125,8 +125,7 @@ def main() -> None:
     if args.learning_curve:
         result["learning_curve"] = {**learning_curve(Path(result["config"]["out"])), "40000": result["accuracy"]}
     print(json.dumps(result, indent=2, default=str))
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[args.key] = result
+    results = {**recorded, args.key: result}
     results["seed_spread"] = seed_spread(results)
     results["provenance"] = provenance()
     atomic_write_json(RESULTS, results)
