@@ -1,40 +1,42 @@
-# replearn: pretrain -> features -> L2-SVM -> tables, chained through real files.
-# Drive it with these four variables (other tools rely on exactly these names):
+# replearn: pretrain -> features (trained + untrained control) -> L2-SVM -> curve -> K-means -> table.
+# Every target runs `replearn chain`, which keys each artifact on everything that determines it
+# (resolved config, input artifacts, data file identity) under build/<preset>/ and reuses it only
+# when the key matches, so a second run is a no-op in seconds and a changed variable rebuilds
+# exactly what depends on it. The table is written last, to tables/cifar10-<preset>.md.
+# Drive it with these variables (other tools rely on exactly these names):
 PRESET        ?= paper
 PRETRAIN_DATA ?= hf:benjamin-paine/imagenet-1k-32x32:train
 CIFAR_TRAIN   ?= hf:uoft-cs/cifar10:train
 CIFAR_TEST    ?= hf:uoft-cs/cifar10:test
-# GAN families to pretrain and tabulate (see README): the two papers' models, plus at smoke scale
-# one row per other family the issues name (weight clipping, SN-ResNet with WGAN-GP, self-attention);
-# KMEANS=1 adds the reproduced Coates baseline rows (KMEANS=0 leaves them out)
-ifeq ($(PRESET),smoke)
-MODELS        ?= dcgan wgan-gp wgan wgan-gp-sn-resnet sagan
-else
-MODELS        ?= dcgan wgan-gp
-endif
+# GAN families to tabulate ('' = the preset's: see replearn/chain.py), K-means row, untrained
+# controls, pretraining curves (1/0), and extra key=value words for each stage
+MODELS        ?=
 KMEANS        ?= 1
+CONTROLS      ?= 1
+CURVE         ?= 1
+DATA_NOTE     ?=
+PRETRAIN_ARGS ?=
+FEATURES_ARGS ?=
+SVM_ARGS      ?=
+KMEANS_ARGS   ?=
+CURVE_ARGS    ?=
+BUILD_DIR     ?= build
 
 PYTHON ?= python3
-VENV   := .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+VENV   ?= .venv
+PY     ?= $(VENV)/bin/python
+STAMP  ?= $(VENV)/.installed
 
-# Artifacts live in folders named by what produced them, so changing a split rebuilds only what is stale.
-hash    = $(shell printf '%s' '$(1)' | md5sum | cut -c1-8)
-RUNS    := runs/$(PRESET)-$(call hash,$(PRETRAIN_DATA))
-EVALKEY := $(call hash,$(CIFAR_TRAIN)|$(CIFAR_TEST))
-KMDIR   := runs/$(PRESET)-kmeans-$(EVALKEY)
-
-CKPTS    := $(foreach m,$(MODELS),$(RUNS)/$(m)/finished.json)
-FEATURES := $(foreach m,$(MODELS),$(RUNS)/$(m)/features-$(EVALKEY).h5)
-RESULTS  := $(FEATURES:.h5=.svm.json) $(if $(filter 1,$(KMEANS)),$(KMDIR)/features.svm.json)
 comma := ,
 empty :=
 space := $(empty) $(empty)
+CHAIN = $(PY) -m replearn chain preset=$(PRESET) pretrain_data='$(PRETRAIN_DATA)' train='$(CIFAR_TRAIN)' \
+	test='$(CIFAR_TEST)' kmeans=$(KMEANS) controls=$(CONTROLS) curve=$(CURVE) build_dir='$(BUILD_DIR)' \
+	$(if $(strip $(MODELS)),models=$(subst $(space),$(comma),$(strip $(MODELS)))) data_note='$(DATA_NOTE)' \
+	pretrain_args='$(PRETRAIN_ARGS)' features_args='$(FEATURES_ARGS)' svm_args='$(SVM_ARGS)' \
+	kmeans_args='$(KMEANS_ARGS)' curve_args='$(CURVE_ARGS)'
 
-.PHONY: all setup pretrain features svm svm-table kmeans test bench clean-runs
-.SECONDARY:
-.DELETE_ON_ERROR:
+.PHONY: all setup pretrain features svm curve svm-table kmeans test test-fast bench clean-build
 
 all: svm-table
 
@@ -44,29 +46,19 @@ $(STAMP): setup.cfg pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-pretrain: $(CKPTS)
-features: $(FEATURES)
-svm: $(RESULTS)
-kmeans: $(KMDIR)/features.svm.json
-svm-table: tables/cifar10.md
-
-$(RUNS)/%/finished.json: | $(STAMP)
-	$(PY) -m replearn pretrain model=$* preset=$(PRESET) data='$(PRETRAIN_DATA)' run_dir=$(RUNS)/$*
-
-$(RUNS)/%/features-$(EVALKEY).h5: $(RUNS)/%/finished.json
-	$(PY) -m replearn features run=$(RUNS)/$* preset=$(PRESET) train='$(CIFAR_TRAIN)' test='$(CIFAR_TEST)' out=$@
-
-%.svm.json: %.h5
-	$(PY) -m replearn svm features=$< out=$@ preset=$(PRESET) $(SVM_ARGS)
-
-# Coates: features standardised in the file by the kmeans stage; his C (0.5||w||^2 + 100 * mean hinge^2)
-$(KMDIR)/features.h5: | $(STAMP)
-	$(PY) -m replearn kmeans preset=$(PRESET) train='$(CIFAR_TRAIN)' test='$(CIFAR_TEST)' out=$@
-$(KMDIR)/features.svm.json: $(KMDIR)/features.h5
-	$(PY) -m replearn svm features=$< out=$@ preset=$(PRESET) fixed_c=100 c_form=mean
-
-tables/cifar10.md: $(RESULTS)
-	$(PY) -m replearn table results='$(subst $(space),$(comma),$(strip $(RESULTS)))'
+pretrain: | $(STAMP)
+	$(CHAIN) upto=pretrain
+features: | $(STAMP)
+	$(CHAIN) upto=features
+svm: | $(STAMP)
+	$(CHAIN) upto=svm
+curve: | $(STAMP)
+	$(CHAIN) upto=curve
+svm-table: | $(STAMP)
+	$(CHAIN) upto=table
+# the K-means baseline alone (and its table row): no GAN
+kmeans: | $(STAMP)
+	$(CHAIN) upto=table models= controls=0 curve=0 kmeans=1
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -74,5 +66,5 @@ test: $(STAMP)
 bench: $(STAMP)
 	for b in prepare train features svm kmeans; do $(PY) benchmarks/$$b.py || exit 1; done
 
-clean-runs:
-	rm -rf runs
+clean-build:
+	rm -rf $(BUILD_DIR)

@@ -20,6 +20,8 @@ STAGES = {
     "table": "replearn.tables",
     "evaluate": "replearn.evaluate",
     "report": "replearn.report",
+    "curve": "replearn.curve",
+    "chain": "replearn.chain",
 }
 
 

@@ -10,7 +10,6 @@ each process computes an interleaved share of the batches and rank 0 writes the 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import queue
 import threading
@@ -22,17 +21,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import nets
+from . import nets, runs
 from .config import ConfigError, register_preset, to_dict
-from .pretrain import Dist, init_distributed, load_run
-from .store import FeatureWriter
+from .pretrain import Dist, init_distributed
+from .store import FeatureFile, FeatureWriter
 from .utils import autocast, pick_device, resolve_precision
 
 
 @dataclass(frozen=True)
 class Config:
     run: str = "runs/dcgan"                 # a pretrain run folder (or a checkpoint file)
-    checkpoint: str = "last.pt"
+    checkpoint: str = "last.pt"             # or ckpt_0000000.pt: the untrained control (step 0)
     train: str = "hf:uoft-cs/cifar10:train"  # the labelled split the SVM trains on
     test: str = "hf:uoft-cs/cifar10:test"    # the split it is scored on
     out: str = ""                           # default <run>/features-<hash of inputs>.h5
@@ -46,17 +45,50 @@ class Config:
     bn_batch: int = 128                     # batch for those statistics: the DCGAN training batch
     device: str = "auto"
     cache_dir: str = "cache"
+    train_rows: int = 0                     # a seeded random subset of train of this size (0 = all): cheap
+    test_rows: int = 0                      # curve points; likewise for test
+    expect_run_key: str = ""                # refuse a run folder whose recorded key differs ('' = any)
     preset: str = ""
 
 
 register_preset("smoke", "features", bn_images=2048)
+register_preset("tiny", "features", bn_images=512)
 register_preset("paper", "features")
 
 
-def default_out(cfg: Config) -> Path:
-    key = "|".join([cfg.train, cfg.test, cfg.checkpoint, cfg.dtype, cfg.precision, str(cfg.grid), cfg.bn_stats])
-    run_dir = Path(cfg.run) if Path(cfg.run).is_dir() else Path(cfg.run).parent
-    return run_dir / f"features-{hashlib.sha1(key.encode()).hexdigest()[:8]}.h5"
+# keys that change how fast or where features are computed, not their values
+VOLATILE_KEYS = ("run", "out", "batch", "device", "cache_dir", "preset", "channels_last", "expect_run_key")
+
+
+def run_folder(cfg: Config) -> Path:
+    return Path(cfg.run) if Path(cfg.run).is_dir() else Path(cfg.run).parent
+
+
+def features_key(cfg: Config) -> str:
+    """The config less VOLATILE_KEYS, the run's key and the two splits' data identities."""
+    from . import data
+    recorded = runs.run_key(run_folder(cfg))
+    runs.check_key(run_folder(cfg), recorded, cfg.expect_run_key)
+    # `last.pt` moves on when a run is extended: key on the step it holds
+    step = runs.load_checkpoint(runs.checkpoint_path(cfg.run, cfg.checkpoint), mmap=True)["step"]
+    return runs.artifact_key("features", to_dict(cfg), ignore=VOLATILE_KEYS, run=recorded, step=step,
+                             train=data.source_id(cfg.train, 32), test=data.source_id(cfg.test, 32))
+
+
+def default_out(cfg: Config, key: str) -> Path:
+    step = Path(cfg.checkpoint).stem.replace("ckpt_", "step")
+    return run_folder(cfg) / f"features-{step}-{key}.h5"
+
+
+def existing_with_key(path: Path, key: str) -> bool:
+    """A complete feature file at `path` that was made with exactly this key."""
+    if not path.exists():
+        return False
+    try:
+        with FeatureFile(path) as ff:
+            return ff.attrs.get("key") == key
+    except ConfigError:
+        return False
 
 
 # ============================================================================ BatchNorm statistics
@@ -151,15 +183,22 @@ def feature_attrs(cfg: Config, run_cfg, ckpt: dict, precision: str, layers, spli
     return {"kind": "critic", "model": run_cfg.model, "arch": run_cfg.arch, "loss": run_cfg.loss,
             "config": to_dict(cfg), "precision": precision, "checkpoint_step": ckpt.get("step"),
             "pretrain": {"config": to_dict(run_cfg), "data": ckpt.get("data"), "seconds": ckpt.get("seconds"),
+                         "key": ckpt.get("key"), "finished": runs.finished_record(run_folder(cfg)),
                          "critic_batches": ckpt.get("batches"), "precision": ckpt.get("precision"),
                          "provenance": ckpt.get("provenance")},
             "max_units": max(dim // (cfg.grid * cfg.grid) for _, dim in layers),
             **{f"source_{k}": v for k, v in splits.items()}}
 
 
-def load_split(spec: str, cache_dir: str):
+def load_split(spec: str, cache_dir: str, rows: int = 0):
+    """The split's uint8 images; with `rows`, a seeded random subset of that size, in file order."""
     from . import data
-    return data.cached(spec, size=32, cache_dir=cache_dir)
+    from .store import ImageSet
+    images = data.cached(spec, size=32, cache_dir=cache_dir)
+    if not rows or rows >= len(images):
+        return images
+    pick = np.sort(np.random.default_rng(0).permutation(len(images))[:rows])
+    return ImageSet(images.images[pick], images.labels[pick], images.class_names, images.attrs)
 
 
 def run(cfg: Config) -> Path:
@@ -167,10 +206,21 @@ def run(cfg: Config) -> Path:
     from tqdm import tqdm
     if cfg.bn_stats not in ("recompute", "running"):
         raise ConfigError(f"unknown bn_stats {cfg.bn_stats!r}; choose from: recompute, running")
+    if min(cfg.train_rows, cfg.test_rows) < 0:
+        raise ConfigError("features: train_rows and test_rows must be >= 0 (0 = all)")
+    if min(cfg.batch, cfg.grid, cfg.bn_images, cfg.bn_batch) < 1:
+        raise ConfigError(f"features: batch, grid, bn_images and bn_batch must be >= 1, got {cfg.batch}, "
+                          f"{cfg.grid}, {cfg.bn_images}, {cfg.bn_batch}")
+    runs.checkpoint_path(cfg.run, cfg.checkpoint)          # one line if the run or checkpoint is missing
+    key = features_key(cfg)
+    out = Path(cfg.out) if cfg.out else default_out(cfg, key)
+    if existing_with_key(out, key):
+        print(f"features: {out} is up to date (key {key})")
+        return out
     dist_info = init_distributed()
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    run_cfg, _, critic, ckpt = load_run(cfg.run, cfg.checkpoint, device=str(device))
+    run_cfg, _, critic, ckpt = runs.load_run(cfg.run, cfg.checkpoint, device=str(device))
     if cfg.channels_last:
         critic = critic.to(memory_format=torch.channels_last)
     if cfg.bn_stats == "recompute":
@@ -178,12 +228,14 @@ def run(cfg: Config) -> Path:
         pick = np.random.default_rng(0).permutation(len(pre))[:cfg.bn_images]
         recompute_bn_stats(critic, pre[np.sort(pick)], min(cfg.bn_batch, len(pick)), device, cfg.channels_last)
     splits = {"train": cfg.train, "test": cfg.test}
-    sets = {name: load_split(spec, cfg.cache_dir) for name, spec in splits.items()}
+    sets = {"train": load_split(cfg.train, cfg.cache_dir, cfg.train_rows),
+            "test": load_split(cfg.test, cfg.cache_dir, cfg.test_rows)}
     layers = critic.feature_layers(run_cfg.image_size, cfg.grid)
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
     t0, total = time.time(), sum(len(s) for s in sets.values())
     attrs = feature_attrs(cfg, run_cfg, ckpt, precision, layers, splits)
-    attrs["class_names"] = sets["train"].class_names
+    attrs.update(class_names=sets["train"].class_names, key=key, untrained=int(ckpt.get("step") == 0),
+                 **{f"skipped_{name}": int((getattr(s, "attrs", None) or {}).get("skipped", 0) or 0)
+                    for name, s in sets.items()})
     bar = tqdm(total=total, desc=f"features {run_cfg.model}", unit="img", disable=not dist_info.main)
     if dist_info.main:
         with FeatureWriter(out, layers, attrs, cfg.dtype) as writer:

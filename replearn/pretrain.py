@@ -11,6 +11,7 @@ share of every global batch through DistributedDataParallel; rank 0 alone logs a
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -21,17 +22,24 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import nets
+from . import nets, runs
 from .config import ConfigError, from_dict, register_preset, to_dict
 from .losses import LOSSES, build_loss
 from .plots import plot_losses
 from .recipes import RECIPES
 from .utils import (append_jsonl, atomic_write_json, autocast, lookup, make_registry, pick_device, provenance,
-                    resolve_precision, torch_atomic_save)
+                    atomic_write_text, read_jsonl, resolve_precision, torch_atomic_save)
 
 OPTIMIZERS, register_optimizer = make_registry("optimizer")
-# keys that define what a run *is*: resuming with different values would mix two runs
-IDENTITY_KEYS = ("arch", "loss", "norm", "g_norm", "spectral_norm", "attention_res", "z_dim", "width", "data", "image_size")
+# keys that may change when a run is resumed: they say how long, how often and on what hardware to
+# train, not what is trained. Every other key (optimizer and its settings, learning rates, batch size,
+# n_critic, seed, nets, loss) and the data file's identity make the run's key: a resume with another
+# key is refused, and the chain builds such a run in a folder of its own.
+RESUMABLE_KEYS = ("run_dir", "steps", "max_minutes", "log_every", "sample_every", "ckpt_every", "fid_every",
+                  "device", "compile", "cache_dir", "nan_policy", "data")   # data: keyed by its identity instead
+# bumped when the training step itself changes what a run computes (e.g. the generator step reusing the
+# critic step's fakes, the exact penalty pass): runs made by an older loop get another key
+TRAINER_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,8 @@ class Config:
     width: float = 1.0            # channel multiplier (tests use small nets; 1.0 is the paper's)
     force_batchnorm: bool = False  # BN breaks the per-sample gradient penalty: refused unless forced
     # -- optimisation (None: the loss's reference default, PROTOCOL s.1)
-    steps: int = 60000            # generator steps; ~30 epochs of ImageNet at batch 128 x 1 critic step
+    steps: int = 300000           # generator steps: 30 epochs of ImageNet-1k (1.28M images) at batch 128, as the
+                                  # released DCGAN model (named for epoch 30); GPU-sized
     batch_size: int | None = None
     n_critic: int | None = None
     gp_lambda: float = 10.0
@@ -84,6 +93,8 @@ class Config:
 # smoke: a fixed CPU budget per model, so the whole chain takes ~30 min on 2 cores; the table reports
 # the steps each model reached in it
 register_preset("smoke", "pretrain", steps=1000, max_minutes=5.0, sample_every=25, ckpt_every=50, log_every=5)
+# tiny: the whole chain in a few CPU minutes, for the end-to-end test (numbers mean nothing)
+register_preset("tiny", "pretrain", steps=40, width=0.25, sample_every=20, ckpt_every=20, log_every=5)
 register_preset("paper", "pretrain")
 
 
@@ -117,7 +128,6 @@ def resolve(cfg: Config) -> Config:
     for key, value in {**fallback, **loss_cls.defaults}.items():
         if values.get(key) is None:
             values[key] = value
-    values["run_dir"] = values["run_dir"] or f"runs/{cfg.model}"
     out = from_dict(Config, values)
     lookup(nets.ARCHS, out.arch, "architecture")
     lookup(OPTIMIZERS, out.optimizer, "optimizer")
@@ -128,7 +138,37 @@ def resolve(cfg: Config) -> Config:
                           "norm=none, or force_batchnorm=true to run it anyway")
     if out.lr_decay not in ("none", "linear") or out.nan_policy not in ("stop", "rollback"):
         raise ConfigError("lr_decay must be none|linear and nan_policy stop|rollback")
+    check_ranges(out)
     return out
+
+
+def check_ranges(cfg: Config) -> None:
+    """Out-of-range values fail when the config is built, not steps into a run."""
+    rules = {"steps": 0, "batch_size": 1, "width": None, "n_critic": 1, "ckpt_every": 1, "log_every": 1,
+             "sample_every": 1, "z_dim": 1, "image_size": 8, "lr_g": None, "lr_d": None, "clip": None}
+    bad = []
+    for key, least in rules.items():
+        value = getattr(cfg, key)
+        if (least is None and not value > 0) or (least is not None and value < least):
+            bad.append(f"{key}={value!r} (needs {'> 0' if least is None else f'>= {least}'})")
+    bad += [f"{k}={getattr(cfg, k)!r} (needs >= 0)" for k in ("gp_lambda", "max_minutes", "fid_every", "weight_decay")
+            if getattr(cfg, k) < 0]
+    if bad:
+        raise ConfigError(f"pretrain: value(s) out of range: {', '.join(bad)}")
+
+
+def data_identity(cfg: Config) -> str:
+    from . import data
+    return data.source_id(cfg.data, cfg.image_size)
+
+
+def run_key(cfg: Config, data_id: str) -> str:
+    """What the run is: its resolved config less RESUMABLE_KEYS, the data's identity, the trainer."""
+    return runs.artifact_key("pretrain", to_dict(cfg), ignore=RESUMABLE_KEYS, data=data_id, trainer=TRAINER_VERSION)
+
+
+def default_run_dir(cfg: Config, key: str) -> str:
+    return cfg.run_dir or f"runs/{cfg.model}-{key}"
 
 
 # ============================================================================ distributed
@@ -194,7 +234,8 @@ class BatchStream:
 def load_training_images(cfg: Config) -> tuple[torch.Tensor, dict]:
     from . import data
     images = data.cached(cfg.data, size=cfg.image_size, cache_dir=cfg.cache_dir)
-    info = {"spec": cfg.data, "num_images": len(images)}
+    info = {"spec": cfg.data, "num_images": len(images), "source_id": data_identity(cfg),
+            "skipped": int((getattr(images, "attrs", None) or {}).get("skipped", 0) or 0)}
     return torch.from_numpy(images.images), info   # N x 32 x 32 x 3 uint8, kept as uint8 in memory
 
 
@@ -225,21 +266,23 @@ def build_state(cfg: Config, device: torch.device) -> State:
 
 
 def checkpoint_dict(state: State, cfg: Config, data_info: dict, precision: str) -> dict[str, Any]:
+    """Tensors, numbers, strings and plain containers only: it loads with weights_only=True."""
     return {"generator": state.gen.state_dict(), "critic": state.critic.state_dict(),
             "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
             "step": state.step, "batches": state.batches, "seconds": state.seconds,
             "rng": state.rng.get_state(), "config": to_dict(cfg), "data": data_info,
+            "key": data_info["key"], "data_id": data_info["source_id"],
             "precision": precision, "provenance": provenance()}
 
 
 def save_checkpoint(state: State, cfg: Config, data_info: dict, precision: str, keep_interval: bool) -> Path:
     run_dir = Path(cfg.run_dir)
     ckpt = checkpoint_dict(state, cfg, data_info, precision)
-    torch_atomic_save(ckpt, run_dir / "last.pt")
+    torch_atomic_save(ckpt, run_dir / runs.LAST)
     if keep_interval:
         torch_atomic_save({k: v for k, v in ckpt.items() if not k.startswith("opt_")},
-                          run_dir / f"ckpt_{state.step:07d}.pt")
-    return run_dir / "last.pt"
+                          run_dir / runs.ckpt_name(state.step))
+    return run_dir / runs.LAST
 
 
 def restore(state: State, ckpt: dict) -> None:
@@ -251,26 +294,19 @@ def restore(state: State, ckpt: dict) -> None:
     state.rng.set_state(ckpt["rng"])
 
 
-def check_same_run(saved: dict, cfg: Config, path: Path) -> None:
-    mismatched = [k for k in IDENTITY_KEYS if saved.get(k) != getattr(cfg, k)]
-    if mismatched:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in mismatched)
-        raise ConfigError(f"{path} belongs to a different run ({diffs}); pick another run_dir or delete it")
-
-
-def load_run(run_dir: str | Path, which: str = "last.pt", device: str = "cpu"):
-    """(resolved config, generator, critic, checkpoint dict) of a finished or running run."""
-    path = Path(run_dir) / which if Path(run_dir).is_dir() else Path(run_dir)
-    if not path.exists():
-        raise ConfigError(f"checkpoint not found: {path} (run `replearn pretrain run_dir={run_dir}` first)")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    cfg = from_dict(Config, ckpt["config"])
-    gen, critic = nets.build_models(cfg.arch, norm=cfg.norm, spectral_norm=cfg.spectral_norm,
-                                    attention_res=cfg.attention_res, z_dim=cfg.z_dim, image_size=cfg.image_size,
-                                    width=cfg.width, g_norm=cfg.g_norm)
-    gen.load_state_dict(ckpt["generator"])
-    critic.load_state_dict(ckpt["critic"])
-    return cfg, gen.to(device).eval(), critic.to(device).eval(), ckpt
+def check_same_run(saved: dict, key: str, cfg: Config, path: Path) -> None:
+    """A resume must continue the same run: refused, before anything is written, if the key differs."""
+    recorded = saved.get("key")
+    if recorded == key:
+        return
+    old = saved.get("config") or {}
+    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in to_dict(cfg).items()
+             if k not in RESUMABLE_KEYS and old.get(k) != v]
+    if saved.get("data_id") not in (None, data_identity(cfg)):
+        diffs.append(f"data identity: {saved.get('data_id')} -> {data_identity(cfg)}")
+    raise ConfigError(f"{path} belongs to a different run ({', '.join(diffs) or f'key {recorded} -> {key}'}); "
+                      f"keys that may change on resume: {', '.join(k for k in RESUMABLE_KEYS if k != 'data')}; "
+                      f"pick another run_dir or delete it")
 
 
 # ============================================================================ steps
@@ -374,47 +410,92 @@ def save_samples(run: Runner, path: Path) -> None:
 
 
 def write_run_files(cfg: Config, data_info: dict, precision: str) -> None:
-    atomic_write_json(Path(cfg.run_dir) / "config.json",
-                      {"config": to_dict(cfg), "data": data_info, "precision": precision, "provenance": provenance()})
+    atomic_write_json(Path(cfg.run_dir) / runs.CONFIG,
+                      {"config": to_dict(cfg), "data": data_info, "key": data_info["key"], "precision": precision,
+                       "trainer_version": TRAINER_VERSION, "provenance": provenance()})
 
 
 def finite(stats: dict) -> bool:
     return all(math.isfinite(v) for v in stats.values())
 
 
+@torch.no_grad()
+def weights_finite(state: State) -> bool:
+    """Checked after every update, so that no checkpoint ever holds a diverged net."""
+    params = [p for m in (state.gen, state.critic) for p in m.parameters()]
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+
+
+def last_good_checkpoint(run_dir: Path) -> str:
+    saved = [p.name for p in (run_dir / runs.LAST,) if p.exists()] + [p.name for _, p in runs.interval_checkpoints(run_dir)[-1:]]
+    return f"the last good checkpoint is {run_dir / saved[0]}" if saved else "no checkpoint has been written yet"
+
+
 def handle_divergence(run: Runner, stats: dict, rollbacks: int) -> int:
-    last = Path(run.cfg.run_dir) / "last.pt"
+    last = Path(run.cfg.run_dir) / runs.LAST
     if run.cfg.nan_policy == "rollback" and last.exists() and rollbacks < 5:
-        restore(run.state, torch.load(last, map_location=run.device, weights_only=False))
+        restore(run.state, runs.load_checkpoint(last, str(run.device)))
         run.state.rng.manual_seed(run.cfg.seed + 7919 * (rollbacks + 1))   # different batches after rollback
-        print(f"pretrain: non-finite loss {stats}; rolled back to step {run.state.step}")
+        print(f"pretrain: non-finite loss or weights {stats}; rolled back to step {run.state.step}")
         return rollbacks + 1
-    raise RuntimeError(f"pretrain: loss became non-finite at step {run.state.step} ({stats}); the last good "
-                       f"checkpoint is kept at {last}. Lower lr_d/lr_g, or rerun with nan_policy=rollback.")
+    advice = ("5 rollbacks did not help" if run.cfg.nan_policy == "rollback"
+              else "or rerun with nan_policy=rollback")
+    raise ConfigError(f"pretrain: diverged at step {run.state.step + 1} (non-finite loss or weights, {stats}); "
+                      f"{last_good_checkpoint(Path(run.cfg.run_dir))}. Lower lr_d/lr_g, {advice}")
 
 
 # ============================================================================ the loop
 def run(cfg: Config) -> Path:
     """Train a GAN on unlabelled images; returns the run folder (rerun to resume)."""
-    cfg = resolve(cfg)
+    cfg, key = plan(cfg)
+    images, data_info = load_training_images(cfg)
+    data_info["key"] = key
     dist_info = init_distributed()
     run_dir = Path(cfg.run_dir)
-    images, data_info = load_training_images(cfg)
     runner = Runner(cfg, dist_info)
     s = runner.state
-    last = run_dir / "last.pt"
-    if last.exists():
-        ckpt = torch.load(last, map_location=runner.device, weights_only=False)
-        check_same_run(ckpt["config"], cfg, last)
+    last = run_dir / runs.LAST
+    if last.exists():   # checked before anything in the folder is rewritten
+        ckpt = runs.load_checkpoint(last, str(runner.device))
+        check_same_run(ckpt, key, cfg, last)
         restore(s, ckpt)
     stream = BatchStream(len(images), cfg.batch_size, cfg.seed, dist_info, consumed=s.batches)
     if dist_info.main:
-        write_run_files(cfg, data_info, runner.precision)
+        prepare_run_folder(run_dir, s, cfg, data_info, runner.precision)
     if not finished(s, cfg):
         train_loop(runner, images, stream, data_info)
     if dist_info.main and finished(s, cfg):
-        write_finished(run_dir, s, cfg)
+        write_finished(run_dir, s, cfg, key)
     return run_dir
+
+
+def plan(cfg: Config) -> tuple[Config, str]:
+    """(the resolved config with its run folder, the run's key), without loading any images."""
+    cfg = resolve(cfg)
+    key = run_key(cfg, data_identity(cfg))
+    return dataclasses.replace(cfg, run_dir=default_run_dir(cfg, key)), key
+
+
+def is_done(cfg: Config) -> bool:
+    """The planned run finished with this key and the same length settings (nothing to train)."""
+    cfg, key = plan(cfg)
+    done = runs.finished_record(cfg.run_dir) or {}
+    saved = done.get("config") or {}
+    return done.get("key") == key and saved.get("steps") == cfg.steps and saved.get("max_minutes") == cfg.max_minutes
+
+
+def prepare_run_folder(run_dir: Path, s: State, cfg: Config, data_info: dict, precision: str) -> None:
+    """config.json; no stale finished.json or log lines past the resume point; the step-0 checkpoint
+    (the untrained control: the same nets at initialisation)."""
+    write_run_files(cfg, data_info, precision)
+    if not finished(s, cfg):
+        (run_dir / runs.FINISHED).unlink(missing_ok=True)
+    log = run_dir / "log.jsonl"
+    if log.exists():
+        kept = [r for r in read_jsonl(log) if r.get("step", 0) <= s.step]
+        atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in kept))
+    if s.step == 0 and not (run_dir / runs.ckpt_name(0)).exists():
+        save_checkpoint(s, cfg, data_info, precision, keep_interval=True)
 
 
 def budget_spent(s: State, cfg: Config) -> bool:
@@ -425,12 +506,13 @@ def finished(s: State, cfg: Config) -> bool:
     return s.step >= cfg.steps or budget_spent(s, cfg)
 
 
-def write_finished(run_dir: Path, s: State, cfg: Config) -> None:
-    """The marker later stages (and make) wait for: the run reached `steps`."""
-    atomic_write_json(run_dir / "finished.json", {"step": s.step, "critic_batches": s.batches,
-                                                  "reason": "steps" if s.step >= cfg.steps else "max_minutes",
-                                                  "train_seconds": s.seconds, "checkpoint": "last.pt",
-                                                  "config": to_dict(cfg), "provenance": provenance()})
+def write_finished(run_dir: Path, s: State, cfg: Config, key: str) -> None:
+    """The marker later stages wait for: the run reached `steps` or its time budget."""
+    atomic_write_json(run_dir / runs.FINISHED, {"step": s.step, "critic_batches": s.batches,
+                                                "reason": "steps" if s.step >= cfg.steps else "max_minutes",
+                                                "train_seconds": s.seconds, "checkpoint": runs.LAST, "key": key,
+                                                "checkpoints": [p.name for _, p in runs.interval_checkpoints(run_dir)],
+                                                "config": to_dict(cfg), "provenance": provenance()})
 
 
 def train_loop(runner: Runner, images: torch.Tensor, stream: BatchStream, data_info: dict) -> None:
@@ -442,7 +524,7 @@ def train_loop(runner: Runner, images: torch.Tensor, stream: BatchStream, data_i
     while not finished(s, cfg):
         t0, batches0 = time.time(), s.batches
         stats = runner.train_step(images, stream)
-        if not finite(stats):
+        if not (finite(stats) and weights_finite(s)):
             rollbacks = handle_divergence(runner, stats, rollbacks)
             continue
         dt = time.time() - t0
@@ -457,12 +539,12 @@ def train_loop(runner: Runner, images: torch.Tensor, stream: BatchStream, data_i
                                                  "lr_d": s.opt_d.param_groups[0]["lr"]})
             bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         out_of_time = budget_spent(s, cfg)
-        at_interval = s.step % cfg.ckpt_every == 0
+        # interval checkpoints at every ckpt_every and at log-spaced steps (the pretraining curve)
+        at_interval = s.step % cfg.ckpt_every == 0 or runs.log_spaced(s.step)
         if main and (s.step % cfg.sample_every == 0 or s.step == cfg.steps or out_of_time):
             save_samples(runner, run_dir / "samples" / f"step_{s.step:07d}.png")
         if main and (at_interval or s.step == cfg.steps or out_of_time):
-            save_checkpoint(s, cfg, data_info, runner.precision,
-                            keep_interval=at_interval or s.step == cfg.steps or bool(out_of_time))
+            save_checkpoint(s, cfg, data_info, runner.precision, keep_interval=True)
             plot_losses(run_dir / "log.jsonl", run_dir / "losses.png")
             if cfg.fid_every and s.step % cfg.fid_every == 0:
                 evaluate_checkpoint(run_dir, s.step)
@@ -479,6 +561,5 @@ def broadcast_from_rank0(value: float) -> float:
 
 
 def evaluate_checkpoint(run_dir: Path, step: int) -> None:
-    from . import evaluate
-    evaluate.run(evaluate.Config(run=str(run_dir), checkpoint=f"ckpt_{step:07d}.pt"))
-
+    from . import evaluate   # lazy: evaluate reads run folders, pretraining only calls it at intervals
+    evaluate.run(evaluate.Config(run=str(run_dir), checkpoint=runs.ckpt_name(step)))

@@ -34,15 +34,18 @@ FAMILY_NAMES = {"dcgan": "DCGAN (BCE)", "wgan-gp": "WGAN-GP", "wgan": "WGAN (wei
                 "wgan-gp-sn-resnet": "WGAN-GP", "resnet-hinge": "SNGAN, hinge", "sagan": "SAGAN, hinge",
                 "mlp-gan": "MLP GAN, BCE", "dense-wgan-gp": "WGAN-GP", "dcgan-rmsprop": "DCGAN (BCE), RMSprop",
                 "dcgan-sgd": "DCGAN (BCE), SGD"}
-COLUMNS = ["model", "full", "400 per class", "max # features units", "status", "samples", "how produced"]
+COLUMNS = ["model", "full", "400 per class", "gain over untrained control", "max # features units", "status",
+           "samples", "how produced"]
 
 
 @dataclass(frozen=True)
 class Config:
-    results: str = "runs/**/*.svm.json"   # glob (or comma-separated paths) of `svm` results
+    results: str = "build/**/*.svm*.json"  # glob (or comma-separated paths) of `svm` results
     out_dir: str = "tables"
     name: str = "cifar10"
     quoted: bool = True                   # include the literature rows of PROTOCOL s.4
+    data_note: str = ""                   # said in every reproduced row about the evaluation data
+    command: str = ""                     # the command that built the results (named in the header)
     preset: str = ""
 
 
@@ -50,10 +53,23 @@ def result_paths(pattern: str) -> list[Path]:
     paths: list[Path] = []
     for part in (p.strip() for p in pattern.split(",") if p.strip()):
         hits = sorted(glob.glob(part, recursive=True))
-        if not hits and not any(ch in part for ch in "*?["):
-            raise ConfigError(f"results file not found: {part} (run `replearn svm` first)")
+        if not hits:
+            raise ConfigError(f"no results file matches {part} (run `replearn svm` or `make svm-table` first)")
         paths += [Path(h) for h in hits]
     return paths
+
+
+def read_results(path: Path) -> dict:
+    """An svm results file, or one line naming the file and what is wrong with it."""
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is not a readable JSON file ({str(err).splitlines()[0]}); pass svm results "
+                          f"files (*.svm*.json)") from None
+    if not isinstance(res, dict) or not isinstance(res.get("settings"), dict) or "features" not in res:
+        raise ConfigError(f"{path} is not an svm results file (no 'settings'/'features'); pass the JSON written "
+                          f"by `replearn svm`")
+    return res
 
 
 def percent(value: float | None, spread: float | None = None) -> str:
@@ -64,23 +80,30 @@ def percent(value: float | None, spread: float | None = None) -> str:
 
 def quoted_rows() -> list[dict[str, Any]]:
     return [{"model": m, "full": f"{full:.1f}%", "400 per class": f"{k400:.1f}%" + (f" (+-{pm})" if pm else ""),
-             "max # features units": units, "status": "quoted", "samples": "", "how produced": src}
-            for m, full, k400, pm, units, src in QUOTED]
+             "gain over untrained control": "", "max # features units": units, "status": "quoted", "samples": "",
+             "how produced": src} for m, full, k400, pm, units, src in QUOTED]
 
 
 def split_name(spec: str) -> str:
-    return spec.replace("../shared/data/", "").replace("/train.parquet", "-train")
+    spec = str(spec)
+    return spec[spec.index("shared/data/") + len("shared/data/"):].replace("/train.parquet", "-train") \
+        if "shared/data/" in spec else spec
+
+
+def commit_of(record: dict | None) -> str:
+    return str(((record or {}).get("provenance") or {}).get("git_commit", "?"))
 
 
 def pretrain_text(feat: dict) -> str:
     pre = feat.get("pretrain") or {}
     cfg, data = pre.get("config") or {}, pre.get("data") or {}
     prov = pre.get("provenance") or {}
-    steps = feat.get("checkpoint_step")
-    return (f"pretrained on {split_name(str(data.get('spec', '?')))} ({data.get('num_images', '?')} images), "
-            f"{steps} G steps and {pre.get('critic_batches', '?')} critic steps x batch {cfg.get('batch_size')} ("
-            f"{cfg.get('optimizer')} lr {cfg.get('lr_d')}), {pre.get('precision')}, "
-            f"{(pre.get('seconds') or 0) / 60:.0f} min on {prov.get('hardware', '?')}")
+    skipped = f", {data['skipped']} unreadable skipped" if data.get("skipped") else ""
+    return (f"pretrained on {split_name(str(data.get('spec', '?')))} ({data.get('num_images', '?')} images{skipped}), "
+            f"{feat.get('checkpoint_step')} G steps and {pre.get('critic_batches', '?')} critic steps x batch "
+            f"{cfg.get('batch_size')} ({cfg.get('optimizer')} lr {cfg.get('lr_d')}), {pre.get('precision')}, "
+            f"{(pre.get('seconds') or 0) / 60:.0f} min on {prov.get('hardware', '?')}, pretrain commit "
+            f"{prov.get('git_commit', '?')}")
 
 
 def kmeans_text(feat: dict) -> str:
@@ -89,12 +112,17 @@ def kmeans_text(feat: dict) -> str:
             f"6x6 patches, ZCA eps {cfg.get('whiten_eps')}")
 
 
+def is_control(feat: dict) -> bool:
+    return feat.get("kind") != "kmeans" and feat.get("checkpoint_step") == 0
+
+
 def row_name(feat: dict, scale: str) -> str:
     if feat.get("kind") == "kmeans":
         name = f"1 Layer K-means (reproduced, K={(feat.get('config') or {}).get('k')})"
     else:
         cfg = (feat.get("pretrain") or {}).get("config") or {}
-        name = FAMILY_NAMES.get(str(feat.get("model")), str(feat.get("model"))) + " (reproduced"
+        name = FAMILY_NAMES.get(str(feat.get("model")), str(feat.get("model")))
+        name += " untrained control (step 0" if is_control(feat) else " (reproduced"
         extras = [k for k in ("spectral_norm",) if cfg.get(k)] + ([f"attn@{cfg['attention_res']}"]
                                                                   if cfg.get("attention_res") else [])
         if cfg.get("arch") not in (None, "dcgan"):
@@ -109,70 +137,150 @@ def run_dir_of(res: dict) -> Path | None:
     return path.parent if (path.parent / "config.json").exists() else None
 
 
+def copy_beside(src: Path, out_dir: Path, sub: str, slug: str) -> str:
+    target = out_dir / sub / f"{slug}{src.suffix}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, target)
+    return f"{sub}/{target.name}"
+
+
 def samples_link(res: dict, out_dir: Path, slug: str) -> str:
-    """Copy the run's latest sample grid next to the table (one PNG per row) and link it."""
+    """The run's latest sample grid, its pretraining curve and its report, copied next to the table."""
     from .report import latest_sample_grid
     run_dir = run_dir_of(res)
     grid = latest_sample_grid(run_dir) if run_dir else None
     if grid is None:
         return ""
-    target = out_dir / "samples" / f"{slug}.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(grid, target)
-    link = f"[grid](samples/{slug}.png)"
-    report = run_dir / "report.md"   # `replearn report run=...` writes it; runs/ stays local
+    link = f"[grid]({copy_beside(grid, out_dir, 'samples', slug)})"
+    curve = latest_curve(run_dir)
+    if curve is not None and curve.with_suffix(".png").exists():
+        link += f" [curve]({copy_beside(curve.with_suffix('.png'), out_dir, 'curves', slug)})"
+    report = run_dir / "report.md"   # `replearn report run=...` writes it; build/ stays local
     if report.exists():
         link += f" [report]({os.path.relpath(report.resolve(), out_dir.resolve())})"
     return link
 
 
-def reproduced_row(path: Path, out_dir: Path) -> dict[str, Any]:
-    res = json.loads(path.read_text())
-    feat = (res.get("features") or {}).get("attrs", {})
+def latest_curve(run_dir: Path) -> Path | None:
+    found = sorted(run_dir.glob("curve-*.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def curve_text(res: dict) -> str:
+    run_dir = run_dir_of(res)
+    curve = latest_curve(run_dir) if run_dir else None
+    if curve is None:
+        return ""
+    points = json.loads(curve.read_text()).get("points") or []
+    steps = ", ".join(f"{p['step']}: {100 * p['mean']:.1f}" for p in points)
+    return f"; pretraining curve (400/class, {points[0]['draws'] if points else '?'} draws; step: %) {steps}"
+
+
+def flags(res: dict, feat: dict) -> list[str]:
+    """What a reader must know before quoting the row: C at an edge, unconverged fits, mixed code."""
+    out = []
+    for name, setting in (res.get("settings") or {}).items():
+        if setting.get("c_at_edge"):
+            out.append(f"{name}: best C at the edge of the capped grid")
+        solver = setting.get("solver") or {}
+        if solver.get("not_converged"):
+            out.append(f"{name}: {len(solver['not_converged'])} of {solver.get('fits')} fits did not converge")
+    commits = {c for c in (commit_of(feat.get("pretrain")), commit_of(feat), commit_of(res)) if c not in ("?", "None")}
+    if len(commits) > 1:
+        out.append("artifacts from different commits")
+    if any(c.endswith("-dirty") for c in commits):
+        out.append("built from a dirty tree")
+    return out
+
+
+def eval_text(res: dict, feat: dict) -> str:
     settings = res.get("settings", {})
     full, k400 = settings.get("full") or {}, settings.get("400") or {}
     svm_cfg = res.get("config") or {}
-    scale = str(((feat.get("pretrain") or {}).get("config") or {}).get("preset")
-                or (feat.get("config") or {}).get("preset") or svm_cfg.get("preset") or "")
-    how = kmeans_text(feat) if feat.get("kind") == "kmeans" else pretrain_text(feat)
-    prov = res.get("provenance") or {}
     feat_cfg = feat.get("config") or {}
     train = feat.get("source_train") or feat_cfg.get("train")   # critic files / the kmeans config
     test = feat.get("source_test") or feat_cfg.get("test")
-    how += (f"; features {feat.get('precision', 'fp32')}; L2-SVM ({svm_cfg.get('solver')}) trained on "
-            f"{split_name(str(train))}, scored on {split_name(str(test))}, "
-            f"C full={full.get('c', '-')}, C 400={k400.get('c', '-')}, {len(k400.get('draws', []))} draws; "
-            f"commit {prov.get('git_commit', '?')}, {str(prov.get('date', '?'))[:10]}")
+    n_train = res.get("train_rows") or (res.get("validation") or {}).get("train_rows", "?")
+    text = f"features {feat.get('precision', 'fp32')} (commit {commit_of(feat)}); L2-SVM ({svm_cfg.get('solver')})"
+    if full:
+        text += (f"; full: C={full.get('c', '-'):.3g} chosen on {(res.get('validation') or {}).get('size', '?')} "
+                 f"images held out of train, refit on all {n_train} labelled images of {split_name(str(train))}")
+    if k400:
+        text += (f"; 400/class: C={k400.get('c', '-'):.3g}, mean +- 1.96 std over {len(k400.get('draws', []))} "
+                 f"draws")
+    return text + (f"; scored on {split_name(str(test))}; evaluation commit {commit_of(res)}, "
+                   f"{str((res.get('provenance') or {}).get('date', '?'))[:10]}")
+
+
+def reproduced_row(path: Path, out_dir: Path) -> dict[str, Any]:
+    res = read_results(path)
+    feat = (res.get("features") or {}).get("attrs", {})
+    settings = res.get("settings", {})
+    full, k400 = settings.get("full") or {}, settings.get("400") or {}
+    scale = str(((feat.get("pretrain") or {}).get("config") or {}).get("preset")
+                or (feat.get("config") or {}).get("preset") or (res.get("config") or {}).get("preset") or "")
+    how = kmeans_text(feat) if feat.get("kind") == "kmeans" else pretrain_text(feat)
+    how += "; " + eval_text(res, feat) + ("" if is_control(feat) else curve_text(res))
+    status = f"{'control' if is_control(feat) else 'reproduced'} ({scale or 'custom'} scale)"
     return {"model": row_name(feat, scale), "full": percent(full.get("test_acc")),
-            "400 per class": percent(k400.get("mean"), k400.get("ci95")),
+            "400 per class": percent(k400.get("mean"), k400.get("ci95")), "gain over untrained control": "",
             "max # features units": feat.get("max_units", (feat.get("config") or {}).get("k", "-")),
-            "status": f"reproduced ({scale or 'custom'} scale)",
-            "samples": samples_link(res, out_dir, path.name.split(".")[0] + "-" + path.parent.name),
-            "how produced": how}
+            "status": "; ".join([status] + flags(res, feat)),
+            "samples": "" if is_control(feat) else samples_link(res, out_dir, path.name.split(".")[0] + "-" + path.parent.name),
+            "how produced": how,
+            # for pairing rows with their controls, dropped before writing
+            "_pair": ((feat.get("pretrain") or {}).get("key"), json.dumps(svm_pairing_config(res), sort_keys=True)),
+            "_control": is_control(feat), "_acc": (full.get("test_acc"), k400.get("mean"))}
+
+
+def svm_pairing_config(res: dict) -> dict:
+    return {k: v for k, v in (res.get("config") or {}).items() if k not in ("features", "out", "device")}
+
+
+def gain(trained: float | None, control: float | None) -> str:
+    return "-" if trained is None or control is None else f"{100 * (trained - control):+.1f}"
+
+
+def attach_gains(rows: list[dict]) -> None:
+    """Each trained critic's gain over its own untrained control (same run, same SVM protocol), in points."""
+    controls = {r["_pair"]: r for r in rows if r["_control"]}
+    for row in rows:
+        if row["_control"] or row["_pair"][0] is None:
+            continue
+        control = controls.get(row["_pair"])
+        row["gain over untrained control"] = "no control" if control is None else \
+            f"full {gain(row['_acc'][0], control['_acc'][0])}, 400 {gain(row['_acc'][1], control['_acc'][1])} points"
 
 
 def build_table(cfg: Config) -> pd.DataFrame:
-    rows = quoted_rows() if cfg.quoted else []
-    rows += [reproduced_row(p, Path(cfg.out_dir)) for p in result_paths(cfg.results)]
-    return pd.DataFrame(rows, columns=COLUMNS)
+    rows = [reproduced_row(p, Path(cfg.out_dir)) for p in result_paths(cfg.results)]
+    attach_gains(rows)
+    if cfg.data_note:
+        for row in rows:
+            row["how produced"] += f"; data: {cfg.data_note}"
+    return pd.DataFrame((quoted_rows() if cfg.quoted else []) + rows, columns=COLUMNS)
 
 
 def compare_samples(cfg: Config) -> Path | None:
     """All reproduced GAN rows' sample grids side by side in one PNG."""
     from .report import report_compare
-    runs = [r for r in (run_dir_of(json.loads(p.read_text())) for p in result_paths(cfg.results)) if r]
+    runs = sorted({r for r in (run_dir_of(read_results(p)) for p in result_paths(cfg.results)) if r})
     if not runs:
         return None
     return report_compare(runs, Path(cfg.out_dir) / f"{cfg.name}_samples.png", "samples of each reproduced GAN")
 
 
 def header(cfg: Config, n_reproduced: int) -> str:
+    made_by = f" by `{cfg.command}`" if cfg.command else ""
     return (f"# CIFAR-10 linear L2-SVM accuracy on frozen features\n\n"
-            f"Generated by `replearn table` at commit {git_commit()} from `{cfg.results}`. "
+            f"Generated{made_by} with `replearn table` at commit {git_commit()}. "
             f"Quoted rows are the literature's numbers on the CIFAR-10 test split (PROTOCOL s.4); "
             f"{n_reproduced} reproduced row(s) were computed by this code, and each says how, including "
-            f"which split it was scored on. Rows marked *smoke scale* come from minutes of CPU "
-            f"pretraining and are not comparable with the quoted numbers.\n\n")
+            f"which split it was scored on. Each reproduced critic has an *untrained control* row: the same "
+            f"network at initialisation (step 0, BatchNorm statistics recomputed the same way) through the same "
+            f"features and SVM protocol; the gain over it is what pretraining bought. \"+-x\" is 1.96 std over "
+            f"the 400-per-class draws, as the paper reports it. Rows marked *smoke*, *tiny* or *cpu scale* come "
+            f"from minutes of CPU pretraining and are not comparable with the quoted numbers.\n\n")
 
 
 def run(cfg: Config) -> Path:

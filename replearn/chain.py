@@ -1,0 +1,134 @@
+"""The whole protocol as one stage: pretrain -> features (trained and untrained control) -> svm ->
+curve -> K-means -> table, every artifact keyed and reused, the table published to `tables/`.
+
+    python -m replearn chain preset=smoke models=dcgan,wgan-gp pretrain_data=... train=... test=...
+
+This is what `make pretrain|features|svm|curve|svm-table` run (with `upto=`). Each artifact lives
+under `<build_dir>/<preset>/` in a folder or file named by its key (runs.py): the same key is reused
+at once, a different one (another config, `*_args`, input artifact or data file) is built beside the
+old one, so nothing committed or built earlier can stand in for what was asked. The table is
+written last, to `<tables_dir>/<name>-<preset>.md` (and .csv, .tex), from this run's artifacts only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import curve, features, kmeans, pretrain, svm, tables
+from .config import ConfigError, build, register_preset, split_overrides
+
+UPTO = ("pretrain", "features", "svm", "curve", "table")
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "paper"
+    models: tuple[str, ...] = ("dcgan", "wgan-gp")    # recipes (replearn.recipes); one table row each
+    pretrain_data: str = "hf:benjamin-paine/imagenet-1k-32x32:train"
+    train: str = "hf:uoft-cs/cifar10:train"          # the labelled split the SVMs fit
+    test: str = "hf:uoft-cs/cifar10:test"            # the split they are scored on
+    controls: bool = True          # the same critics at initialisation, through the same protocol
+    curve: bool = True             # score every interval checkpoint (the pretraining curve)
+    kmeans: bool = True            # Coates's K-means baseline row
+    upto: str = "table"            # pretrain | features | svm | curve | table: the last stage to run
+    build_dir: str = "build"       # every artifact, in folders named by their keys
+    tables_dir: str = "tables"     # where the table is published
+    name: str = "cifar10"          # the table's name: <tables_dir>/<name>-<preset>.md
+    data_note: str = ""            # said in every row about the evaluation data (e.g. its encoding)
+    cache_dir: str = "cache"
+    # extra key=value words for each stage (the Makefile's PRETRAIN_ARGS, FEATURES_ARGS, SVM_ARGS, ...)
+    pretrain_args: str = ""
+    features_args: str = ""
+    svm_args: str = ""
+    kmeans_args: str = ""
+    curve_args: str = ""
+
+
+def words(text: str) -> dict[str, str]:
+    return split_overrides(text.split())
+
+
+def pretrain_step(cfg: Config, model: str, root: Path) -> Path:
+    values = {"preset": cfg.preset, "model": model, "data": cfg.pretrain_data, "cache_dir": cfg.cache_dir,
+              **words(cfg.pretrain_args)}
+    planned, key = pretrain.plan(build(pretrain.Config, "pretrain", values))
+    run_cfg = dataclasses.replace(planned, run_dir=str(root / f"{model}-{key}"))
+    if pretrain.is_done(run_cfg):
+        print(f"chain: {run_cfg.run_dir} is up to date")
+    else:
+        pretrain.run(run_cfg)
+    return Path(run_cfg.run_dir)
+
+
+def features_step(cfg: Config, run_dir: Path, checkpoint: str) -> Path:
+    from . import runs
+    values = {"preset": cfg.preset, "run": str(run_dir), "checkpoint": checkpoint, "train": cfg.train,
+              "test": cfg.test, "cache_dir": cfg.cache_dir, "expect_run_key": runs.run_key(run_dir),
+              **words(cfg.features_args)}
+    return features.run(build(features.Config, "features", values))
+
+
+def svm_step(cfg: Config, feature_file: Path, extra: dict | None = None) -> Path:
+    values = {"preset": cfg.preset, "features": str(feature_file), **(extra or {}), **words(cfg.svm_args)}
+    return svm.run(build(svm.Config, "svm", values))
+
+
+def curve_step(cfg: Config, run_dir: Path) -> Path:
+    values = {"preset": cfg.preset, "run": str(run_dir), "train": cfg.train, "test": cfg.test,
+              "cache_dir": cfg.cache_dir, "features_args": cfg.features_args, "svm_args": cfg.svm_args,
+              **words(cfg.curve_args)}
+    return curve.run(build(curve.Config, "curve", values))
+
+
+def kmeans_steps(cfg: Config, root: Path) -> Path:
+    """Coates: features standardised in the file, his C (0.5||w||^2 + 100 * mean hinge^2)."""
+    values = {"preset": cfg.preset, "train": cfg.train, "test": cfg.test, "cache_dir": cfg.cache_dir,
+              **words(cfg.kmeans_args)}
+    km_cfg = build(kmeans.Config, "kmeans", values)
+    if not km_cfg.out:
+        km_cfg = dataclasses.replace(km_cfg, out=str(root / f"kmeans-{kmeans.artifact_key(km_cfg)}" / "features.h5"))
+    return svm_step(cfg, kmeans.run(km_cfg), {"fixed_c": 100, "c_form": "mean"})
+
+
+def final_checkpoint(run_dir: Path) -> str:
+    """The run's last step as a step-named file: `last.pt` changes when a run is extended."""
+    from . import runs
+    saved = runs.interval_checkpoints(run_dir)
+    if not saved:
+        raise ConfigError(f"{run_dir} has no ckpt_*.pt; rerun `replearn pretrain` for it")
+    return saved[-1][1].name
+
+
+def run(cfg: Config) -> Path:
+    """Run the whole chain (or up to `upto`) with keyed, reused artifacts; publish the table."""
+    if cfg.upto not in UPTO:
+        raise ConfigError(f"unknown upto {cfg.upto!r}; choose from: {', '.join(UPTO)}")
+    stop = UPTO.index(cfg.upto)
+    root = Path(cfg.build_dir) / cfg.preset
+    run_dirs = [pretrain_step(cfg, model, root) for model in cfg.models]
+    if stop < UPTO.index("features"):
+        return root
+    results = []
+    for run_dir in run_dirs:
+        checkpoints = [final_checkpoint(run_dir)] + (["ckpt_0000000.pt"] if cfg.controls else [])
+        feature_files = [features_step(cfg, run_dir, name) for name in checkpoints]
+        if stop >= UPTO.index("svm"):
+            results += [svm_step(cfg, f) for f in feature_files]
+        if stop >= UPTO.index("curve") and cfg.curve:
+            curve_step(cfg, run_dir)
+    if stop >= UPTO.index("svm") and cfg.kmeans:
+        results.append(kmeans_steps(cfg, root))
+    if stop < UPTO.index("table"):
+        return root
+    table_cfg = tables.Config(results=",".join(str(r) for r in results), out_dir=cfg.tables_dir,
+                              name=f"{cfg.name}-{cfg.preset}", data_note=cfg.data_note,
+                              command=f"replearn chain preset={cfg.preset} (make svm-table PRESET={cfg.preset})")
+    return tables.run(table_cfg)
+
+
+# presets: what each scale of the chain builds by default
+register_preset("tiny", "chain", models=("dcgan", "wgan-gp"))
+register_preset("smoke", "chain", models=("dcgan", "wgan-gp", "wgan", "wgan-gp-sn-resnet", "sagan"))
+register_preset("cpu", "chain", models=("dcgan", "wgan-gp"))
+register_preset("paper", "chain")

@@ -1,0 +1,135 @@
+"""Artifact keys and the pretrain run-folder layout: the one module every later stage reads.
+
+Keys. Every artifact (run folder, feature file, results JSON) carries a `key`: a short hash of
+everything that determines it -- the stage's resolved config less the keys that only say where or
+how fast to compute it, the keys of its input artifacts, and the identity of its data sources
+(`data.source_id`: resolved path, slice, size and mtime of the files). The same key means the
+artifact can be reused; a different key builds a new artifact beside the old one. A stage asked for
+an input with an expected key refuses, in one line, an input whose recorded key differs.
+
+Run folder (written by `pretrain`):
+    config.json      resolved config, data identity, key, provenance
+    last.pt          model, optimizers, step, RNG, config: the resume point
+    ckpt_<step>.pt   weights at log-spaced steps (0, 1, 2, 5, 10, 20, 50, ...) and every ckpt_every
+    finished.json    written when the run reached its steps or time budget
+    log.jsonl, samples/, losses.png, report.md, curve-<key>.json/.png
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from .config import ConfigError
+
+LAST = "last.pt"
+FINISHED = "finished.json"
+CONFIG = "config.json"
+CKPT_PATTERN = re.compile(r"ckpt_(\d+)\.pt")
+
+
+# ============================================================================ keys
+def artifact_key(stage: str, config: dict[str, Any], ignore: Iterable[str] = (), **inputs: Any) -> str:
+    """10 hex digits identifying what `stage` makes from `config` (less `ignore`) and `inputs`."""
+    kept = {k: v for k, v in sorted(config.items()) if k not in set(ignore)}
+    text = json.dumps({"stage": stage, "config": kept, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def check_key(path: str | Path, recorded: str | None, expected: str | None) -> None:
+    """One line, naming the file, when an input artifact is not the one the caller asked for."""
+    if expected and recorded != expected:
+        raise ConfigError(f"{path} has key {recorded!r}, not the expected {expected!r}: it was made from other "
+                          f"inputs or settings; delete it or point at the right artifact")
+
+
+# ============================================================================ run folders
+def ckpt_name(step: int) -> str:
+    return f"ckpt_{step:07d}.pt"
+
+
+def log_spaced(step: int) -> bool:
+    """Steps 0, 1, 2, 5, 10, 20, 50, 100, ...: the pretraining curve gets points early and late."""
+    if step == 0:
+        return True
+    mantissa = step
+    while mantissa % 10 == 0:
+        mantissa //= 10
+    return mantissa in (1, 2, 5)
+
+
+def interval_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `ckpt_<step>.pt` in the folder, in step order."""
+    found = []
+    for path in Path(run_dir).glob("ckpt_*.pt"):
+        match = CKPT_PATTERN.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_record(run_dir: str | Path) -> dict:
+    """The run's config.json (resolved config, data identity, key); one line if it is missing."""
+    record = read_json(Path(run_dir) / CONFIG)
+    if record is None:
+        raise ConfigError(f"{Path(run_dir) / CONFIG} is missing or unreadable: not a pretrain run folder "
+                          f"(run `replearn pretrain run_dir={run_dir}` first)")
+    return record
+
+
+def run_key(run_dir: str | Path) -> str | None:
+    return run_record(run_dir).get("key")
+
+
+def finished_record(run_dir: str | Path) -> dict | None:
+    return read_json(Path(run_dir) / FINISHED)
+
+
+def checkpoint_path(run: str | Path, which: str = LAST) -> Path:
+    path = Path(run) / which if Path(run).is_dir() else Path(run)
+    if not path.exists():
+        found = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
+        raise ConfigError(f"checkpoint not found: {path} (found: {', '.join(found) or 'none'}; run "
+                          f"`replearn pretrain run_dir={path.parent}` first)")
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu", mmap: bool = False) -> dict:
+    """A checkpoint dict, loaded without running code from the file (weights_only)."""
+    import pickle
+
+    import torch
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln] or ["unsupported content"]
+        raise ConfigError(f"{path}: refused to load ({lines[0][:160]}); only tensors, numbers, strings and plain "
+                          f"containers are read. Re-save an old checkpoint with those only, or retrain") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ConfigError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:200]}); delete it "
+                          f"and rerun the stage that made it") from None
+
+
+def load_run(run: str | Path, which: str = LAST, device: str = "cpu"):
+    """(resolved pretrain config, generator, critic, checkpoint dict) of a run's checkpoint."""
+    from . import nets
+    from .config import from_dict
+    from .pretrain import Config
+    path = checkpoint_path(run, which)
+    ckpt = load_checkpoint(path, device)
+    cfg = from_dict(Config, ckpt["config"])
+    gen, critic = nets.build_models(cfg.arch, norm=cfg.norm, spectral_norm=cfg.spectral_norm,
+                                    attention_res=cfg.attention_res, z_dim=cfg.z_dim, image_size=cfg.image_size,
+                                    width=cfg.width, g_norm=cfg.g_norm)
+    gen.load_state_dict(ckpt["generator"])
+    critic.load_state_dict(ckpt["critic"])
+    return cfg, gen.to(device).eval(), critic.to(device).eval(), ckpt
