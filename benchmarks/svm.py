@@ -13,6 +13,14 @@ Measured, in one run on one machine:
   * 40000 x 28672: replearn alone;
   * the whole 400-per-class protocol (7 C x 10 selection draws + 100 final draws) via `svm.run`.
 Writes benchmarks/results/svm.json.   Usage: python benchmarks/svm.py [--skip-liblinear]
+
+--full-setting --features PATH [--presearch ROWS]: only the full setting, on all train rows of a
+feature file (meant for a TRAINED critic's file: 50000 x 28672 at CIFAR scale). `full_setting_seconds`
+is `svm.run_full` (bracketed C search on train-minus-val, then the refit on all of train); beside it
+the exhaustive search over the same bracket: every C the search scored (on the subsample too, with
+--presearch) fitted on all train-minus-val rows as one warm-started path and scored, then the refit.
+Records whether both choose the same C and each one's test accuracy, under `full_setting` in the
+results JSON (other keys kept). Feature loading is timed apart.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -147,6 +156,54 @@ def protocol_400(final_draws: int) -> dict:
     return row
 
 
+def full_setting(args) -> dict:
+    """The full setting as configured (bracketed, optionally with a presearch) against the exhaustive
+    search over every C it scored; both refit on all of train and score on test."""
+    cfg = build(svm.Config, "svm", {"features": str(args.features), "settings": ("full",), "val_size": args.val_size,
+                                    "c_presearch": args.presearch, "c_scale": args.c_scale, "device": args.device})
+    device = svm.pick_device(cfg.device)
+    start = time.perf_counter()
+    with store.FeatureFile(cfg.features) as ff:
+        X, y, n_rest, stats = svm.load_checked(ff, cfg)                  # N x D float32, train-minus-val first
+        test = svm.SplitScorer(ff, cfg, stats)
+        attrs = {k: ff.attrs.get(k) for k in ("kind", "model", "key")}
+    factor = svm.c_scale_factor(X, cfg)
+    load_seconds = time.perf_counter() - start
+    bar = tqdm(total=0, disable=True)
+    bracketed, seconds = timed(svm.run_full, X, y, n_rest, test, cfg, factor, device, bar)
+    print(json.dumps({"bracketed_c": bracketed["c_select"], "seconds": seconds}), file=sys.stderr)
+    exhaustive = exhaustive_full(X, y, n_rest, test, cfg, device, bracketed)
+    return {"machine": hardware(), "features": str(args.features), "feature_attrs": attrs, "n": len(X),
+            "d": X.shape[1], "n_rest": n_rest, "presearch_rows": args.presearch, "c_scale_factor": factor,
+            "load_seconds": load_seconds, "full_setting_seconds": seconds,
+            "exhaustive_seconds": exhaustive["seconds"], "same_c": exhaustive["c_select"] == bracketed["c_select"],
+            "bracketed": {k: v for k, v in bracketed.items() if k != "seconds"}, "exhaustive": exhaustive,
+            "provenance": provenance()}
+
+
+def exhaustive_full(X, y, n_rest: int, test, cfg, device, bracketed: dict) -> dict:
+    """Every C the bracketed search scored (the presearch's too), fitted on all of train-minus-val as one
+    warm-started path, scored on val; the best refit on all of train (same refit C rule)."""
+    start = time.perf_counter()
+    grid = sorted(set(bracketed["grid"]) | set((bracketed.get("presearch") or {}).get("grid", [])))
+    models = svm._Fitter(X[:n_rest], y[:n_rest], cfg, device).path(grid)
+    curve = {c: svm.accuracy(m, X[n_rest:], y[n_rest:]) for c, m in zip(grid, models)}
+    chosen = svm._pick(curve)
+    refit_c = chosen * n_rest / len(X) if cfg.c_form == "mean" else chosen
+    model = svm._Fitter(X, y, cfg, device).path([refit_c], warm=models[grid.index(chosen)])[0]
+    fits = [[c, "select", m.info] for c, m in zip(grid, models)] + [[refit_c, "refit", model.info]]
+    return {"grid": grid, "val_curve": {repr(c): a for c, a in curve.items()}, "c_select": chosen, "c": refit_c,
+            "test_acc": test.score([model])[0], "solver": svm.solver_summary(fits),
+            "seconds": time.perf_counter() - start}
+
+
+def merge_results(path: Path, key: str, value: dict) -> None:
+    """Add or replace one top-level key of the results JSON, keeping every other key as it is."""
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record[key] = svm._json_keys(value)
+    atomic_write_json(path, record)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--extract-only", action="store_true")
@@ -154,7 +211,22 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--skip-protocol", action="store_true")
     parser.add_argument("--final-draws", type=int, default=100, help="fewer: time of 100 projected")
+    parser.add_argument("--full-setting", action="store_true", help="only the full setting: bracketed vs exhaustive")
+    parser.add_argument("--features", type=Path, help="--full-setting: the feature file (a trained critic's)")
+    parser.add_argument("--presearch", type=int, default=10000,
+                        help="--full-setting: c_presearch rows (0: every C of the bracket on all rows)")
+    parser.add_argument("--val-size", type=int, default=10000, help="--full-setting: validation rows")
+    parser.add_argument("--c-scale", default="none", choices=svm.C_SCALES, help="--full-setting: c_scale")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="--full-setting: the results JSON to merge into")
     args = parser.parse_args()
+    if args.full_setting:
+        if args.features is None:
+            parser.error("--full-setting needs --features PATH (a trained critic's feature file)")
+        row = full_setting(args)
+        merge_results(args.results, "full_setting", row)
+        print(json.dumps({k: row[k] for k in ("full_setting_seconds", "exhaustive_seconds", "same_c")}, indent=2))
+        return
     extract_features()
     if args.extract_only:
         return

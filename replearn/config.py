@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import typing
-from typing import Any
+from typing import Any, Callable, Iterable
 
 # preset name -> stage name -> {key: value}. Filled by the stage modules through `register_preset`.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
@@ -108,12 +108,12 @@ def build(cls, stage: str, overrides: dict[str, Any] | list[str] | None = None):
         raise ConfigError(f"unknown key(s) {unknown} for stage {stage!r}; valid keys: {', '.join(valid)}")
     values: dict[str, Any] = {}
     preset = overrides.get("preset")
-    if preset is not None and "preset" in valid:
+    if preset and "preset" in valid:   # '' (every stage's default) and None mean no preset
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         values.update(PRESETS[preset].get(stage, {}))
     values.update(overrides)
-    return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+    return validate(cls(**{k: _coerce(cls, k, v) for k, v in values.items()}))
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -123,5 +123,54 @@ def to_dict(cfg) -> dict[str, Any]:
 def from_dict(cls, values: dict[str, Any]):
     """Rebuild a config saved by `to_dict`, ignoring keys this version no longer has."""
     valid = set(field_names(cls))
-    return cls(**{k: _coerce(cls, k, v) for k, v in values.items() if k in valid})
+    return validate(cls(**{k: _coerce(cls, k, v) for k, v in values.items() if k in valid}))
+
+
+# ============================================================================ value checks
+# config class -> checks that `build`, `from_dict` and `validate` run on every config built. They are
+# here, not in each stage's `run`, so an out-of-range value fails in one line when the command is
+# parsed (exit 2), not minutes into a stage. Register one with `register_check(Config, fn)`.
+CHECKS: dict[type, list[Callable[[Any], None]]] = {}
+
+
+def register_check(cls, check: Callable[[Any], None] | None = None):
+    """`register_check(Config, fn)`, or `@register_check(Config)` above `fn(cfg)`, which raises ConfigError."""
+    def add(fn):
+        if fn not in CHECKS.setdefault(cls, []):
+            CHECKS[cls].append(fn)
+        return fn
+    return add(check) if check is not None else add
+
+
+def validate(cfg):
+    """Run the checks registered for the config's class; returns the config."""
+    for check in CHECKS.get(type(cfg), ()):
+        check(cfg)
+    return cfg
+
+
+def require(cfg, *, positive: Iterable[str] = (), non_negative: Iterable[str] = (),
+            at_least: dict[str, float] | None = None, choices: dict[str, Iterable] | None = None,
+            stage: str = "") -> None:
+    """One ConfigError naming every value out of range: `positive` keys need > 0, `non_negative` >= 0,
+    `at_least` {key: minimum}, `choices` {key: allowed values}. None passes (a key left unset, filled in
+    later, e.g. from a recipe); a tuple is checked item by item."""
+    rules = [(key, lambda v: v > 0, "> 0") for key in positive]
+    rules += [(key, lambda v: v >= 0, ">= 0") for key in non_negative]
+    rules += [(key, lambda v, m=least: v >= m, f">= {least}") for key, least in (at_least or {}).items()]
+    bad = [f"{key}={getattr(cfg, key)!r} (needs {need})" for key, ok, need in rules
+           if not all(ok(v) for v in _items(getattr(cfg, key)))]
+    for key, allowed in (choices or {}).items():
+        allowed = tuple(allowed)
+        if not all(v in allowed for v in _items(getattr(cfg, key))):
+            bad.append(f"{key}={getattr(cfg, key)!r} (choose from: {', '.join(map(str, allowed))})")
+    if bad:
+        stage = stage or type(cfg).__module__.rsplit(".", 1)[-1]
+        raise ConfigError(f"{stage}: value(s) out of range: {', '.join(bad)}")
+
+
+def _items(value) -> tuple:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 

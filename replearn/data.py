@@ -24,10 +24,12 @@ JPEGs several times cheaper (see benchmarks/prepare.py).
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import pickle
@@ -47,8 +49,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .config import ConfigError, to_dict
+from .config import ConfigError, register_check, require, to_dict, validate
 from .store import ImageSet, _load_attr, read_image_cache, write_image_cache
+from .utils import check_writable
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,10 @@ class Config:
     cache_dir: str = "cache"   # caches are rebuilt from sources, so they live apart from results
     workers: int = 2           # decoding processes; this machine has 2 cores
     out: str = ""              # explicit output path; "" = cache_path(source, size, cache_dir)
+    label_column: str = ""     # parquet / hf: the label column (e.g. fine_label); "" = the ClassLabel or 'label'
 
+
+register_check(Config, lambda cfg: require(cfg, at_least={"size": 1}, non_negative=("workers",), stage="prepare"))
 
 ACCEPTED = ("a parquet file or folder (HF layout), hf:<dataset id>[:split], a CIFAR-10 batches folder[:test], "
             "an Imagenet32 batches folder[:val], a JPEG tree root/<class>/<file>, or an .h5 image cache; "
@@ -142,6 +148,21 @@ def parse_spec(text: str) -> Spec:
     return Spec(text, kind, str(path.resolve()), split, start, stop)
 
 
+def absolute_spec(text: str) -> str:
+    """The spec with its local path made absolute (`:split` and `[a:b]` kept as written, `hf:` ids
+    untouched), so a run folder records data that still resolves from another working directory."""
+    text = text.strip()
+    match = SLICE.match(text)
+    base = match["base"] if match else text
+    if base.startswith("hf:") or not base:
+        return text
+    suffix = text[len(base):]
+    split_match = SPLIT.match(base)
+    if not Path(base).expanduser().exists() and split_match and Path(split_match["path"]).expanduser().exists():
+        return f"{Path(split_match['path']).expanduser().resolve()}:{split_match['split']}{suffix}"
+    return f"{Path(base).expanduser().resolve()}{suffix}"
+
+
 def _int_or_none(text: str) -> int | None:
     return int(text) if text not in ("", "+", "-") else None
 
@@ -204,8 +225,9 @@ class RawSource:
     num_rows: int
     class_names: list[str]
     batches: Callable[[int, int], Iterator[tuple[Sequence | np.ndarray, np.ndarray]]]
-    item_names: Callable[[int], str] = str   # row index -> how a skipped row is named
+    item_names: Callable[[int], str] = str   # row index -> how a skipped or mislabelled row is named
     attrs: dict[str, Any] = field(default_factory=dict)
+    label_offset: int = 0                    # subtracted from the stored labels (Imagenet32's are 1-based)
 
 
 # ---------------------------------------------------------------------------- parquet / HF
@@ -229,8 +251,14 @@ def _image_column(schema, features: dict[str, dict], where: str) -> str:
                       f"column of {{bytes, path}} structs, as `datasets` writes it")
 
 
-def _label_column(schema, features: dict[str, dict]) -> tuple[str | None, list[str]]:
+def _label_column(schema, features: dict[str, dict], wanted: str = "",
+                  where: str = "") -> tuple[str | None, list[str]]:
     labels = {n: f for n, f in features.items() if isinstance(f, dict) and f.get("_type") == "ClassLabel"}
+    if wanted:
+        if wanted not in schema.names:
+            raise ConfigError(f"{where} has no label column {wanted!r} (columns: {', '.join(schema.names)}); "
+                              f"set label_column= to one of them, or '' to detect it")
+        return wanted, list(labels[wanted].get("names") or []) if wanted in labels else []
     if labels:
         name = "label" if "label" in labels else next(iter(labels))
         return name, list(labels[name].get("names") or [])
@@ -258,9 +286,10 @@ def _local(path: str | None, base_dir: Path | None) -> str:
 
 
 def _arrow_labels(table, label_col: str | None) -> np.ndarray:
+    """The label column as stored (nulls become NaN or None); `LabelCheck` turns it into int64."""
     if label_col is None:
         return np.full(table.num_rows, -1, dtype=np.int64)
-    return table.column(label_col).to_numpy(zero_copy_only=False).astype(np.int64)
+    return table.column(label_col).to_numpy(zero_copy_only=False)
 
 
 def _parquet_files(path: Path, split: str | None) -> list[Path]:
@@ -272,14 +301,14 @@ def _parquet_files(path: Path, split: str | None) -> list[Path]:
     return files
 
 
-def read_parquet(spec: Spec) -> RawSource:
+def read_parquet(spec: Spec, label_column: str = "") -> RawSource:
     """HF-layout parquet files, read one record batch at a time with pyarrow."""
     import pyarrow.parquet as pq
     files = [(f, pq.ParquetFile(f)) for f in _parquet_files(Path(spec.location), spec.split)]
     schema = files[0][1].schema_arrow
     features = _hf_features(schema)
     image_col = _image_column(schema, features, str(files[0][0]))
-    label_col, class_names = _label_column(schema, features)
+    label_col, class_names = _label_column(schema, features, label_column, str(files[0][0]))
     for name, pf in files:
         missing = [c for c in (image_col, label_col) if c and c not in pf.schema_arrow.names]
         if missing:
@@ -330,7 +359,7 @@ def _reachable(host: str | None, timeout: float) -> bool:
         return False
 
 
-def read_hf(spec: Spec) -> RawSource:
+def read_hf(spec: Spec, label_column: str = "") -> RawSource:
     """`hf:<id>[:split]` through datasets.load_dataset; rows stay in arrow until decoded."""
     import datasets
     try:
@@ -344,8 +373,11 @@ def read_hf(spec: Spec) -> RawSource:
     if image_col is None:
         raise ConfigError(f"dataset {spec.location!r} has no Image column (features: {', '.join(ds.features)})")
     labels = {n: f for n, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
-    label_col = "label" if "label" in labels else next(iter(labels), None)
-    class_names = list(labels[label_col].names) if label_col else []
+    label_col = label_column or ("label" if "label" in labels else next(iter(labels), None))
+    if label_col and label_col not in ds.features:
+        raise ConfigError(f"dataset {spec.location!r} has no label column {label_col!r} (features: "
+                          f"{', '.join(ds.features)}); set label_column= to one of them, or '' to detect it")
+    class_names = list(labels[label_col].names) if label_col in labels else []
 
     def batches(start: int, stop: int):
         for table in ds.select(range(start, stop)).with_format("arrow").iter(batch_size=PARQUET_BATCH):
@@ -356,9 +388,37 @@ def read_hf(spec: Spec) -> RawSource:
 
 
 # ---------------------------------------------------------------------------- pickled batches
+# The only globals an image batch needs: numpy arrays (python 2's protocol 2 via _reconstruct, newer
+# protocols via _frombuffer), their dtypes and scalars, and the bytes codec of protocol 2 written by
+# python 3. Builtin containers need none. Anything else would be code run by loading the file.
+PICKLE_GLOBALS = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+                  for name in ("_reconstruct", "scalar")} | {
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"global {module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        batch = pickle.load(fh, encoding="bytes")
+    """A pickled batch file, read without running code from it."""
+    try:
+        with open(path, "rb") as fh:
+            batch = _BatchUnpickler(fh, encoding="bytes").load()   # python 2 str -> bytes, as the files need
+    except pickle.UnpicklingError as err:
+        if str(err).startswith("global "):
+            raise ConfigError(f"{path}: refused to load the {err}: an image batch holds only numpy arrays, lists "
+                              f"and dicts, and this file would run code; replace it with the original download") from None
+        raise ConfigError(f"{path} is not a readable pickled batch ({err}); replace it with the original download") from None
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as err:
+        raise ConfigError(f"{path} is not a readable pickled batch ({type(err).__name__}: {err}); replace it with "
+                          f"the original download") from None
+    if not isinstance(batch, dict):
+        raise ConfigError(f"{path} holds a {type(batch).__name__}, not a batch dict; replace it with the original download")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
 
 
@@ -382,15 +442,21 @@ def _batch_files(folder: Path, train_prefix: str, other: str, split: str) -> lis
 
 
 def _pickled_source(files: list[Path], label_offset: int, class_names: Callable[[int], list[str]]) -> RawSource:
-    """Every batch file decoded to HWC up front; batches() hands each chunk over once and drops it."""
+    """Every batch file decoded to HWC up front; batches() hands each chunk over once and drops it.
+    Labels stay as stored (load_source checks them, then subtracts `label_offset`)."""
     chunks, labels = [], []
     for f in files:
         batch = _unpickle(f)
         if "data" not in batch or "labels" not in batch:
             raise ConfigError(f"{f} is not an image batch (keys: {sorted(batch)}); expected 'data' and 'labels'")
         chunks.append(_planar_to_hwc(batch["data"]))
-        labels.append(np.asarray(batch["labels"], dtype=np.int64) - label_offset)
-    num_classes = int(max(int(lab.max(initial=-1)) for lab in labels)) + 1
+        labels.append(np.asarray(batch["labels"]))
+    num_classes = max(_largest_label(lab) for lab in labels) - label_offset + 1
+    starts = np.cumsum([0] + [len(c) for c in chunks]).tolist()
+
+    def item_name(i: int) -> str:
+        k = bisect.bisect_right(starts, i) - 1
+        return f"{files[k].name} row {i - starts[k]}"
 
     def batches(start: int, stop: int):
         offset = 0
@@ -401,7 +467,14 @@ def _pickled_source(files: list[Path], label_offset: int, class_names: Callable[
             offset += len(chunk)
             chunks[i] = None   # release each file's pixels once copied into the output
 
-    return RawSource(sum(len(c) for c in chunks), class_names(num_classes), batches, lambda i: f"row {i}")
+    return RawSource(starts[-1], class_names(num_classes), batches, item_name, label_offset=label_offset)
+
+
+def _largest_label(labels: np.ndarray) -> int:
+    """The largest integer label (bad values are reported by load_source with their row)."""
+    if labels.dtype.kind in "iu":
+        return int(labels.max(initial=-1))
+    return max((int(v) for v in labels.ravel() if isinstance(v, (int, np.integer))), default=-1)
 
 
 def read_cifar(spec: Spec) -> RawSource:
@@ -496,20 +569,115 @@ def _decode_batch(items: Sequence | np.ndarray, size: int,
     return pool.map(decode, items)
 
 
-def load_source(spec: str, size: int = 32, workers: int = 2, progress: bool = True) -> ImageSet:
-    """Read any source spec into memory as size x size uint8 images (see the module docstring)."""
+class LabelCheck:
+    """Each batch's stored labels -> int64, or one line naming the source, the row and the value:
+    null, not an integer, negative, or >= the number of class names where the source names them.
+    -1 means 'no label' only for a whole source: one without a label column (its reader fills in -1),
+    or a column that is -1 throughout, as Hugging Face stores unlabelled test splits; a -1 among real
+    labels is refused."""
+
+    def __init__(self, spec: str, raw: RawSource):
+        self.spec, self.raw, self.num_classes = spec, raw, len(raw.class_names)
+        self.first_unlabelled: tuple[int, Any] | None = None
+        self.any_labelled = False
+
+    def __call__(self, stored: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        labels, bad = _integer_labels(stored)
+        if bad.any():
+            i = int(np.argmax(bad))
+            self.refuse(rows[i], stored[i], "which is not an integer")
+        labels -= self.raw.label_offset
+        high = labels >= self.num_classes if self.num_classes else np.zeros(len(labels), dtype=bool)
+        if ((labels < -1) | high).any():
+            i = int(np.argmax((labels < -1) | high))
+            self.refuse(rows[i], stored[i], f"outside 0..{self.num_classes - 1} (the {self.num_classes} class "
+                                            f"names)" if high[i] else "which is negative")
+        unlabelled = labels == -1
+        if unlabelled.any() and self.first_unlabelled is None:
+            i = int(np.argmax(unlabelled))
+            self.first_unlabelled = (int(rows[i]), stored[i])
+        self.any_labelled |= bool((~unlabelled).any())
+        return labels
+
+    def finish(self) -> None:
+        if self.any_labelled and self.first_unlabelled is not None:
+            self.refuse(*self.first_unlabelled, "which is negative (-1 = 'no label') among labelled rows")
+
+    def refuse(self, row: int, value, why: str) -> None:
+        value = value.item() if isinstance(value, np.generic) else value
+        hint = "fix the data, or pick the label column with label_column=<name>" if "label_column" in self.raw.attrs \
+            else "fix or replace the file"
+        raise ConfigError(f"{self.spec}: {self.raw.item_names(int(row))} has label {value!r}, {why}; {hint}")
+
+
+def _integer_labels(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 labels, mask of null or non-integer entries), vectorised for the usual int columns."""
+    if stored.dtype.kind in "iu":
+        return stored.astype(np.int64), np.zeros(len(stored), dtype=bool)
+    if stored.dtype.kind == "f":   # an int column with nulls arrives as float with NaN
+        bad = ~np.isfinite(stored) | (stored != np.round(stored))
+        return np.where(bad, 0, stored).astype(np.int64), bad
+    bad = np.array([not _is_integer(v) for v in stored], dtype=bool)
+    return np.array([0 if b else int(v) for v, b in zip(stored, bad)], dtype=np.int64), bad
+
+
+def _is_integer(value) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    return isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer()
+
+
+def open_raw(parsed: Spec, label_column: str = "") -> RawSource:
+    if label_column and parsed.kind not in ("parquet", "hf"):
+        raise ConfigError(f"label_column={label_column!r} applies to parquet and hf: sources only; {parsed.text} is "
+                          f"a {parsed.kind} source: leave label_column empty")
+    if parsed.kind in ("parquet", "hf"):
+        return READERS[parsed.kind](parsed, label_column)
+    return READERS[parsed.kind](parsed)
+
+
+def load_source(spec: str, size: int = 32, workers: int = 2, progress: bool = True, label_column: str = "",
+                before_decoding: Callable[[int], None] | None = None) -> ImageSet:
+    """Read any source spec into memory as size x size uint8 images (see the module docstring).
+
+    `before_decoding(n)` is called once the number of rows is known, before any decoding (prepare
+    checks the output's free space there)."""
     parsed = parse_spec(spec)
     if parsed.kind == "cache":
+        if label_column:
+            open_raw(parsed, label_column)   # refuses: a cache's labels are already chosen
         cache = read_image_cache(parsed.location, size=size)
         keep = _resolve_rows(parsed, len(cache))
+        if before_decoding is not None:
+            before_decoding(len(keep))
         return ImageSet(cache.images[keep], cache.labels[keep], cache.class_names, cache.attrs)
-    raw = READERS[parsed.kind](parsed)
+    raw = open_raw(parsed, label_column)
     rows = _resolve_rows(parsed, raw.num_rows)
+    if before_decoding is not None:
+        before_decoding(len(rows))
+    bar = tqdm(total=len(rows), desc=f"prepare {Path(parsed.location).name}", unit="img", file=sys.stderr,
+               disable=not progress, mininterval=1.0)
+    with contextlib.closing(bar):
+        images, labels, skipped = _decode_rows(spec, raw, rows, size, workers, bar)
+    if len(images) == 0:
+        raise ConfigError(f"no readable images in {spec} ({len(skipped)} unreadable, e.g. {skipped[0]})")
+    if skipped:
+        print(f"prepare: skipped {len(skipped)} unreadable image(s) in {spec}, e.g. "
+              f"{', '.join(skipped[:3])}", file=sys.stderr)
+    attrs = {"kind": parsed.kind, "skipped": len(skipped), "skipped_examples": skipped[:MAX_SKIP_EXAMPLES],
+             **raw.attrs}
+    return ImageSet(images, labels, raw.class_names, attrs)
+
+
+def _decode_rows(spec: str, raw: RawSource, rows: np.ndarray, size: int, workers: int,
+                 bar: tqdm) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images, checked labels, names of unreadable rows) of the chosen rows, in file order."""
     images = np.empty((len(rows), size, size, 3), dtype=np.uint8)   # pages are committed as filled
     labels = np.empty(len(rows), dtype=np.int64)
     kept, skipped = 0, []
-    bar = tqdm(total=len(rows), desc=f"prepare {Path(parsed.location).name}", unit="img", file=sys.stderr,
-               disable=not progress, mininterval=1.0)
+    check = LabelCheck(spec, raw)
     wanted = np.zeros(raw.num_rows, dtype=bool)
     wanted[rows] = True
     pool = DecoderPool(workers)
@@ -517,26 +685,20 @@ def load_source(spec: str, size: int = 32, workers: int = 2, progress: bool = Tr
         row = int(rows[0])
         for items, batch_labels in raw.batches(int(rows[0]), int(rows[-1]) + 1):
             picked = np.flatnonzero(wanted[row:row + len(items)])     # undecoded items are cheap to skip
+            picked_labels = check(np.asarray(batch_labels)[picked], row + picked)   # before decoding: fails fast
             chosen = items[picked] if isinstance(items, np.ndarray) else [items[j] for j in picked]
-            for j, img in zip(picked, _decode_batch(chosen, size, pool)):
+            for j, label, img in zip(picked, picked_labels, _decode_batch(chosen, size, pool)):
                 if img is None:
                     skipped.append(raw.item_names(row + j))
                     continue
-                images[kept], labels[kept] = img, batch_labels[j]
+                images[kept], labels[kept] = img, label
                 kept += 1
             row += len(items)
             bar.update(len(picked))
     finally:
-        bar.close()
         pool.close()
-    if kept == 0:
-        raise ConfigError(f"no readable images in {spec} ({len(skipped)} unreadable, e.g. {skipped[0]})")
-    if skipped:
-        print(f"prepare: skipped {len(skipped)} unreadable image(s) in {spec}, e.g. "
-              f"{', '.join(skipped[:3])}", file=sys.stderr)
-    attrs = {"kind": parsed.kind, "skipped": len(skipped), "skipped_examples": skipped[:MAX_SKIP_EXAMPLES],
-             **raw.attrs}
-    return ImageSet(images[:kept], labels[:kept], raw.class_names, attrs)
+    check.finish()
+    return images[:kept], labels[:kept], skipped
 
 
 # ============================================================================ cache naming
@@ -574,34 +736,48 @@ def _readable_stem(parsed: Spec) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
 
 
-def cache_path(spec: str, size: int = 32, cache_dir: str | Path = "cache") -> Path:
-    """E.g. cache/cifar10-train-0-40000-s32-<hash>.h5: readable source + slice + size + content hash."""
-    return Path(cache_dir) / f"{_readable_stem(parse_spec(spec))}-s{size}-{source_id(spec, size)}.h5"
+def cache_path(spec: str, size: int = 32, cache_dir: str | Path = "cache", label_column: str = "") -> Path:
+    """E.g. cache/cifar10-train-0-40000-s32-<hash>.h5: readable source + slice + size + content hash
+    (an explicit label column adds its name to both, so it gets a cache of its own)."""
+    sid = source_id(spec, size)
+    stem = _readable_stem(parse_spec(spec))
+    if label_column:
+        sid = hashlib.sha1(f"{sid}|{label_column}".encode()).hexdigest()[:10]
+        stem += "-" + re.sub(r"[^A-Za-z0-9._-]+", "_", label_column)
+    return Path(cache_dir) / f"{stem}-s{size}-{sid}.h5"
 
 
-def _is_current(path: Path, sid: str, size: int) -> bool:
-    """A complete cache built from this exact source and size (a stale or partial one is rebuilt)."""
+def _is_current(path: Path, sid: str, size: int, label_column: str = "") -> bool:
+    """A complete cache built from this exact source, size and label column (else it is rebuilt)."""
     try:
         with h5py.File(path, "r") as h5:
+            config = _load_attr(h5.attrs.get("config", "{}"))
             return bool(h5.attrs.get("complete", False)) and _load_attr(h5.attrs.get("source_id", "")) == sid \
-                and h5["images"].shape[1:3] == (size, size)
+                and h5["images"].shape[1:3] == (size, size) \
+                and (config.get("label_column", "") if isinstance(config, dict) else "") == label_column
     except (OSError, KeyError):
         return False
 
 
 # ============================================================================ the stage
 def output_path(cfg: Config) -> Path:
-    return Path(cfg.out) if cfg.out else cache_path(cfg.source, cfg.size, cfg.cache_dir)
+    return Path(cfg.out) if cfg.out else cache_path(cfg.source, cfg.size, cfg.cache_dir, cfg.label_column)
 
 
 def prepare(cfg: Config) -> tuple[Path, bool]:
     """Write the cache for cfg unless a current one exists; returns (path, whether it was written)."""
     path = output_path(cfg)
     sid = source_id(cfg.source, cfg.size)
-    if _is_current(path, sid, cfg.size):
+    if _is_current(path, sid, cfg.size, cfg.label_column):
         return path, False
+    check_writable(path.parent)   # before reading the source: a bad output location fails at once
+    row_bytes = cfg.size * cfg.size * 3 + 8   # pixels + int64 label, uncompressed
+
+    def check_space(rows: int) -> None:
+        check_writable(path.parent, rows * row_bytes)
+
     started = time.perf_counter()
-    loaded = load_source(cfg.source, cfg.size, cfg.workers)
+    loaded = load_source(cfg.source, cfg.size, cfg.workers, label_column=cfg.label_column, before_decoding=check_space)
     seconds = time.perf_counter() - started
     write_image_cache(path, loaded.images, loaded.labels, loaded.class_names,
                       {**loaded.attrs, "source": cfg.source, "source_id": sid, "config": to_dict(cfg),
@@ -613,10 +789,9 @@ def prepare(cfg: Config) -> tuple[Path, bool]:
 
 def run(cfg: Config) -> Path:
     """Decode any image source into the uint8 image cache (min-side resize + center crop)."""
-    if cfg.size < 1 or cfg.workers < 0:
-        raise ConfigError(f"size must be >= 1 and workers >= 0, got size={cfg.size} workers={cfg.workers}")
+    validate(cfg)   # a Config built in code has not passed `build`
     parsed = parse_spec(cfg.source)
-    if parsed.kind == "cache" and parsed.start is None and parsed.stop is None and not cfg.out:
+    if parsed.kind == "cache" and parsed.start is None and parsed.stop is None and not cfg.out and not cfg.label_column:
         read_image_cache(parsed.location, size=cfg.size)   # validates; nothing to rewrite
         return Path(parsed.location)
     path, written = prepare(cfg)
@@ -625,9 +800,9 @@ def run(cfg: Config) -> Path:
     return path
 
 
-def cached(spec: str, size: int = 32, cache_dir: str = "cache", workers: int = 2) -> ImageSet:
+def cached(spec: str, size: int = 32, cache_dir: str = "cache", workers: int = 2, label_column: str = "") -> ImageSet:
     """The uint8 images of `spec`, from its cache (prepared first if absent). Stages call this."""
     if parse_spec(spec).kind == "cache":
-        return load_source(spec, size, workers, progress=False)
-    path, _ = prepare(Config(source=spec, size=size, cache_dir=cache_dir, workers=workers))
+        return load_source(spec, size, workers, progress=False, label_column=label_column)
+    path, _ = prepare(Config(source=spec, size=size, cache_dir=cache_dir, workers=workers, label_column=label_column))
     return read_image_cache(path, size=size)

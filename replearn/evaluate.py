@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics
-from .config import ConfigError, register_preset, to_dict
+from . import metrics, runs
+from .config import ConfigError, register_check, register_preset, require, to_dict, validate
 from .plots import plot_metrics_vs_step, plot_neighbour_grid
 from .utils import atomic_write_json, pick_device, provenance
 
@@ -59,6 +59,7 @@ register_preset("paper", "evaluate", num_samples=50000, critic_samples=10000, di
 
 
 # ============================================================================ inputs
+@register_check(Config)
 def check_config(cfg: Config) -> None:
     if cfg.nn_space not in NN_SPACES:
         raise ConfigError(f"unknown nn_space {cfg.nn_space!r}; choose from: {', '.join(NN_SPACES)}")
@@ -67,6 +68,7 @@ def check_config(cfg: Config) -> None:
     small = [f"{k}={v}" for k, v in counts.items() if v < 2]
     if small:
         raise ConfigError(f"{', '.join(small)}: each needs at least 2 images")
+    require(cfg, positive=("batch_size",), non_negative=("nn_bank",))
 
 
 def checkpoint_names(run_dir: Path, which: str) -> list[str]:
@@ -88,8 +90,9 @@ def checkpoint_names(run_dir: Path, which: str) -> list[str]:
 
 
 def saved_checkpoint(path: Path) -> dict:
-    """The checkpoint dict, memory-mapped: reading its step or config does not load the weights."""
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    """The checkpoint dict, memory-mapped: reading its step or config does not load the weights.
+    Loaded without running code from the file (refused in one line)."""
+    return runs.load_checkpoint(path, mmap=True)
 
 
 def saved_step(path: Path) -> int:
@@ -166,9 +169,8 @@ def inception_features(ctx: Context, images: torch.Tensor) -> torch.Tensor:
 
 # ============================================================================ one checkpoint
 def evaluate_one(ctx: Context, name: str) -> dict[str, Any]:
-    from .pretrain import load_run
     cfg = ctx.cfg
-    run_cfg, gen, critic, ckpt = load_run(ctx.run_dir, name, str(ctx.device))
+    run_cfg, gen, critic, ckpt = runs.load_run(ctx.run_dir, name, str(ctx.device))
     n_fake = max(cfg.critic_samples, cfg.diversity_samples, cfg.nn_queries,
                  cfg.num_samples if ctx.inception is not None else 0)
     fake = metrics.generate(gen, n_fake, run_cfg.z_dim, cfg.seed, ctx.device, cfg.batch_size)   # n x H x W x 3
@@ -261,7 +263,7 @@ def run(cfg: Config) -> Path:
     """FID, Wasserstein estimate, diversity and nearest-neighbour grids for a run's checkpoints -> evaluate.json."""
     from . import pretrain
     from .config import from_dict
-    check_config(cfg)
+    validate(cfg)   # a Config built in code has not passed `build`
     run_dir = Path(cfg.run)
     names = checkpoint_names(run_dir, cfg.checkpoint)
     run_cfg = from_dict(pretrain.Config, saved_checkpoint(run_dir / names[-1])["config"])

@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 
 from . import nets, runs
-from .config import ConfigError, register_preset, to_dict
+from .config import ConfigError, register_check, register_preset, require, to_dict
 from .pretrain import Dist, init_distributed
 from .store import FeatureFile, FeatureWriter
-from .utils import autocast, pick_device, resolve_precision
+from .utils import autocast, check_writable, pick_device, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,14 @@ class Config:
     preset: str = ""
 
 
+register_check(Config, lambda cfg: require(
+    cfg, stage="features", positive=("batch", "grid", "bn_images", "bn_batch"),
+    non_negative=("train_rows", "test_rows"),
+    choices={"bn_stats": ("recompute", "running"), "precision": ("auto", "bf16", "fp32"),
+             "dtype": ("float16", "float32")}))
 register_preset("smoke", "features", bn_images=2048)
 register_preset("tiny", "features", bn_images=512)
+register_preset("cpu", "features")
 register_preset("paper", "features")
 
 
@@ -206,17 +212,13 @@ def run(cfg: Config) -> Path:
     from tqdm import tqdm
     if cfg.bn_stats not in ("recompute", "running"):
         raise ConfigError(f"unknown bn_stats {cfg.bn_stats!r}; choose from: recompute, running")
-    if min(cfg.train_rows, cfg.test_rows) < 0:
-        raise ConfigError("features: train_rows and test_rows must be >= 0 (0 = all)")
-    if min(cfg.batch, cfg.grid, cfg.bn_images, cfg.bn_batch) < 1:
-        raise ConfigError(f"features: batch, grid, bn_images and bn_batch must be >= 1, got {cfg.batch}, "
-                          f"{cfg.grid}, {cfg.bn_images}, {cfg.bn_batch}")
     runs.checkpoint_path(cfg.run, cfg.checkpoint)          # one line if the run or checkpoint is missing
     key = features_key(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg, key)
     if existing_with_key(out, key):
         print(f"features: {out} is up to date (key {key})")
         return out
+    check_writable(out.parent)
     dist_info = init_distributed()
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -232,6 +234,7 @@ def run(cfg: Config) -> Path:
             "test": load_split(cfg.test, cfg.cache_dir, cfg.test_rows)}
     layers = critic.feature_layers(run_cfg.image_size, cfg.grid)
     t0, total = time.time(), sum(len(s) for s in sets.values())
+    check_writable(out.parent, total * (sum(d for _, d in layers) * np.dtype(cfg.dtype).itemsize + 8))
     attrs = feature_attrs(cfg, run_cfg, ckpt, precision, layers, splits)
     attrs.update(class_names=sets["train"].class_names, key=key, untrained=int(ckpt.get("step") == 0),
                  **{f"skipped_{name}": int((getattr(s, "attrs", None) or {}).get("skipped", 0) or 0)

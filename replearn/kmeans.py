@@ -26,8 +26,10 @@ Why the whitening is not folded into the centroid conv: ||w||^2 needs P x at eve
 0..255 pixels would lose everything to cancellation.
 
 Centroids, whitening and their timings are saved (atomically) beside the feature file, so a rerun
-with the same patch/K-means settings skips straight to encoding; a finished feature file with the same
-config is returned as is.
+with the same patch/K-means settings and training data skips straight to encoding; the cache is read
+without running code from it (weights_only), and one that is refused or unreadable is recomputed. A
+finished feature file with the same key (config less where/how fast, plus the identity of both data
+sources) is returned as is.
 """
 from __future__ import annotations
 
@@ -40,9 +42,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import store
-from .config import ConfigError, register_preset, to_dict
-from .utils import atomic_write_json, provenance, resolve_precision, torch_atomic_save
+from . import runs, store
+from .config import ConfigError, register_check, register_preset, require, to_dict, validate
+from .utils import (atomic_write_json, check_writable, provenance, resolve_precision, torch_atomic_save,
+                    unpickling_reason)
 
 QUADRANTS = ("top_left", "bottom_left", "top_right", "bottom_right")   # Coates's q1, q2, q3, q4
 
@@ -70,24 +73,28 @@ class Config:
     dtype: str = "float32"          # feature storage: float32 or float16
     preset: str | None = None       # smoke | paper
 
-    def __post_init__(self):
-        for key in ("k", "patches", "patch_size", "iterations", "batch", "kmeans_batch", "write_rows"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"kmeans.{key} must be >= 1, got {getattr(self, key)}")
-        if self.whiten_eps < 0 or self.norm_eps < 0 or self.std_eps < 0:
-            raise ConfigError("kmeans.whiten_eps, norm_eps and std_eps must be >= 0")
-        if self.precision not in ("fp32", "bf16", "auto"):
-            raise ConfigError(f"unknown precision {self.precision!r}; choose from: auto, bf16, fp32")
-        if self.dtype not in ("float32", "float16"):
-            raise ConfigError(f"unknown feature dtype {self.dtype!r}; choose from: float16, float32")
+
+register_check(Config, lambda cfg: require(
+    cfg, positive=("k", "patches", "patch_size", "iterations", "batch", "kmeans_batch", "write_rows"),
+    non_negative=("whiten_eps", "norm_eps", "std_eps"),
+    choices={"precision": ("auto", "bf16", "fp32"), "dtype": ("float16", "float32")}))
+# keys that say only where or how fast the features are computed: the same key means the same file
+NOT_IN_KEY = ("out", "cache_dir", "preset", "batch", "kmeans_batch", "write_rows", "compile")
 
 
 register_preset("smoke", "kmeans", k=400, patches=100_000)
+register_preset("tiny", "kmeans", k=64, patches=20_000, iterations=10)
+register_preset("cpu", "kmeans", k=1600)
 register_preset("paper", "kmeans", k=1600)
 
 
 def output_path(cfg: Config) -> Path:
-    return Path(cfg.out) if cfg.out else Path("runs") / f"kmeans-{cfg.k}" / "features.h5"
+    """runs/kmeans-<K>-<key>/features.h5: another config or data file is built beside, never reused."""
+    return Path(cfg.out) if cfg.out else Path("runs") / f"kmeans-{cfg.k}-{artifact_key(cfg)}" / "features.h5"
+
+
+def artifact_key(cfg: Config) -> str:
+    return feature_key(cfg, source_ids(cfg))
 
 
 def load_images(spec: str, cfg: Config) -> store.ImageSet:
@@ -255,13 +262,24 @@ class Encoder:
 
 
 # ============================================================================ the stage
-def centroid_key(cfg: Config) -> dict:
-    """The settings the centroids depend on: a saved file with another key is recomputed."""
+def source_ids(cfg: Config) -> dict[str, str]:
+    """The identity of the data (path, slice, size, mtime: `data.source_id`), so a changed file is
+    never mistaken for the one an earlier result was computed from."""
+    from . import data
+    return {"train": data.source_id(cfg.train, 32), "test": data.source_id(cfg.test, 32) if cfg.test else ""}
+
+
+def feature_key(cfg: Config, sources: dict[str, str]) -> str:
+    return runs.artifact_key("kmeans", to_dict(cfg), ignore=NOT_IN_KEY, **sources)
+
+
+def centroid_key(cfg: Config, train_source: str) -> dict:
+    """What the centroids depend on (the training data, not the test data): another key is recomputed."""
     keys = ("train", "k", "patches", "patch_size", "iterations", "whiten_eps", "norm_eps", "seed", "precision")
-    return {key: getattr(cfg, key) for key in keys}
+    return {**{key: getattr(cfg, key) for key in keys}, "train_source": train_source}
 
 
-def learn_centroids(images: np.ndarray, cfg: Config, precision: str) -> dict:
+def learn_centroids(images: np.ndarray, cfg: Config, precision: str, train_source: str = "") -> dict:
     """Patches -> normalisation -> ZCA -> K-means, with the seconds each took."""
     seconds = {}
     t = time.perf_counter()
@@ -276,17 +294,29 @@ def learn_centroids(images: np.ndarray, cfg: Config, precision: str) -> dict:
     t = time.perf_counter()
     centroids, empty = kmeans(white, cfg.k, cfg.iterations, cfg.seed, cfg.kmeans_batch, precision)
     seconds["kmeans"] = time.perf_counter() - t
-    return {"centroids": centroids, "mean": mean, "whiten": whiten, "empty_clusters": empty,
-            "seconds": seconds, "key": centroid_key(cfg)}
+    # tensors, numbers, strings and plain containers only: what a weights_only load accepts
+    return {"centroids": centroids, "mean": mean, "whiten": whiten, "empty_clusters": int(empty),
+            "seconds": {k: float(v) for k, v in seconds.items()}, "key": centroid_key(cfg, train_source)}
 
 
-def load_or_learn_centroids(path: Path, images: np.ndarray, cfg: Config, precision: str) -> dict:
-    if path.exists():
-        saved = torch.load(path, weights_only=False)
-        if saved.get("key") == centroid_key(cfg):
-            print(f"kmeans: reusing centroids from {path}")
-            return {**saved, "reused": True}
-    state = learn_centroids(images, cfg, precision)
+def read_centroid_cache(path: Path) -> dict | None:
+    """The saved centroids, or None (with one line) where the file is refused or unreadable: it is
+    only a shortcut, so it is recomputed rather than trusted or fixed by hand."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)   # never runs code from the file
+    except Exception as err:   # noqa: BLE001 - refused (pickled code), truncated, not a torch file: all recompute
+        print(f"kmeans: not reusing {path} ({unpickling_reason(err)}); recomputing the centroids")
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def load_or_learn_centroids(path: Path, images: np.ndarray, cfg: Config, precision: str,
+                            train_source: str = "") -> dict:
+    saved = read_centroid_cache(path) if path.exists() else None
+    if saved is not None and saved.get("key") == centroid_key(cfg, train_source):
+        print(f"kmeans: reusing centroids from {path}")
+        return {**saved, "reused": True}
+    state = learn_centroids(images, cfg, precision, train_source)
     torch_atomic_save(state, path)
     return {**state, "reused": False}
 
@@ -329,34 +359,46 @@ def standardise_in_place(h5, mean: np.ndarray, std: np.ndarray, rows: int = 2048
     h5.create_dataset("feature_std", data=std)
 
 
-def finished(path: Path, cfg: Config) -> bool:
+def finished(path: Path, key: str) -> bool:
     if not path.exists():
         return False
     try:
         with store.FeatureFile(path) as ff:
-            return ff.attrs.get("config") == to_dict(cfg)
+            return ff.attrs.get("key") == key
     except ConfigError:
         return False
 
 
+def feature_attrs(cfg: Config, key: str, sources: dict[str, str], precision: str, state: dict,
+                  train: store.ImageSet, test: store.ImageSet | None) -> dict:
+    return {"kind": "kmeans", "model": f"kmeans-{cfg.k}", "config": to_dict(cfg), "key": key,
+            "source_ids": sources, "precision": precision, "class_names": train.class_names,
+            "standardized": cfg.standardize, "empty_clusters": state["empty_clusters"],
+            "skipped_train": train.skipped, "skipped_test": test.skipped if test is not None else 0}
+
+
 def run(cfg: Config) -> Path:
     """Coates's single-layer K-means features (patches, ZCA, K-means, triangle encoding) -> feature file."""
+    validate(cfg)   # a Config built in code has not passed `build`
     out = output_path(cfg)
-    if finished(out, cfg):
-        print(f"kmeans: {out} is complete for this config")
+    sources = source_ids(cfg)
+    key = feature_key(cfg, sources)
+    if finished(out, key):
+        print(f"kmeans: {out} is complete for this config and data")
         return out
+    check_writable(out.parent)   # before loading anything
     started = time.perf_counter()
     precision = resolve_precision(cfg.precision, torch.device("cpu"))
     t = time.perf_counter()
     train = load_images(cfg.train, cfg)
     test = load_images(cfg.test, cfg) if cfg.test else None
     seconds = {"load": time.perf_counter() - t}
-    state = load_or_learn_centroids(out.with_name("centroids.pt"), train.images, cfg, precision)
+    rows = len(train) + (len(test) if test is not None else 0)
+    check_writable(out.parent, rows * (4 * cfg.k * np.dtype(cfg.dtype).itemsize + 8))   # before the K-means
+    state = load_or_learn_centroids(out.with_name("centroids.pt"), train.images, cfg, precision, sources["train"])
     seconds.update({k: (0.0 if state["reused"] else v) for k, v in state["seconds"].items()})
     encoder = Encoder(state["centroids"], state["mean"], state["whiten"], cfg, train.images.shape[1], precision)
-    attrs = {"kind": "kmeans", "model": f"kmeans-{cfg.k}", "config": to_dict(cfg), "precision": precision,
-             "class_names": train.class_names, "standardized": cfg.standardize,
-             "empty_clusters": state["empty_clusters"]}
+    attrs = feature_attrs(cfg, key, sources, precision, state, train, test)
     layers = [(name, cfg.k) for name in QUADRANTS]
     t = time.perf_counter()
     with store.FeatureWriter(out, layers, attrs, dtype=cfg.dtype) as writer:
@@ -371,9 +413,9 @@ def run(cfg: Config) -> Path:
         seconds["standardize"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - started
         writer.attrs["seconds"] = seconds
-    log = {"config": to_dict(cfg), "precision": precision, "seconds": seconds, "features": str(out),
-           "empty_clusters": state["empty_clusters"], "centroids_reused": state["reused"],
-           "provenance": provenance()}
+    log = {"config": to_dict(cfg), "key": key, "source_ids": sources, "precision": precision, "seconds": seconds,
+           "features": str(out), "empty_clusters": state["empty_clusters"], "centroids_reused": state["reused"],
+           "skipped_train": attrs["skipped_train"], "skipped_test": attrs["skipped_test"], "provenance": provenance()}
     atomic_write_json(out.with_name("kmeans.json"), log)
     return out
 

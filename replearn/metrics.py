@@ -20,7 +20,7 @@ import torch
 
 from . import nets
 from .config import ConfigError
-from .utils import atomic_path
+from .utils import atomic_path, unpickling_reason
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"   # the standard FID weights (pytorch-fid / torch-fidelity)
 INCEPTION_LAYER = "2048"                                    # pool3 features: what FID is defined on
@@ -61,42 +61,54 @@ def inception_extractor(weights_path: str | Path, device) -> torch.nn.Module:
     """torch-fidelity's Inception-v3 (uint8 N x 3 x H x W in, pool3 2048-d out) from a local file.
 
     The path is checked first: torch-fidelity downloads from the internet when given None, which
-    an offline machine would only report after a long timeout.
+    an offline machine would only report after a long timeout. The file is read here, tensors only:
+    torch-fidelity's own loader would run any code pickled into it.
     """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     path = Path(weights_path) if weights_path else None
     if path is None or not path.is_file():
         raise ConfigError(inception_notice(weights_path))
-    try:
-        model = FeatureExtractorInceptionV3("inception-v3-compat", [INCEPTION_LAYER],
-                                            feature_extractor_weights_path=str(path))
-    except Exception as err:   # noqa: BLE001 - other exports of the same weights differ in bookkeeping keys
-        model = _load_with_key_fixes(FeatureExtractorInceptionV3, path, err)
-    return model.to(device).eval()
+    state = read_weights(path)
+    return _build_inception(FeatureExtractorInceptionV3, state, path).to(device).eval()
 
 
-def _load_with_key_fixes(cls, path: Path, first_error: Exception) -> torch.nn.Module:
-    """Retry through a temporary copy without torchvision's AuxLogits and with BatchNorm's
-    `num_batches_tracked` counters filled in; a file that still does not fit is one line of error."""
-    import tempfile
+def read_weights(path: Path) -> dict:
+    """The state dict in `path`, loaded with weights_only; anything else is one line of error."""
+    import pickle
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:   # noqa: BLE001 - not a torch file at all
-        state = None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(f"{path}: refused to load ({unpickling_reason(err)}): not a state dict of Inception-v3 FID "
+                          f"weights (only tensors, numbers, strings and plain containers are read); use the "
+                          f"standard {INCEPTION_FILE}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ConfigError(f"{path} is not a state dict of Inception-v3 FID weights ({unpickling_reason(err)}); "
+                          f"use the standard {INCEPTION_FILE}") from None
     if not isinstance(state, dict):
-        raise ConfigError(f"{path} is not a state dict of Inception-v3 FID weights ({first_error!s:.100}); "
+        raise ConfigError(f"{path} holds a {type(state).__name__}, not a state dict of Inception-v3 FID weights; "
                           f"use the standard {INCEPTION_FILE}")
-    fixed = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
-    for key in [k for k in fixed if k.endswith(".running_var")]:
+    return state
+
+
+def _build_inception(cls, state: dict, path: Path) -> torch.nn.Module:
+    """torch-fidelity loads weights from a path only, so a private copy of the checked tensors is handed
+    over: first as read, then without torchvision's AuxLogits and with BatchNorm's `num_batches_tracked`
+    counters filled in (other exports of the same weights differ in that bookkeeping)."""
+    import tempfile
+    fixed = {k: v for k, v in state.items() if not str(k).startswith("AuxLogits.")}
+    for key in [k for k in fixed if str(k).endswith(".running_var")]:
         fixed.setdefault(key.replace("running_var", "num_batches_tracked"), torch.tensor(0))
+    first_error: Exception | None = None
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "inception.pth"
-        torch.save(fixed, copy)
-        try:
-            return cls("inception-v3-compat", [INCEPTION_LAYER], feature_extractor_weights_path=str(copy))
-        except (RuntimeError, KeyError):
-            raise ConfigError(f"{path} does not fit Inception-v3 ({str(first_error).splitlines()[0][:100]}); "
-                              f"use the standard {INCEPTION_FILE}") from None
+        for candidate in (state, fixed) if fixed.keys() != state.keys() else (state,):
+            torch.save(candidate, copy)
+            try:
+                return cls("inception-v3-compat", [INCEPTION_LAYER], feature_extractor_weights_path=str(copy))
+            except (RuntimeError, KeyError) as err:
+                first_error = first_error or err
+    raise ConfigError(f"{path} does not fit Inception-v3 ({str(first_error).splitlines()[0][:100]}); "
+                      f"use the standard {INCEPTION_FILE}")
 
 
 def weights_fingerprint(path: str | Path) -> str:

@@ -10,11 +10,14 @@ Feature file (`features` and `kmeans` write it, `svm` reads it), HDF5:
     /<split>/labels    N int64
     attrs   layer_names, layer_offsets (L+1 ints), feature_dim, kind, model,
             config, provenance, source_<split> (JSON strings), complete=True
-Both are written under a temporary name and renamed when complete.
+Both are written under a temporary name and renamed when complete. A write that fails (a full
+disk) is one line naming the file, and the temporary file is removed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -23,7 +26,7 @@ import h5py
 import numpy as np
 
 from .config import ConfigError
-from .utils import atomic_path, provenance
+from .utils import atomic_path, disk_error, is_disk_error, provenance
 
 ROW_CHUNK = 64   # rows per HDF5 chunk: row-block reads touch whole chunks only
 
@@ -68,6 +71,31 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def skipped(self) -> int:
+        """Unreadable images `prepare` left out of this set (0 where it was not recorded)."""
+        return int(self.attrs.get("skipped", 0) or 0)
+
+
+# Files are written without HDF5's chunk cache. With it, HDF5 2.0 keeps megabytes of chunks in memory,
+# a full disk shows only when they are flushed as a dataset or the file closes, and closing a file
+# whose flush failed crashes the process (segfault, exit 139, the temporary file left behind). Without
+# it, the failing write call raises. Whole-chunk writes, all this project makes, lose nothing.
+def _create_h5(path: Path, tmp: Path) -> h5py.File:
+    try:
+        return h5py.File(tmp, "w", rdcc_nbytes=0)
+    except OSError as err:
+        raise disk_error(path, err) from None
+
+
+def _abandon(h5: h5py.File, tmp: Path) -> None:
+    """Close a file whose writing failed. Emptying it first frees the space HDF5 needs to flush its
+    metadata on close, so the close cannot fail into a crash; the file is deleted afterwards anyway."""
+    with contextlib.suppress(OSError):
+        os.truncate(tmp, 0)
+    with contextlib.suppress(Exception):
+        h5.close()
+
 
 def write_image_cache(path: str | Path, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                       attrs: dict[str, Any]) -> Path:
@@ -75,12 +103,19 @@ def write_image_cache(path: str | Path, images: np.ndarray, labels: np.ndarray, 
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"image cache expects N x H x W x 3 uint8, got {images.shape} {images.dtype}")
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
+        h5 = _create_h5(path, tmp)
+        try:
             chunk = (min(len(images), 1024),) + images.shape[1:] if len(images) else None
             h5.create_dataset("images", data=images, chunks=chunk)
             h5.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
             _json_attrs(h5, {**attrs, "class_names": list(class_names), "provenance": provenance()})
             h5.attrs["complete"] = True
+            h5.close()
+        except (OSError, RuntimeError) as err:
+            _abandon(h5, tmp)
+            if isinstance(err, OSError) or is_disk_error(err):
+                raise disk_error(path, err) from None
+            raise
     return path
 
 
@@ -98,7 +133,12 @@ def read_image_cache(path: str | Path, size: int | None = None) -> ImageSet:
 
 # ============================================================================ feature files
 class FeatureWriter:
-    """Streams feature rows into a new HDF5 file; renamed into place only on success."""
+    """Streams feature rows into a new HDF5 file; renamed into place only on success.
+
+    A failed write (disk full) raises one line naming the file; after it the file is not touched again
+    (later writes, e.g. from a background thread, raise the same line), and leaving the block closes
+    and deletes the temporary file.
+    """
 
     def __init__(self, path: str | Path, layers: Sequence[tuple[str, int]], attrs: dict[str, Any],
                  dtype: str = "float32"):
@@ -110,6 +150,8 @@ class FeatureWriter:
         self.offsets = np.concatenate([[0], np.cumsum([dim for _, dim in layers])]).astype(int).tolist()
         self.attrs = attrs
         self._ctx = atomic_path(self.path)
+        self.failed: ConfigError | None = None
+        self._sets: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}
 
     @property
     def dim(self) -> int:
@@ -117,28 +159,64 @@ class FeatureWriter:
 
     def __enter__(self) -> "FeatureWriter":
         self._tmp = self._ctx.__enter__()
-        self.h5 = h5py.File(self._tmp, "w")
+        try:
+            self.h5 = _create_h5(self.path, self._tmp)
+        except BaseException as err:
+            self._ctx.__exit__(type(err), err, err.__traceback__)
+            raise
         return self
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        if self.failed is not None:
+            raise ConfigError(str(self.failed))
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            if not (isinstance(err, OSError) or is_disk_error(err)):
+                raise
+            self.failed = disk_error(self.path, err)
+            raise ConfigError(str(self.failed)) from None
+
     def create_split(self, split: str, n: int, source: str = "") -> None:
-        group = self.h5.create_group(split)
-        group.create_dataset("features", shape=(n, self.dim), dtype=self.dtype,
-                             chunks=(max(1, min(n, ROW_CHUNK)), self.dim))
-        group.create_dataset("labels", shape=(n,), dtype=np.int64)
-        group.attrs["source"] = source
+        with self._writing():
+            group = self.h5.create_group(split)
+            features = group.create_dataset("features", shape=(n, self.dim), dtype=self.dtype,
+                                            chunks=(max(1, min(n, ROW_CHUNK)), self.dim))
+            labels = group.create_dataset("labels", shape=(n,), dtype=np.int64)
+            group.attrs["source"] = source
+            self._sets[split] = (features, labels)   # held open: a reopened dataset per write flushes on release
 
     def write(self, split: str, start: int, features: np.ndarray, labels: np.ndarray) -> None:
         stop = start + len(features)
-        self.h5[split]["features"][start:stop] = features.astype(self.dtype, copy=False)
-        self.h5[split]["labels"][start:stop] = labels
+        with self._writing():
+            feature_set, label_set = self._sets[split]
+            feature_set[start:stop] = features.astype(self.dtype, copy=False)
+            label_set[start:stop] = labels
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
+    def _finish(self) -> None:
+        with self._writing():
             _json_attrs(self.h5, {**self.attrs, "layer_names": self.layer_names, "layer_offsets": self.offsets,
                                   "feature_dim": int(self.dim), "provenance": provenance()})
             self.h5.attrs["complete"] = True
-        self.h5.close()
-        return bool(self._ctx.__exit__(exc_type, exc, tb))
+            self._sets.clear()
+            self.h5.close()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            try:
+                self._finish()
+            except BaseException as err:
+                exc = err
+            else:
+                return bool(self._ctx.__exit__(None, None, None))
+        _abandon(self.h5, self._tmp)
+        self._sets.clear()
+        raised = disk_error(self.path, exc) if is_disk_error(exc) else exc
+        self._ctx.__exit__(type(raised), raised, raised.__traceback__)   # deletes the temporary file
+        if raised is exc and exc_type is not None:
+            return False   # the block's own exception goes on unchanged
+        raise raised from None
 
 
 class FeatureFile:

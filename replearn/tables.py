@@ -52,7 +52,7 @@ class Config:
 def result_paths(pattern: str) -> list[Path]:
     paths: list[Path] = []
     for part in (p.strip() for p in pattern.split(",") if p.strip()):
-        hits = sorted(glob.glob(part, recursive=True))
+        hits = sorted(h for h in glob.glob(part, recursive=True) if not h.endswith(".partial.json"))   # svm progress
         if not hits:
             raise ConfigError(f"no results file matches {part} (run `replearn svm` or `make svm-table` first)")
         paths += [Path(h) for h in hits]

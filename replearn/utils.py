@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import functools
 import json
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +72,7 @@ def hardware() -> str:
 def provenance() -> dict[str, Any]:
     import numpy
     import torch
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__}
+    versions = {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": numpy.__version__}
     for name in ("h5py", "sklearn", "torchvision", "datasets"):
         mod = sys.modules.get(name)
         if mod is not None:
@@ -84,25 +87,129 @@ def provenance() -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- atomic files
+# errors that mean "the disk is full or refuses writes", whatever call raised them
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def is_disk_error(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+        return True
+    # HDF5 ("file write failed: ... errno = 28") and torch.save ("... failed writing file ...: file write
+    # failed") report a failed write in their own words, as OSError or RuntimeError
+    return isinstance(err, (OSError, RuntimeError)) and "file write failed" in str(err)
+
+
+def disk_error(path: str | Path, err: BaseException) -> ConfigError:
+    """The one line for a failed write: which file, the system's reason, what to do."""
+    found = re.search(r"error message = '([^']*)'", str(err))   # HDF5's wording carries strerror
+    if found:
+        reason = found[1]
+    elif isinstance(err, OSError) and err.errno:
+        reason = os.strerror(err.errno)
+    else:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return ConfigError(f"disk full or not writable while writing {path}: {reason}; free space and rerun")
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete `<name>.tmp-<pid>` siblings whose process is gone: a killed run never finishes them,
+    and each would keep its share of the disk until someone noticed. Pids are only meaningful on this
+    host: on a folder shared between machines, another machine's live temp file looks stale."""
+    prefix = f"{path.name}.tmp-"
+    try:
+        entries = [e for e in os.scandir(path.parent) if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_running(int(pid)) \
+                and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block finishes.
 
     A killed run leaves `<name>.tmp-<pid>` behind, never a file later stages would take
-    for a finished one.
+    for a finished one; the next atomic write of the same name removes it. A full disk, in the
+    block or while syncing, becomes one line naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create folder {path.parent} ({err.strerror or type(err).__name__}); fix its "
+                          f"permissions or choose another output location") from None
+    remove_stale_temps(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
+        try:
+            yield tmp
+        except (OSError, RuntimeError) as err:   # RuntimeError: torch.save's "file write failed"
+            if is_disk_error(err):
+                raise disk_error(path, err) from None
+            raise
         if tmp.exists():
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except OSError as err:
+                raise disk_error(path, err) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def check_writable(folder: str | Path, expected_bytes: int | None = None) -> Path:
+    """Fail in one line, before any work, unless `folder` can be created and written and (when
+    `expected_bytes` is known) has that much free space. Returns the folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        with open(probe, "wb", buffering=0) as fh:   # unbuffered: a full disk fails in this write
+            fh.write(b"\0")
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(f"cannot write to folder {folder} ({reason}); free space, fix its permissions or "
+                          f"choose another output location") from None
+    if expected_bytes:
+        free = shutil.disk_usage(folder).free
+        if free < expected_bytes:
+            raise ConfigError(f"not enough free space in {folder}: about {human_bytes(expected_bytes)} needed, "
+                              f"{human_bytes(free)} free; free space or choose another output location")
+    return folder
+
+
+def unpickling_reason(err: BaseException) -> str:
+    """The useful part of torch's weights_only refusal ("Unsupported global: GLOBAL posix.system ..."),
+    whose first lines are generic advice; the first line of any other error."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    line = found[1] if found else (text.strip().splitlines() or [type(err).__name__])[0]
+    return re.split(r" was not an allowed global| Please use", line)[0].strip()[:160]
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

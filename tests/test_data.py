@@ -341,3 +341,114 @@ def test_shared_parquet_files(shared_data):
     with Image.open(io.BytesIO(table.column("image")[row]["bytes"].as_py())) as img:
         assert img.size == (64, 64)
         assert np.array_equal(tiny.images[0], data.fit_square(img, 32))
+
+
+# ----------------------------------------------------------------------------- labels
+def write_plain_parquet(path: Path, images: np.ndarray, **columns) -> Path:
+    """Parquet without HF metadata: an image struct column plus the given label columns as stored."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    encoded = [{"bytes": jpeg_bytes(Image.fromarray(img)), "path": None} for img in images]
+    pq.write_table(pa.table({"image": encoded, **columns}), path)
+    return path
+
+
+def with_labels(path: Path, labels: list) -> Path:
+    """Rewrite an HF parquet's label column as given, keeping its metadata (ClassLabel names)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pq.read_table(path)
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.mark.parametrize("labels, row, shown", [
+    ([0, None, 1], 1, "nan"),           # a null in an int column
+    ([0, 1, 2.5], 2, "2.5"),            # not an integer
+    (["cat", "dog", "cat"], 0, "'cat'"),
+    ([0, -3, 1], 1, "-3"),              # negative, and not the 'no label' -1
+])
+def test_bad_labels_fail_naming_source_row_and_value(tmp_path, labels, row, shown):
+    spec = str(write_plain_parquet(tmp_path / "d.parquet", random_images(3), label=labels))
+    with pytest.raises(ConfigError) as err:
+        data.load_source(spec, progress=False)
+    text = single_line(err)
+    assert text.startswith(spec) and f"row {row} has label {shown}" in text and "label_column=" in text
+
+
+def test_labels_beyond_the_class_names_and_stray_minus_one_are_refused(tmp_path):
+    path = write_hf_parquet(tmp_path / "t.parquet", random_images(4), [0, 1, 0, 1], ["a", "b"])
+    with pytest.raises(ConfigError, match=r"row 2 has label 7, outside 0\.\.1 \(the 2 class names\)"):
+        data.load_source(str(with_labels(path, [0, 1, 7, 1])), progress=False)
+    with pytest.raises(ConfigError, match=r"row 1 has label -1, .*among labelled rows"):
+        data.load_source(str(with_labels(path, [0, -1, 1, 1])), progress=False)
+    unlabelled = data.load_source(str(with_labels(path, [-1] * 4)), progress=False)   # HF's unlabelled test split
+    assert unlabelled.labels.tolist() == [-1] * 4 and unlabelled.class_names == ["a", "b"]
+    only_images = data.load_source(str(write_plain_parquet(tmp_path / "u.parquet", random_images(2))), progress=False)
+    assert only_images.labels.tolist() == [-1, -1]
+
+
+def test_pickled_batch_labels_are_checked_per_file(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_pickle(folder / "data_batch_1", {b"data": planar(2, 32, 0), b"labels": [0, 1]})
+    write_pickle(folder / "data_batch_2", {b"data": planar(2, 32, 1), b"labels": [2, 10]})
+    write_pickle(folder / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
+    with pytest.raises(ConfigError, match=r"data_batch_2 row 1 has label 10, outside 0\.\.9") as err:
+        data.load_source(str(folder), progress=False)
+    assert "fix or replace the file" in single_line(err)
+    imagenet = tmp_path / "Imagenet32_train"
+    write_pickle(imagenet / "train_data_batch_1", {"data": planar(2, 32, 0), "labels": [1, 0]})   # 1-based: 0 is bad
+    with pytest.raises(ConfigError, match=r"train_data_batch_1 row 1 has label 0, .*among labelled rows"):
+        data.load_source(str(imagenet), progress=False)
+
+
+def test_label_column_picks_another_column(tmp_path, monkeypatch):
+    import datasets
+    images = random_images(4)
+    features = datasets.Features({"img": datasets.Image(), "coarse_label": datasets.ClassLabel(names=["x", "y"]),
+                                  "fine_label": datasets.ClassLabel(names=["p", "q", "r"])})
+    ds = datasets.Dataset.from_dict({"img": list(images), "coarse_label": [0, 1, 0, 1], "fine_label": [2, 0, 1, 2]},
+                                    features=features)
+    path = tmp_path / "c100" / "train.parquet"
+    path.parent.mkdir()
+    ds.to_parquet(str(path))
+    assert data.load_source(str(path), progress=False).class_names == ["x", "y"]   # auto: the first ClassLabel
+    fine = data.load_source(str(path), progress=False, label_column="fine_label")
+    assert fine.labels.tolist() == [2, 0, 1, 2] and fine.class_names == ["p", "q", "r"]
+    with pytest.raises(ConfigError) as err:
+        data.load_source(str(path), progress=False, label_column="label")
+    assert "no label column 'label'" in single_line(err) and "fine_label" in str(err.value)
+    monkeypatch.setattr(data, "_reachable", lambda host, timeout: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: ds)
+    assert data.load_source("hf:someone/c100", progress=False, label_column="fine_label").class_names == ["p", "q", "r"]
+    # prepare keeps one cache per label column
+    cfg = data.Config(source=str(path), cache_dir=str(tmp_path / "cache"), workers=0)
+    coarse_cache, fine_cache = data.run(cfg), data.run(data.Config(**{**cfg.__dict__, "label_column": "fine_label"}))
+    assert coarse_cache != fine_cache and "fine_label" in fine_cache.name
+    assert store.read_image_cache(fine_cache).labels.tolist() == [2, 0, 1, 2]
+    assert data.cached(str(path), cache_dir=str(tmp_path / "cache"), label_column="fine_label").class_names[0] == "p"
+
+
+def test_label_column_on_a_source_without_columns_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_pickle(folder / "data_batch_1", {b"data": planar(2, 32, 0), b"labels": [0, 1]})
+    with pytest.raises(ConfigError, match="applies to parquet and hf: sources only") as err:
+        data.load_source(str(folder), progress=False, label_column="fine_label")
+    assert str(folder) in single_line(err)
+
+
+# ----------------------------------------------------------------------------- absolute specs
+def test_absolute_spec_keeps_split_slice_and_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    write_hf_parquet(tmp_path / "d" / "train.parquet", random_images(2), [0, 1], ["a", "b"])
+    assert data.absolute_spec("d/train.parquet[:40000]") == f"{tmp_path}/d/train.parquet[:40000]"
+    assert data.absolute_spec("d:train[-5:]") == f"{tmp_path}/d:train[-5:]"
+    assert data.absolute_spec(" hf:uoft-cs/cifar10:test[1:3] ") == "hf:uoft-cs/cifar10:test[1:3]"
+    assert data.absolute_spec("not/there.h5") == f"{tmp_path}/not/there.h5"
+    assert data.absolute_spec(str(tmp_path / "d")) == str(tmp_path / "d")
+    assert data.absolute_spec("~/x.parquet") == f"{Path.home().resolve()}/x.parquet"
+    moved = data.absolute_spec("d:train[:1]")
+    monkeypatch.chdir("/")
+    assert data.parse_spec(moved).location == str(tmp_path / "d") and data.parse_spec(moved).split == "train"

@@ -110,11 +110,18 @@ def test_config_presets_and_errors():
         build(kmeans.Config, "kmeans", ["k=0"])
 
 
-def test_run_writes_standardised_feature_file_and_resumes(tmp_path, monkeypatch):
-    sets = {"gen:train": store.ImageSet(random_images(60, seed=1), np.arange(60) % 3, ["a", "b", "c"]),
-            "gen:test": store.ImageSet(random_images(20, seed=2), np.arange(20) % 3, ["a", "b", "c"])}
-    monkeypatch.setattr(kmeans, "load_images", lambda spec, cfg: sets[spec])
-    cfg = kmeans.Config(train="gen:train", test="gen:test", k=8, patches=3000, iterations=5, batch=3,
+def image_caches(folder, skipped_train: int = 0) -> tuple[str, str]:
+    """Generated train/test image caches, as `prepare` writes them (the specs kmeans reads)."""
+    train = store.write_image_cache(folder / "train.h5", random_images(60, seed=1), np.arange(60) % 3,
+                                    ["a", "b", "c"], {"skipped": skipped_train})
+    test = store.write_image_cache(folder / "test.h5", random_images(20, seed=2), np.arange(20) % 3,
+                                   ["a", "b", "c"], {"skipped": 0})
+    return str(train), str(test)
+
+
+def test_run_writes_standardised_feature_file_and_resumes(tmp_path):
+    train_spec, test_spec = image_caches(tmp_path, skipped_train=2)
+    cfg = kmeans.Config(train=train_spec, test=test_spec, k=8, patches=3000, iterations=5, batch=3,
                         compile=False, out=str(tmp_path / "km" / "features.h5"))
     path = kmeans.run(cfg)
     with store.FeatureFile(path) as ff:
@@ -125,9 +132,33 @@ def test_run_writes_standardised_feature_file_and_resumes(tmp_path, monkeypatch)
         assert np.array_equal(ff.labels("test"), np.arange(20) % 3)
         assert np.allclose(train.mean(0), 0, atol=1e-4) and np.all(train.std(0, ddof=1) <= 1.0 + 1e-4)
         assert ff.h5["feature_mean"].shape == (32,) and set(ff.attrs["seconds"]) >= {"kmeans", "encoding"}
+        assert ff.attrs["skipped_train"] == 2 and ff.attrs["skipped_test"] == 0
+        assert ff.attrs["key"] == kmeans.feature_key(cfg, ff.attrs["source_ids"]) and ff.attrs["source_ids"]["test"]
     assert (tmp_path / "km" / "centroids.pt").exists() and (tmp_path / "km" / "kmeans.json").exists()
     assert kmeans.run(cfg) == path                                  # complete: returned as is
     again = kmeans.run(kmeans.Config(**{**cfg.__dict__, "dtype": "float16"}))   # reuses the centroids
     with store.FeatureFile(again) as ff:
         assert ff.attrs["seconds"]["kmeans"] == 0.0
         assert np.allclose(ff.read("train"), train, atol=1e-2)
+
+
+def test_changed_data_is_never_reused(tmp_path, capsys):
+    """The reuse key and the centroid key carry the data's identity (path, size, mtime), not only its name."""
+    train_spec, test_spec = image_caches(tmp_path)
+    cfg = kmeans.Config(train=train_spec, test=test_spec, k=4, patches=500, iterations=2, batch=4,
+                        compile=False, out=str(tmp_path / "km" / "features.h5"))
+    kmeans.run(cfg)
+    with store.FeatureFile(cfg.out) as ff:
+        key = ff.attrs["key"]
+    capsys.readouterr()
+    store.write_image_cache(tmp_path / "test.h5", random_images(20, seed=7), np.arange(20) % 3, ["a", "b", "c"], {})
+    kmeans.run(cfg)   # new test data: encoded again, centroids (train only) reused
+    printed = capsys.readouterr().out
+    assert "is complete" not in printed and "reusing centroids" in printed
+    with store.FeatureFile(cfg.out) as ff:
+        assert ff.attrs["key"] != key
+    store.write_image_cache(tmp_path / "train.h5", random_images(60, seed=8), np.arange(60) % 3, ["a", "b", "c"], {})
+    kmeans.run(cfg)   # new training data: new centroids
+    assert "reusing centroids" not in capsys.readouterr().out
+    kmeans.run(cfg)
+    assert "is complete" in capsys.readouterr().out

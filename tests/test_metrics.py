@@ -128,7 +128,7 @@ def small_eval(run_dir: Path, **over) -> evaluate.Config:
 def test_evaluate_and_report_without_inception_weights(tiny_run):
     out = evaluate.run(small_eval(tiny_run, checkpoint="all", nn_space="both"))
     records = json.loads(out.read_text())["records"]
-    assert [r["step"] for r in records] == [1, 2]
+    assert [r["step"] for r in records] == [0, 1, 2]   # ckpt_0 is a log-spaced checkpoint too
     last = records[-1]
     assert last["fid"] is None and "absent.pth" in last["fid_unavailable"]
     assert last["wasserstein"]["real_is_training_data"] is True

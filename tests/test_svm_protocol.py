@@ -1,0 +1,380 @@
+"""The svm stage's protocol machinery: bracketed C search, solver records, refit C rule, feature file
+checks, progress file and resume, reuse by key. Small synthetic feature files written with h5py."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from replearn import svm
+from replearn.cli import main as cli
+from replearn.config import ConfigError, build
+
+TIMING = ("seconds", "selection_seconds", "final_seconds")
+
+
+def blobs(n: int, k: int = 3, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """N x D float32, N labels: one-hot class centres under a large common offset and a strong shared
+    direction, so that small C (the bias is regularised too) is clearly worse than moderate C."""
+    g = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    centres = np.zeros((k, d))
+    centres[np.arange(k), np.arange(k)] = 1.0
+    shared = 3.0 * g.normal(size=(n, 1)) * np.ones(d) / np.sqrt(d)
+    return (centres[y] + 0.3 * g.normal(size=(n, d)) + shared + 5.0).astype(np.float32), y
+
+
+def write_h5(path, train=None, test=None, key: str | None = None):
+    """The store.py feature file layout, written with h5py directly (so that it can be inconsistent)."""
+    train = blobs(300, seed=1) if train is None else train
+    test = blobs(150, seed=2) if test is None else test
+    with h5py.File(path, "w") as h5:
+        for split, (X, y) in (("train", train), ("test", test)):
+            group = h5.create_group(split)
+            group.create_dataset("features", data=X)
+            group.create_dataset("labels", data=y)
+        h5.attrs["layer_names"] = json.dumps(["all"])
+        h5.attrs["layer_offsets"] = json.dumps([0, int(np.shape(train[0])[1])])
+        h5.attrs["complete"] = True
+        if key is not None:
+            h5.attrs["key"] = json.dumps(key)
+    return path
+
+
+def config(features, out, **values):
+    base = {"features": str(features), "out": str(out), "per_class": 20, "val_size": 60, "select_draws": 2,
+            "final_draws": 5, "c_grid": (1e-6, 1e-5), "device": "cpu", "gram_cache": "off"}
+    return build(svm.Config, "svm", {**base, **values})
+
+
+def settings_without_timing(record: dict) -> dict:
+    return {name: {k: v for k, v in res.items() if k not in TIMING} for name, res in record["settings"].items()}
+
+
+# ----------------------------------------------------------------------------- bracketing
+def peaked(at: float):
+    """A validation curve with its maximum at C = `at` (log scale), and the calls made to it."""
+    calls = []
+
+    def score(cs):
+        calls.append(list(cs))
+        return {c: -abs(np.log10(c) - np.log10(at)) for c in cs}
+    return score, calls
+
+
+def test_bracket_extends_upward_until_the_best_is_interior():
+    score, calls = peaked(100.0)
+    curve, added = svm.bracket(score, [1e-1, 1e-2, 1.0], cap=4)
+    assert sorted(curve) == [1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0]
+    assert added == {"up": 3, "down": 0} and svm._pick(curve) == 100.0
+    assert calls[0] == [1e-2, 1e-1, 1.0] and calls[1:] == [[10.0], [100.0], [1000.0]]   # increasing, one per decade
+    assert not svm._search_fields(curve, added, 1.0)["c_at_edge"]
+
+
+def test_bracket_extends_downward_and_stops_at_the_cap():
+    score, _ = peaked(1e-5)
+    curve, added = svm.bracket(score, [1e-2, 1e-1], cap=4)
+    assert min(curve) == pytest.approx(1e-6) and added == {"up": 0, "down": 4}
+    assert svm._pick(curve) == pytest.approx(1e-5)
+    score, _ = peaked(1e6)                          # beyond the cap: the edge is recorded
+    curve, added = svm.bracket(score, [1e-2, 1e-1], cap=2)
+    assert max(curve) == pytest.approx(10.0) and added == {"up": 2, "down": 0}
+    assert svm._search_fields(curve, added, 1.0)["c_at_edge"]
+    curve, added = svm.bracket(score, [1e-2, 1e-1], cap=0)     # c_extend=0: the grid only
+    assert sorted(curve) == [1e-2, 1e-1] and svm._search_fields(curve, added, 1.0)["c_at_edge"]
+
+
+def test_bracket_walks_candidates_before_adding_decades():
+    score, calls = peaked(2e-3)
+    candidates = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2]
+    curve, added = svm.bracket(score, [2e-4, 5e-4, 1e-3], cap=4, candidates=candidates)
+    assert calls[1:] == [[2e-3], [5e-3]] and added == {"up": 0, "down": 0}
+    assert svm._pick(curve) == 2e-3
+
+
+def test_ties_do_not_stop_the_search():
+    """A grid on the chance-level plateau of tiny C moves up (the smallest C wins ties, but the score
+    has not fallen anywhere); a plateau of the best score is followed to the cap on both sides."""
+    def chance_then_peak(cs):
+        return {c: max(1 / 3, 1 - abs(np.log10(c) + 2) / 3) for c in cs}      # chance below 1e-5, best at 1e-2
+    curve, added = svm.bracket(chance_then_peak, [1e-7, 1e-6], cap=6)
+    assert svm._pick(curve) == pytest.approx(1e-2) and added == {"up": 5, "down": 0}
+    curve, added = svm.bracket(lambda cs: {c: 1.0 for c in cs}, [1.0, 10.0], cap=3)
+    assert added == {"up": 3, "down": 3} and svm._pick(curve) == pytest.approx(1e-3)
+    assert svm._search_fields(curve, added, 1.0)["c_at_edge"]
+
+
+def test_run_brackets_both_settings_from_a_low_grid(tmp_path):
+    features = write_h5(tmp_path / "f.h5")
+    record = json.loads(svm.run(config(features, tmp_path / "r.json", c_extend=6)).read_text())
+    for name in ("full", "400"):
+        res = record["settings"][name]
+        assert res["c_extended"]["up"] >= 2 and res["c_extended"]["down"] == 0
+        assert not res["c_at_edge"] and res["grid"][0] == 1e-6 and len(res["grid"]) >= 4
+        assert sorted(map(float, res["val_curve"])) == res["grid"]
+        assert res["grid"][0] < res["c_select" if name == "full" else "c"] < res["grid"][-1]
+    few = record["settings"]["400"]
+    assert all(len(v) == 2 for v in few["val_draws"].values())          # every C on the same 2 draws
+    assert record["settings"]["full"]["test_acc"] > 0.9
+
+
+def test_c_scale_norm_multiplies_the_grid(tmp_path):
+    X, y = blobs(300, seed=1)
+    features = write_h5(tmp_path / "f.h5", train=(X, y))
+    cfg = config(features, tmp_path / "r.json", settings=("full",), c_grid=(1e-3, 1e-2, 1e-1), c_scale="norm")
+    record = json.loads(svm.run(cfg).read_text())
+    factor = float(f"{svm.NORM_REFERENCE / np.mean(np.sum(X.astype(np.float64) ** 2, 1)):.3g}")
+    full = record["settings"]["full"]
+    assert full["c_scale_factor"] == record["c_scale"]["factor"] == factor != 1.0
+    for c in (1e-3, 1e-2, 1e-1):
+        assert svm._round_c(c * factor) in full["grid"]
+    assert build(svm.Config, "svm", {"preset": "smoke"}).c_scale == "norm"
+    assert build(svm.Config, "svm", {"preset": "paper"}).c_grid == svm.DEFAULT_C_GRID
+    assert build(svm.Config, "svm", {"preset": "paper"}).c_scale == "none"
+
+
+# ----------------------------------------------------------------------------- refit C rule
+@pytest.mark.parametrize("form", ["sum", "mean"])
+def test_refit_c_rule(tmp_path, monkeypatch, form):
+    """The full setting's refit on all n = 300 rows after choosing C on n_rest = 240."""
+    fitted = []
+    path = svm._Fitter.path
+    monkeypatch.setattr(svm._Fitter, "path", lambda self, cs, warm=None: fitted.append((len(self.X), list(cs)))
+                        or path(self, cs, warm))
+    grid = (1e-4, 1e-3, 1e-2) if form == "sum" else (0.024, 0.24, 2.4)
+    cfg = config(write_h5(tmp_path / "f.h5"), tmp_path / "r.json", settings=("full",), c_form=form, c_grid=grid)
+    full = json.loads(svm.run(cfg).read_text())["settings"]["full"]
+    assert fitted[-1] == (300, [full["c"]])                         # the refit ran at the recorded C
+    if form == "sum":
+        assert full["c"] == full["c_select"] and full["refit_c_rule"] == "sum form kept"
+        assert full["c_select"] in grid or full["c_extended"] != {"up": 0, "down": 0}
+    else:
+        assert full["c"] == pytest.approx(full["c_select"] * 240 / 300)
+        assert full["refit_c_rule"] == "mean form kept (sum C rescaled by n_rest/n)"
+        assert any(full["c_select"] * 240 == pytest.approx(c * 10.0 ** e) for c in grid for e in range(-4, 5))
+
+
+# ----------------------------------------------------------------------------- solver record
+def test_fit_records_convergence_iterations_and_jitter(monkeypatch):
+    X, y = blobs(200, seed=3)
+    model = svm.fit(X, y, 0.01, device="cpu")
+    assert model.info["converged"] and model.info["stop"] == "gradient"
+    assert model.info["iterations"] >= 1 and model.info["rel_grad"] <= svm.TOL and model.info["jitter"] == 0.0
+    capped = svm.fit(X, y, 10.0, max_iter=1, device="cpu")
+    assert capped.info["stop"] == "max_iter" and not capped.info["converged"] and capped.info["iterations"] == 1
+    assert capped.info["rel_grad"] > svm.TOL
+    assert all(m.info["converged"] for m in svm.fit_path(X, y, [1e-3, 1e-1], device="cpu"))
+    assert svm.fit_liblinear(X, y, 0.01).info is None
+
+
+def test_gram_jitter_is_recorded(monkeypatch):
+    _, rel = svm._cholesky(torch.ones(3, 3, dtype=torch.float64))      # rank one: needs a jitter
+    assert rel > 0
+    cholesky = svm._cholesky
+    monkeypatch.setattr(svm, "_cholesky", lambda G: (cholesky(G)[0], 1e-7))
+    X, y = blobs(30, d=60, seed=4)
+    assert svm.fit(X, y, 0.01, method="gram", device="cpu").info["jitter"] == 1e-7
+
+
+def test_no_progress_counts_as_converged_only_under_liblinears_rule():
+    X, y = blobs(90, seed=5)                       # 3 balanced classes: min(#pos, #neg) / N = 1/3
+    problem = svm.prepare(X, y, device="cpu")
+    rule = svm.LIBLINEAR_TOL / 3
+    assert svm._solver_record(problem, torch.tensor([0.5 * rule] * 3), "no-progress", 7)["converged"]
+    assert not svm._solver_record(problem, torch.tensor([0.5 * rule, 2 * rule, 0.0]), "no-progress", 7)["converged"]
+    assert not svm._solver_record(problem, torch.tensor([1e-9] * 3), "max_iter", 100)["converged"]
+
+
+def test_results_summarise_every_fit(tmp_path):
+    record = json.loads(svm.run(config(write_h5(tmp_path / "f.h5"), tmp_path / "r.json")).read_text())
+    full, few = record["settings"]["full"], record["settings"]["400"]
+    assert full["solver"]["fits"] == len(full["grid"]) + 1                        # + the refit
+    assert few["solver"]["fits"] == 2 * len(few["grid"]) + 5                      # select_draws x C + final draws
+    for res in (full, few):
+        solver = res["solver"]
+        assert solver["converged_fits"] + len(solver["not_converged"]) == solver["recorded"] == solver["fits"]
+        assert solver["max_iterations"] >= 1 and solver["max_jitter"] == 0.0 and solver["max_rel_grad"] < 1e-4
+    summary = svm.solver_summary([[1.0, "refit", {"converged": False, "stop": "max_iter", "iterations": 100,
+                                                  "rel_grad": 0.1, "jitter": 0.0}], [2.0, "final 0", None]])
+    assert summary["not_converged"] == [[1.0, "refit", 0.1, "max_iter"]] and summary["recorded"] == 1
+
+
+# ----------------------------------------------------------------------------- feature file checks
+def check_fails(tmp_path, match: str, **arrays):
+    features = write_h5(tmp_path / "bad.h5", **arrays)
+    out = tmp_path / "bad.json"
+    with pytest.raises(ConfigError, match=match) as err:
+        svm.run(config(features, out))
+    assert str(features) in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists() and not svm.progress_path(out).exists()
+
+
+def test_checks_rows_against_labels(tmp_path):
+    X, y = blobs(300, seed=1)
+    check_fails(tmp_path, "train has 300 feature rows but 299 labels", train=(X, y[:-1]))
+
+
+def test_checks_widths(tmp_path):
+    X, y = blobs(150, d=13, seed=2)
+    check_fails(tmp_path, "12 wide but test features 13", test=(X, y))
+
+
+def test_checks_labels_are_non_negative_integers(tmp_path):
+    X, y = blobs(150, seed=2)
+    check_fails(tmp_path, "test labels include -1", test=(X, np.where(np.arange(150) < 5, -1, y)))
+    check_fails(tmp_path, "train labels are float64, not integers", train=(blobs(300, seed=1)[0], np.zeros(300)))
+
+
+def test_checks_finite_features(tmp_path, monkeypatch):
+    fitted = []
+    monkeypatch.setattr(svm._Fitter, "path", lambda *a, **k: fitted.append(1))
+    X, y = blobs(300, seed=1)
+    X[17, 3] = np.nan
+    check_fails(tmp_path, "train features hold NaN or inf", train=(X, y))
+    X, y = blobs(150, seed=2)
+    X[149, 0] = np.inf
+    check_fails(tmp_path, "test features hold NaN or inf.*first row 149", test=(X, y))
+    assert not fitted                                                             # before any fit
+
+
+def test_checks_every_test_class_is_in_train(tmp_path):
+    X, y = blobs(150, k=4, seed=2)
+    check_fails(tmp_path, r"test classes \[3\] never appear in train", test=(X, y))
+
+
+def test_cli_prints_a_check_failure_as_one_line(tmp_path, capsys):
+    X, y = blobs(300, seed=1)
+    features = write_h5(tmp_path / "bad.h5", train=(X, y[:-1]))
+    assert cli(["svm", f"features={features}", f"out={tmp_path / 'r.json'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "299 labels" in err
+
+
+# ----------------------------------------------------------------------------- progress and resume
+class Killed(BaseException):
+    """Stands in for kill -9: nothing below run() catches it."""
+
+
+def count_calls(monkeypatch, owner, name):
+    calls = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_resume_after_a_kill_in_the_final_draws(tmp_path, monkeypatch):
+    features = write_h5(tmp_path / "f.h5")
+    whole = json.loads(svm.run(config(features, tmp_path / "whole.json")).read_text())
+
+    out = tmp_path / "killed.json"
+    scored = []
+    score = svm.SplitScorer.score
+
+    def dies_after_three_draws(self, models):     # call 1: the full setting's refit; then one per final draw
+        if len(scored) == 1 + 3:
+            raise Killed
+        scored.append(1)
+        return score(self, models)
+    monkeypatch.setattr(svm.SplitScorer, "score", dies_after_three_draws)
+    with pytest.raises(Killed):
+        svm.run(config(features, out))
+    monkeypatch.setattr(svm.SplitScorer, "score", score)
+    progress = json.loads(svm.progress_path(out).read_text())
+    assert not out.exists() and "full" in progress["settings"] and len(progress["partial"]["400"]["draws"]) == 3
+
+    full_runs = count_calls(monkeypatch, svm, "run_full")
+    fits = count_calls(monkeypatch, svm._Fitter, "path")
+    resumed = json.loads(svm.run(config(features, out)).read_text())
+    assert not full_runs and not svm.progress_path(out).exists()
+    assert len(fits) == 1 + 2                      # draw 0 again (the warm start), then draws 3 and 4
+    assert resumed["resumed_from"]["settings_done"] == ["full"] and resumed["resumed_from"]["final_draws_done"] == 3
+    assert whole["resumed_from"] is None
+    assert settings_without_timing(resumed) == settings_without_timing(whole)
+
+
+def test_resume_inside_an_upward_extension_round(tmp_path, monkeypatch):
+    """Killed after selection draw 0 of the first extension: draw 1's warm start is refitted by the
+    same steps (grid path, then the extension chain), so the numbers equal an uninterrupted run's."""
+    features = write_h5(tmp_path / "f.h5")
+    values = {"settings": ("400",), "select_draws": 3}
+    whole = json.loads(svm.run(config(features, tmp_path / "whole.json", **values)).read_text())
+    assert whole["settings"]["400"]["c_extended"]["up"] >= 2
+
+    out = tmp_path / "killed.json"
+    select_fit = svm.Setting400.select_fit
+
+    def dies_in_the_second_extension(self, draw, cs):
+        if cs[0] > self.grid[-1] * 50 and draw == 1:
+            raise Killed
+        return select_fit(self, draw, cs)
+    monkeypatch.setattr(svm.Setting400, "select_fit", dies_in_the_second_extension)
+    with pytest.raises(Killed):
+        svm.run(config(features, out, **values))
+    monkeypatch.setattr(svm.Setting400, "select_fit", select_fit)
+    resumed = json.loads(svm.run(config(features, out, **values)).read_text())
+    assert resumed["resumed_from"]["select_scores"] > 0
+    assert settings_without_timing(resumed) == settings_without_timing(whole)
+
+
+def test_progress_of_another_config_is_ignored_and_replaced(tmp_path, monkeypatch):
+    features = write_h5(tmp_path / "f.h5")
+    out = tmp_path / "r.json"
+    svm.atomic_write_json(svm.progress_path(out), {"identity": {"config": {"seed": 99}, "features": "x"},
+                                                   "settings": {"full": {"c": 1.0}}, "partial": {}})
+    finish = svm.Progress.finish
+
+    def dies_after_saving(self, name, result):
+        finish(self, name, result)
+        raise Killed
+    monkeypatch.setattr(svm.Progress, "finish", dies_after_saving)
+    with pytest.raises(Killed):
+        svm.run(config(features, out, settings=("full",)))
+    progress = json.loads(svm.progress_path(out).read_text())
+    assert progress["identity"]["config"]["seed"] == 0 and progress["settings"]["full"]["c"] != 1.0
+
+
+# ----------------------------------------------------------------------------- reuse by key
+def test_reuse_by_key(tmp_path, monkeypatch, capsys):
+    features = write_h5(tmp_path / "f.h5", key="0123456789")
+    out = tmp_path / "r.json"
+    cfg = config(features, out, settings=("full",))
+    first = json.loads(svm.run(cfg).read_text())
+    expected = svm.artifact_key("svm", svm.to_dict(cfg), ignore=("out", "device", "gram_cache", "preset"),
+                                features="0123456789")
+    assert first["key"] == expected and first["features"]["identity"] == "0123456789" and first["complete"]
+
+    fits = count_calls(monkeypatch, svm._Fitter, "path")
+    capsys.readouterr()
+    assert svm.run(dataclasses.replace(cfg, device="auto", gram_cache="on")) == out   # ignored by the key
+    assert not fits and "up to date" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == first
+
+    svm.run(config(features, out, settings=("full",), seed=1))            # another config: recomputed
+    assert fits and json.loads(out.read_text())["key"] != first["key"]
+
+
+def test_key_without_a_features_key_uses_path_size_mtime(tmp_path):
+    features = write_h5(tmp_path / "f.h5")
+    with svm.FeatureFile(features) as ff:
+        identity = svm.features_identity(ff)
+    stat = features.stat()
+    assert identity == f"{features.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def test_test_split_read_in_blocks_scores_the_same(tmp_path, monkeypatch):
+    """Without room for the test split in memory, it is scanned, then re-read per batch of draws."""
+    features = write_h5(tmp_path / "f.h5")
+    in_memory = json.loads(svm.run(config(features, tmp_path / "a.json")).read_text())
+    monkeypatch.setattr(svm, "_available_memory", lambda: 1000)
+    batches = count_calls(monkeypatch, svm, "score_on_split")
+    streamed = json.loads(svm.run(config(features, tmp_path / "b.json")).read_text())
+    assert [len(args[2]) for args in batches] == [1, 5]          # the full setting's refit, then 5 draws at once
+    assert settings_without_timing(streamed) == settings_without_timing(in_memory)
