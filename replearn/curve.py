@@ -33,7 +33,7 @@ class Config:
     select_draws: int = 3         # draws scoring each C (the paper: 10); few, the curve wants its shape
     final_draws: int = 5          # draws for each point's mean +- 1.96 std (the paper: 100)
     val_size: int = 10000         # validation held out of train, as the protocol
-    steps: tuple[int, ...] = ()   # checkpoints to score; empty = every interval checkpoint
+    steps: tuple[int, ...] = ()   # checkpoints to score (and always the last); empty = every interval checkpoint
     features_args: str = ""       # extra key=value words for the features stage (e.g. 'precision=fp32')
     svm_args: str = ""            # extra key=value words for the svm stage
     cache_dir: str = "cache"
@@ -97,23 +97,30 @@ def plot_curve(points: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def write_curve(cfg: Config, run_dir: Path, key: str, points: list[dict], out: Path) -> None:
+    gain = 100 * (points[-1]["mean"] - points[0]["mean"]) if points[0]["step"] == 0 else None
+    atomic_write_json(out, {"run": str(run_dir), "run_key": runs.run_key(run_dir), "key": key,
+                            "config": to_dict(cfg), "points": points, "gain_points": gain,
+                            "provenance": provenance()})
+
+
 def run(cfg: Config) -> Path:
     """Score every interval checkpoint of a run with a cheap 400-per-class protocol -> curve JSON + PNG."""
     run_dir = Path(cfg.run)
     found = runs.interval_checkpoints(run_dir)
     if not found:
         raise ConfigError(f"no ckpt_*.pt in {run_dir}: run `replearn pretrain` first (it keeps log-spaced ones)")
-    chosen = [(s, p) for s, p in found if not cfg.steps or s in cfg.steps]
+    # the run's last checkpoint is always scored: the curve's end point is the table row's critic
+    chosen = [(s, p) for s, p in found if not cfg.steps or s in cfg.steps or s == found[-1][0]]
     key = curve_key(cfg)
     out = run_dir / f"curve-{key}.json"
-    points = [score_checkpoint(cfg, step, path.name) for step, path in chosen]   # each reused by key
-    record = {"run": str(run_dir), "run_key": runs.run_key(run_dir), "key": key, "config": to_dict(cfg),
-              "points": points, "gain_points": 100 * (points[-1]["mean"] - points[0]["mean"])
-              if points and points[0]["step"] == 0 else None, "provenance": provenance()}
-    atomic_write_json(out, record)
     model = runs.run_record(run_dir).get("config", {}).get("model", run_dir.name)
-    plot_curve(points, f"{model}: linear probe vs pretraining ({cfg.per_class}/class, {cfg.final_draws} draws)",
-               out.with_suffix(".png"))
+    points: list[dict] = []
+    for step, path in chosen:   # each point's features and SVM results are reused by key
+        points.append(score_checkpoint(cfg, step, path.name))
+        write_curve(cfg, run_dir, key, points, out)   # a killed curve keeps the points it has
+        plot_curve(points, f"{model}: linear probe vs pretraining ({cfg.per_class}/class, {cfg.final_draws} draws)",
+                   out.with_suffix(".png"))
     print(f"curve: {len(points)} checkpoints -> {out}")
     return out
 
