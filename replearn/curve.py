@@ -87,6 +87,7 @@ def plot_curve(points: list[dict], title: str, path: Path) -> None:
     if control:
         ax.axhline(100 * control[0]["mean"], color="grey", linestyle="--", label="untrained control (step 0)")
     ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=0)
     ax.set_xlabel("pretraining step (generator updates)")
     ax.set_ylabel("400 per class accuracy (%)")
     ax.set_title(title, fontsize=9)
