@@ -115,6 +115,10 @@ def run(cfg: Config) -> Path:
     chosen = [(s, p) for s, p in found if not cfg.steps or s in cfg.steps or s == found[-1][0]]
     key = curve_key(cfg)
     out = run_dir / f"curve-{key}.json"
+    done = runs.read_json(out) or {}
+    if done.get("key") == key and [p["step"] for p in done.get("points", [])] == [s for s, _ in chosen]:
+        print(f"curve: {out} is up to date (key {key})")
+        return out
     model = runs.run_record(run_dir).get("config", {}).get("model", run_dir.name)
     points: list[dict] = []
     for step, path in chosen:   # each point's features and SVM results are reused by key

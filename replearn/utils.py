@@ -218,8 +218,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def json_default(value: Any) -> Any:
+    """numpy scalars and arrays (HDF5 attrs come back as them) keep their type; anything else is str."""
+    import numpy as np
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
 def torch_atomic_save(obj: Any, path: str | Path) -> Path:

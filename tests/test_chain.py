@@ -1,0 +1,185 @@
+"""The chain a newcomer runs: every artifact keyed and reused, a second run a no-op, a changed SVM
+setting reruns only the SVM stage, a kill -9 in the SVM stage loses nothing finished, the paper
+preset's keys and layout stay valid, and (with ../shared/data) the README's make command on a fresh
+`git clone` of this tree writes a table with every row it promises."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, random_images
+from replearn import chain
+from replearn.config import build
+from replearn.store import write_image_cache
+
+
+def labelled_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Four classes, each with one saturated colour channel (or none): learnable by any features."""
+    images, labels = random_images(n, seed=seed), np.arange(n) % 4
+    for cls, channel in ((1, 0), (2, 1), (3, 2)):
+        images[labels == cls, :, :, channel] = 255
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("chain")
+    train_x, train_y = labelled_images(240, seed=1)
+    test_x, test_y = labelled_images(80, seed=2)
+    return {"root": root,
+            "pretrain_data": str(write_image_cache(root / "pre.h5", random_images(96, seed=3), np.full(96, -1), [], {})),
+            "train": str(write_image_cache(root / "train.h5", train_x, train_y, list("abcd"), {})),
+            "test": str(write_image_cache(root / "test.h5", test_x, test_y, list("abcd"), {}))}
+
+
+TINY_ARGS = dict(pretrain_args="steps=3 width=0.125 batch_size=16 precision=fp32 sample_every=1",
+                 features_args="bn_images=64 precision=fp32",
+                 svm_args="per_class=10 val_size=40 select_draws=2 final_draws=3",
+                 kmeans_args="k=16 patches=2000 iterations=3",
+                 curve_args="per_class=10 val_size=40 select_draws=1 final_draws=2 train_rows=0 test_rows=0 steps=0")
+
+
+def chain_config(sources: dict, **over) -> chain.Config:
+    values = {"preset": "tiny", "models": "dcgan,wgan-gp", "pretrain_data": sources["pretrain_data"],
+              "train": sources["train"], "test": sources["test"], "build_dir": str(sources["root"] / "build"),
+              "tables_dir": str(sources["root"] / "tables"), "cache_dir": str(sources["root"] / "cache"),
+              **TINY_ARGS, **over}
+    return build(chain.Config, "chain", values)
+
+
+def artifact_times(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and p.suffix in (".pt", ".h5", ".json")}
+
+
+def test_chain_builds_every_row_then_reuses_everything(sources):
+    table = chain.run(chain_config(sources))
+    text = table.read_text()
+    assert table.name == "cifar10-tiny.md"
+    for name in ("DCGAN (BCE) (reproduced", "DCGAN (BCE) untrained control (step 0", "WGAN-GP (reproduced",
+                 "WGAN-GP untrained control (step 0", "1 Layer K-means (reproduced, K=16)"):
+        assert name in text, name
+    assert len(re.findall(r"full [+-]\d+\.\d, 400 [+-]\d+\.\d points", text)) == 2   # each trained row's gain
+    assert "[curve](curves/" in text and "1.96 std" in text
+    build_dir = sources["root"] / "build"
+    before = artifact_times(build_dir)
+    chain.run(chain_config(sources))                            # same keys: nothing is rebuilt
+    assert artifact_times(build_dir) == before
+
+
+def test_a_changed_svm_setting_reruns_only_the_svm_stage(sources):
+    chain.run(chain_config(sources))
+    build_dir = sources["root"] / "build"
+    before = artifact_times(build_dir)
+    over = dict(TINY_ARGS, svm_args=TINY_ARGS["svm_args"] + " seed=1")
+    chain.run(chain_config(sources, **over))
+    after = artifact_times(build_dir)
+    changed = {k for k in after if before.get(k) != after[k]}
+    assert changed and all(".svm-" in k or "/curve-" in k for k in changed), changed
+    assert not any(k.endswith((".pt", ".h5")) for k in changed)          # no pretraining, no features
+    assert all(k in after and after[k] == before[k] for k in before)      # built beside, old kept
+
+
+def test_a_stage_refuses_an_input_with_another_key(sources):
+    from replearn import features
+    from replearn.config import ConfigError
+    run_dir = next((sources["root"] / "build" / "tiny").glob("dcgan-*"))
+    with pytest.raises(ConfigError, match="not the expected"):
+        features.run(build(features.Config, "features", {"run": str(run_dir), "train": sources["train"],
+                                                         "test": sources["test"], "expect_run_key": "ffffffffff"}))
+
+
+def write_features(path: Path, n_train: int, n_test: int, dim: int, seed: int = 0) -> Path:
+    g = np.random.default_rng(seed)
+    centres = g.normal(0, 1, size=(10, dim))
+    with h5py.File(path, "w") as h5:
+        for split, n in (("train", n_train), ("test", n_test)):
+            labels = np.arange(n) % 10
+            h5.create_dataset(f"{split}/features", data=(centres[labels] + g.normal(0, 3, size=(n, dim))).astype("f4"))
+            h5.create_dataset(f"{split}/labels", data=labels)
+        h5.attrs.update(layer_names=json.dumps(["x"]), layer_offsets=json.dumps([0, dim]), feature_dim=dim,
+                        kind="critic", complete=True)
+    return path
+
+
+def test_kill_minus_9_in_the_400_setting_keeps_the_full_result(tmp_path):
+    feats = write_features(tmp_path / "f.h5", 3000, 500, 256)
+    out = tmp_path / "f.svm.json"
+    args = [sys.executable, "-m", "replearn", "svm", f"features={feats}", f"out={out}", "settings=full,400",
+            "per_class=100", "val_size=1000", "select_draws=2", "final_draws=400", "c_grid=1e-4,1e-3"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    partial = out.with_suffix(".partial.json")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            state = json.loads(partial.read_text())
+            if "full" in state.get("settings", {}) and len(state.get("partial", {}).get("400", {}).get("draws", [])) > 2:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("no progress file with the full setting and some 400-per-class draws appeared")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    full_before = json.loads(partial.read_text())["settings"]["full"]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["settings"]["full"]["test_acc"] == full_before["test_acc"]
+    assert res["resumed_from"] and len(res["settings"]["400"]["draws"]) == 400
+
+
+def test_the_paper_preset_chain_runs_on_local_files(sources):
+    """Only what size demands is overridden: net width, steps, batch; per_class and val_size for 240 images."""
+    cfg = chain_config(sources, preset="paper", models="dcgan,wgan-gp", curve=False, kmeans=False,
+                       build_dir=str(sources["root"] / "paper-build"),
+                       pretrain_args="steps=2 width=0.125 batch_size=16",
+                       features_args="bn_images=64",
+                       svm_args="per_class=10 val_size=40")
+    text = chain.run(cfg).read_text()
+    assert "DCGAN (BCE) (reproduced" in text and "WGAN-GP untrained control" in text
+    res = [json.loads(p.read_text()) for p in (sources["root"] / "paper-build" / "paper").rglob("*.svm-*.json")]
+    assert res and all(len(r["settings"]["400"]["draws"]) == 100 for r in res)     # the paper's 100 draws
+    assert all(r["config"]["select_draws"] == 10 for r in res)
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_readme_command_on_a_fresh_clone(tmp_path, shared_data):
+    """The regression net for the README: `make svm-table PRESET=tiny ...` from a fresh clone."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    readme = (clone / "README.md").read_text()
+    assert "make svm-table PRESET=tiny" in readme
+    data = shared_data.resolve()
+    make = ["make", "-C", str(clone), "svm-table", "PRESET=tiny", f"PY={sys.executable}", "STAMP=",
+            f"PRETRAIN_DATA={data}/tinyimagenet/train.parquet[:3000]",
+            f"CIFAR_TRAIN={data}/cifar10/train.parquet[:2500]",
+            f"CIFAR_TEST={data}/cifar10/train.parquet[2500:3500]"]
+    done = subprocess.run(make, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (clone / "tables" / "cifar10-tiny.md").read_text()
+    for name in ("DCGAN (BCE) (reproduced", "WGAN-GP (reproduced", "untrained control (step 0",
+                 "1 Layer K-means (reproduced"):
+        assert name in table, name
+    head = subprocess.run(["git", "-C", str(clone), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert f"commit {head}" in table and "-dirty" not in table and "[tiny scale]" in table
+    built = {p: p.stat().st_mtime_ns for p in (clone / "build").rglob("*") if p.suffix in (".pt", ".h5", ".json")}
+    again = subprocess.run(make, capture_output=True, text=True, timeout=600)   # a no-op: every key matches
+    assert again.returncode == 0 and "is up to date" in again.stdout + again.stderr
+    assert {p: p.stat().st_mtime_ns for p in built} == built
+    shutil.rmtree(clone / "build")
