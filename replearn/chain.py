@@ -123,7 +123,8 @@ def run(cfg: Config) -> Path:
         return root
     table_cfg = tables.Config(results=",".join(str(r) for r in results), out_dir=cfg.tables_dir,
                               name=f"{cfg.name}-{cfg.preset}", data_note=cfg.data_note,
-                              command=f"replearn chain preset={cfg.preset} (make svm-table PRESET={cfg.preset})")
+                              command=f"replearn chain preset={cfg.preset} models={','.join(cfg.models)} kmeans={cfg.kmeans}"
+                                      f" (make svm-table PRESET={cfg.preset})")
     return tables.run(table_cfg)
 
 

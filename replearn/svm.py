@@ -1233,7 +1233,7 @@ def evaluate(ff: FeatureFile, cfg: Config, out: Path, features_id: str) -> dict:
             progress.finish(name, results[name])
     return {"config": to_dict(cfg), "complete": True, "provenance": provenance(),
             "features": {"path": str(cfg.features), "attrs": ff.attrs, "identity": features_id},
-            "validation": {"size": int(len(X) - n_rest), "seed": cfg.seed, "from": "train"},
+            "validation": {"size": int(len(X) - n_rest), "seed": cfg.seed, "from": "train"}, "train_rows": int(len(X)),
             "c_scale": {"mode": cfg.c_scale, "factor": factor, "reference_mean_sq_norm": NORM_REFERENCE},
             "resumed_from": progress.resumed_from, "settings": results}
 

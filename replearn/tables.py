@@ -102,7 +102,7 @@ def pretrain_text(feat: dict) -> str:
     return (f"pretrained on {split_name(str(data.get('spec', '?')))} ({data.get('num_images', '?')} images{skipped}), "
             f"{feat.get('checkpoint_step')} G steps and {pre.get('critic_batches', '?')} critic steps x batch "
             f"{cfg.get('batch_size')} ({cfg.get('optimizer')} lr {cfg.get('lr_d')}), {pre.get('precision')}, "
-            f"{(pre.get('seconds') or 0) / 60:.0f} min on {prov.get('hardware', '?')}, pretrain commit "
+            f"{duration(pre.get('seconds') or 0)} on {prov.get('hardware', '?')}, pretrain commit "
             f"{prov.get('git_commit', '?')}")
 
 
@@ -173,7 +173,8 @@ def curve_text(res: dict) -> str:
         return ""
     points = json.loads(curve.read_text()).get("points") or []
     steps = ", ".join(f"{p['step']}: {100 * p['mean']:.1f}" for p in points)
-    return f"; pretraining curve (400/class, {points[0]['draws'] if points else '?'} draws; step: %) {steps}"
+    per_class = (json.loads(curve.read_text()).get("config") or {}).get("per_class", 400)
+    return f"; pretraining curve ({per_class} per class, {points[0]['draws'] if points else '?'} draws; step: %) {steps}"
 
 
 def flags(res: dict, feat: dict) -> list[str]:
@@ -200,16 +201,21 @@ def eval_text(res: dict, feat: dict) -> str:
     feat_cfg = feat.get("config") or {}
     train = feat.get("source_train") or feat_cfg.get("train")   # critic files / the kmeans config
     test = feat.get("source_test") or feat_cfg.get("test")
-    n_train = res.get("train_rows") or (res.get("validation") or {}).get("train_rows", "?")
+    n_train, n_val = res.get("train_rows", "?"), (res.get("validation") or {}).get("size", "?")
+    chosen = "fixed" if svm_cfg.get("fixed_c") else f"chosen on {n_val} images held out of train"
     text = f"features {feat.get('precision', 'fp32')} (commit {commit_of(feat)}); L2-SVM ({svm_cfg.get('solver')})"
     if full:
-        text += (f"; full: C={full.get('c', '-'):.3g} chosen on {(res.get('validation') or {}).get('size', '?')} "
-                 f"images held out of train, refit on all {n_train} labelled images of {split_name(str(train))}")
+        text += (f"; full: C={full.get('c', 0):.3g} {chosen}, then fit on all {n_train} labelled images of "
+                 f"{split_name(str(train))}")
     if k400:
-        text += (f"; 400/class: C={k400.get('c', '-'):.3g}, mean +- 1.96 std over {len(k400.get('draws', []))} "
-                 f"draws")
+        text += (f"; {svm_cfg.get('per_class', 400)} per class: C={k400.get('c', 0):.3g}, mean +- 1.96 std over "
+                 f"{len(k400.get('draws', []))} draws")
     return text + (f"; scored on {split_name(str(test))}; evaluation commit {commit_of(res)}, "
                    f"{str((res.get('provenance') or {}).get('date', '?'))[:10]}")
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def reproduced_row(path: Path, out_dir: Path) -> dict[str, Any]:
