@@ -465,7 +465,9 @@ def run(cfg: Config) -> Path:
 
 def plan(cfg: Config) -> tuple[Config, str]:
     """(the resolved config with its run folder, the run's key), without loading any images."""
+    from . import data
     cfg = resolve(cfg)
+    cfg = dataclasses.replace(cfg, data=data.absolute_spec(cfg.data))   # later stages read it from anywhere
     key = run_key(cfg, data_identity(cfg))
     return dataclasses.replace(cfg, run_dir=default_run_dir(cfg, key)), key
 

@@ -210,6 +210,9 @@ def eval_text(res: dict, feat: dict) -> str:
     if k400:
         text += (f"; {svm_cfg.get('per_class', 400)} per class: C={k400.get('c', 0):.3g}, mean +- 1.96 std over "
                  f"{len(k400.get('draws', []))} draws")
+    skipped = [f"{feat[f'skipped_{k}']} unreadable {k} images skipped" for k in ("train", "test")
+               if feat.get(f"skipped_{k}")]
+    text += "".join(f"; {s}" for s in skipped)
     return text + (f"; scored on {split_name(str(test))}; evaluation commit {commit_of(res)}, "
                    f"{str((res.get('provenance') or {}).get('date', '?'))[:10]}")
 
