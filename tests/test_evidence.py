@@ -185,3 +185,22 @@ def test_features_of_the_control_and_of_the_trained_critic_are_keyed_apart(tmp_p
     assert features.run(build(features.Config, "features", {**values, "checkpoint": "ckpt_0000000.pt"})) == control
     with pytest.raises(ConfigError, match="not the expected"):
         features.run(build(features.Config, "features", {**values, "expect_run_key": "0123456789"}))
+
+
+def test_table_refuses_what_is_not_a_results_file(tmp_path, capsys):
+    from replearn.cli import main
+    (tmp_path / "other.json").write_text('{"hello": 1}')
+    (tmp_path / "broken.json").write_text("{not json")
+    for pattern, words in ((tmp_path / "other.json", "not an svm results file"),
+                           (tmp_path / "broken.json", "not a readable JSON file"),
+                           (tmp_path / "none-*.svm.json", "no results file matches")):
+        assert main(["table", f"results={pattern}", f"out_dir={tmp_path / 'tables'}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and str(tmp_path) in err and len(err.splitlines()) == 1
+
+
+def test_run_folders_record_absolute_data_paths(tmp_path, unlabelled, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_pretrain(tmp_path, "pre.h5", steps=1, run_dir=str(tmp_path / "run"))
+    run_dir = pretrain.run(cfg)
+    assert json.loads((run_dir / "config.json").read_text())["config"]["data"] == str(tmp_path / "pre.h5")
