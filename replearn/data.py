@@ -7,6 +7,7 @@ A *source spec* is one string, accepted wherever a stage takes data:
     hf:<dataset id>[:split]         `datasets.load_dataset(id, split=split)`, split defaults to train
     path/to/cifar-10-batches-py     CIFAR-10 python batches: data_batch_1..5; `...:test` = test_batch
     path/to/imagenet32[:val]        Imagenet32 batches (Chrabaszcz et al.): train_data_batch_*; `:val`
+    path/to/mnist[:test]            MNIST / Fashion-MNIST idx files (train-*-ubyte[.gz]; `:test` = t10k-*)
     path/to/root[:split]            a JPEG tree root/<class>/<file> (`:train` = root/train)
     path/to/cache.h5                an image cache written by `prepare`
 
@@ -67,7 +68,7 @@ class Config:
 register_check(Config, lambda cfg: require(cfg, at_least={"size": 1}, non_negative=("workers",), stage="prepare"))
 
 ACCEPTED = ("a parquet file or folder (HF layout), hf:<dataset id>[:split], a CIFAR-10 batches folder[:test], "
-            "an Imagenet32 batches folder[:val], a JPEG tree root/<class>/<file>, or an .h5 image cache; "
+            "an Imagenet32 batches folder[:val], an MNIST-style idx folder[:test], a JPEG tree root/<class>/<file>, or an .h5 image cache; "
             "optionally followed by a row slice [a:b]")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 PARQUET_BATCH = 1024     # rows decoded per step: bounds memory, keeps the progress bar moving
@@ -125,7 +126,7 @@ class Spec:
 
 SLICE = re.compile(r"^(?P<base>.*)\[(?P<start>[+-]?\d*):(?P<stop>[+-]?\d*)\]$")
 SPLIT = re.compile(r"^(?P<path>.+):(?P<split>[\w.-]+)$")
-SPLITS = {"cifar": ("train", "test"), "imagenet32": ("train", "val")}
+SPLITS = {"cifar": ("train", "test"), "imagenet32": ("train", "val"), "idx": ("train", "test")}
 
 
 def parse_spec(text: str) -> Spec:
@@ -179,6 +180,8 @@ def detect_kind(path: Path, split: str | None = None) -> str:
         return "cifar"
     if "val_data" in names or any(n.startswith("train_data_batch_") for n in names):
         return "imagenet32"
+    if any(n.startswith(("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")) for n in names):
+        return "idx"
     root = path / split if split and (path / split).is_dir() else path   # imagenet:train = imagenet/train
     if any(_has_images(sub) for sub in root.iterdir() if sub.is_dir()):
         return "jpeg-tree"   # checked before parquet: walking a 1.28M-file tree for *.parquet takes long
@@ -525,9 +528,58 @@ def read_jpeg_tree(spec: Spec) -> RawSource:
     return RawSource(len(files), classes, batches, lambda i: os.path.relpath(files[i], root))
 
 
+# ---------------------------------------------------------------------------- idx (MNIST, Fashion-MNIST)
+IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx_file(path: Path) -> np.ndarray:
+    """An idx array (LeCun's format: 0, 0, type code, rank, big-endian uint32 dims, data), plain or .gz;
+    read with numpy alone (no pickle)."""
+    import gzip
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(raw) < 4 or raw[0] or raw[1] or raw[2] not in IDX_TYPES:
+        raise ConfigError(f"{path} is not an idx file (magic bytes {raw[:4].hex()}); expected MNIST's "
+                          f"*-idx3-ubyte / *-idx1-ubyte files, plain or .gz")
+    rank = raw[3]
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=rank, offset=4))
+    dtype = np.dtype(IDX_TYPES[raw[2]])
+    expected = 4 + 4 * rank + int(np.prod(dims)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ConfigError(f"{path} holds {len(raw)} bytes, its header promises {expected} (dims {dims}): "
+                          f"truncated or corrupt; download it again")
+    return np.frombuffer(raw, dtype, offset=4 + 4 * rank).reshape(dims)
+
+
+def _idx_pair(folder: Path, prefix: str) -> tuple[Path, Path]:
+    found = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        hits = [folder / f"{prefix}-{kind}{gz}" for gz in ("", ".gz") if (folder / f"{prefix}-{kind}{gz}").exists()]
+        if not hits:
+            raise ConfigError(f"no {prefix}-{kind}[.gz] in {folder}; point at the folder holding MNIST's idx files")
+        found.append(hits[0])
+    return found[0], found[1]
+
+
+def read_idx(spec: Spec) -> RawSource:
+    """MNIST / Fashion-MNIST idx files: `folder` = train-*, `folder:test` = t10k-*. Grayscale rows are
+    replicated to 3 channels (every stage takes RGB; the digits resize to `size` like any image)."""
+    images_path, labels_path = _idx_pair(Path(spec.location), "t10k" if spec.split == "test" else "train")
+    images, labels = read_idx_file(images_path), read_idx_file(labels_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ConfigError(f"{images_path} ({images.shape}) and {labels_path} ({labels.shape}) do not pair up: "
+                          f"expected N x H x W images and N labels")
+    rgb = np.repeat(images.astype(np.uint8)[..., None], 3, axis=3)           # N x H x W x 3
+    names = [str(i) for i in range(int(labels.max()) + 1)] if len(labels) else []
+
+    def batches(start: int, stop: int):
+        yield rgb[start:stop], labels[start:stop].astype(np.int64)
+    return RawSource(len(rgb), names, batches, lambda i: f"{images_path.name} row {i}",
+                     attrs={"channels_stored": 1})
+
+
 READERS: dict[str, Callable[[Spec], RawSource]] = {
     "parquet": read_parquet, "hf": read_hf, "cifar": read_cifar,
-    "imagenet32": read_imagenet32, "jpeg-tree": read_jpeg_tree,
+    "imagenet32": read_imagenet32, "jpeg-tree": read_jpeg_tree, "idx": read_idx,
 }
 
 
