@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import curve, features, kmeans, pretrain, svm, tables
+from . import curve, features, kmeans, pretrain, runs, svm, tables
 from .config import ConfigError, build, register_preset, split_overrides
 
 UPTO = ("pretrain", "features", "svm", "curve", "table")
@@ -62,7 +62,6 @@ def pretrain_step(cfg: Config, model: str, root: Path) -> Path:
 
 
 def features_step(cfg: Config, run_dir: Path, checkpoint: str) -> Path:
-    from . import runs
     values = {"preset": cfg.preset, "run": str(run_dir), "checkpoint": checkpoint, "train": cfg.train,
               "test": cfg.test, "cache_dir": cfg.cache_dir, "expect_run_key": runs.run_key(run_dir),
               **words(cfg.features_args)}
@@ -93,7 +92,6 @@ def kmeans_steps(cfg: Config, root: Path) -> Path:
 
 def final_checkpoint(run_dir: Path) -> str:
     """The run's last step as a step-named file: `last.pt` changes when a run is extended."""
-    from . import runs
     saved = runs.interval_checkpoints(run_dir)
     if not saved:
         raise ConfigError(f"{run_dir} has no ckpt_*.pt; rerun `replearn pretrain` for it")

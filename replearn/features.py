@@ -237,8 +237,7 @@ def run(cfg: Config) -> Path:
     check_writable(out.parent, total * (sum(d for _, d in layers) * np.dtype(cfg.dtype).itemsize + 8))
     attrs = feature_attrs(cfg, run_cfg, ckpt, precision, layers, splits)
     attrs.update(class_names=sets["train"].class_names, key=key, untrained=int(ckpt.get("step") == 0),
-                 **{f"skipped_{name}": int((getattr(s, "attrs", None) or {}).get("skipped", 0) or 0)
-                    for name, s in sets.items()})
+                 **{f"skipped_{name}": s.skipped for name, s in sets.items()})
     bar = tqdm(total=total, desc=f"features {run_cfg.model}", unit="img", disable=not dist_info.main)
     if dist_info.main:
         with FeatureWriter(out, layers, attrs, cfg.dtype) as writer:

@@ -229,7 +229,7 @@ def load_training_images(cfg: Config) -> tuple[torch.Tensor, dict]:
     from . import data
     images = data.cached(cfg.data, size=cfg.image_size, cache_dir=cfg.cache_dir)
     info = {"spec": cfg.data, "num_images": len(images), "source_id": data_identity(cfg),
-            "skipped": int((getattr(images, "attrs", None) or {}).get("skipped", 0) or 0)}
+            "skipped": images.skipped}
     return torch.from_numpy(images.images), info   # N x 32 x 32 x 3 uint8, kept as uint8 in memory
 
 
@@ -296,8 +296,9 @@ def check_same_run(saved: dict, key: str, cfg: Config, path: Path) -> None:
     old = saved.get("config") or {}
     diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in to_dict(cfg).items()
              if k not in RESUMABLE_KEYS and old.get(k) != v]
-    if saved.get("data_id") not in (None, data_identity(cfg)):
-        diffs.append(f"data identity: {saved.get('data_id')} -> {data_identity(cfg)}")
+    data_id = data_identity(cfg)
+    if saved.get("data_id") not in (None, data_id):
+        diffs.append(f"data identity: {saved.get('data_id')} -> {data_id}")
     raise ConfigError(f"{path} belongs to a different run ({', '.join(diffs) or f'key {recorded} -> {key}'}); "
                       f"keys that may change on resume: {', '.join(k for k in RESUMABLE_KEYS if k != 'data')}; "
                       f"pick another run_dir or delete it")

@@ -108,14 +108,15 @@ def load_checkpoint(path: str | Path, device: str = "cpu", mmap: bool = False) -
     import pickle
 
     import torch
+
+    from .utils import unpickling_reason
     try:
         return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln] or ["unsupported content"]
-        raise ConfigError(f"{path}: refused to load ({lines[0][:160]}); only tensors, numbers, strings and plain "
-                          f"containers are read. Re-save an old checkpoint with those only, or retrain") from None
+        raise ConfigError(f"{path}: refused to load ({unpickling_reason(err)}); only tensors, numbers, strings and "
+                          f"plain containers are read. Re-save an old checkpoint with those only, or retrain") from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise ConfigError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:200]}); delete it "
+        raise ConfigError(f"{path} is not a readable checkpoint ({unpickling_reason(err)}); delete it "
                           f"and rerun the stage that made it") from None
 
 

@@ -171,9 +171,9 @@ def curve_text(res: dict) -> str:
     curve = latest_curve(run_dir) if run_dir else None
     if curve is None:
         return ""
-    points = json.loads(curve.read_text()).get("points") or []
+    record = json.loads(curve.read_text())
+    points, per_class = record.get("points") or [], (record.get("config") or {}).get("per_class", 400)
     steps = ", ".join(f"{p['step']}: {100 * p['mean']:.1f}" for p in points)
-    per_class = (json.loads(curve.read_text()).get("config") or {}).get("per_class", 400)
     return f"; pretraining curve ({per_class} per class, {points[0]['draws'] if points else '?'} draws; step: %) {steps}"
 
 
@@ -239,7 +239,7 @@ def reproduced_row(path: Path, out_dir: Path) -> dict[str, Any]:
             "how produced": how,
             # for pairing rows with their controls, dropped before writing
             "_pair": ((feat.get("pretrain") or {}).get("key"), json.dumps(svm_pairing_config(res), sort_keys=True)),
-            "_control": is_control(feat), "_acc": (full.get("test_acc"), k400.get("mean"))}
+            "_control": is_control(feat), "_acc": (full.get("test_acc"), k400.get("mean")), "_run_dir": run_dir_of(res)}
 
 
 def svm_pairing_config(res: dict) -> dict:
@@ -261,19 +261,24 @@ def attach_gains(rows: list[dict]) -> None:
             f"full {gain(row['_acc'][0], control['_acc'][0])}, 400 {gain(row['_acc'][1], control['_acc'][1])} points"
 
 
-def build_table(cfg: Config) -> pd.DataFrame:
+def reproduced_rows(cfg: Config) -> list[dict[str, Any]]:
     rows = [reproduced_row(p, Path(cfg.out_dir)) for p in result_paths(cfg.results)]
     attach_gains(rows)
     if cfg.data_note:
         for row in rows:
             row["how produced"] += f"; data: {cfg.data_note}"
+    return rows
+
+
+def build_table(cfg: Config, rows: list[dict[str, Any]] | None = None) -> pd.DataFrame:
+    rows = reproduced_rows(cfg) if rows is None else rows
     return pd.DataFrame((quoted_rows() if cfg.quoted else []) + rows, columns=COLUMNS)
 
 
-def compare_samples(cfg: Config) -> Path | None:
+def compare_samples(cfg: Config, rows: list[dict[str, Any]]) -> Path | None:
     """All reproduced GAN rows' sample grids side by side in one PNG."""
     from .report import report_compare
-    runs = sorted({r for r in (run_dir_of(read_results(p)) for p in result_paths(cfg.results)) if r})
+    runs = sorted({r["_run_dir"] for r in rows if r["_run_dir"]})
     if not runs:
         return None
     return report_compare(runs, Path(cfg.out_dir) / f"{cfg.name}_samples.png", "samples of each reproduced GAN")
@@ -294,10 +299,11 @@ def header(cfg: Config, n_reproduced: int) -> str:
 
 def run(cfg: Config) -> Path:
     """Write <out_dir>/<name>.md, .csv and .tex from the svm results."""
-    table = build_table(cfg)
+    rows = reproduced_rows(cfg)
+    table = build_table(cfg, rows)
     out = Path(cfg.out_dir)
     n_rep = int((table["status"] != "quoted").sum())
-    compared = compare_samples(cfg)
+    compared = compare_samples(cfg, rows)
     footer = f"\n![samples]({compared.name})\n" if compared else ""
     atomic_write_text(out / f"{cfg.name}.md", header(cfg, n_rep) + table.to_markdown(index=False) + "\n" + footer)
     atomic_write_text(out / f"{cfg.name}.csv", table.to_csv(index=False))
