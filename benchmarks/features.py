@@ -25,7 +25,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from replearn import data, features, pretrain, svm  # noqa: E402
+from replearn import data, features, pretrain, runs, svm  # noqa: E402
 from replearn.config import build  # noqa: E402
 from replearn.store import FeatureFile  # noqa: E402
 from replearn.utils import atomic_write_json, provenance  # noqa: E402
@@ -34,10 +34,12 @@ CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "train.parquet"
 
 
 def untrained_run(root: Path) -> Path:
-    """A run folder holding the paper DCGAN critic at its N(0, 0.02) initialisation."""
-    cfg = pretrain.resolve(pretrain.Config(model="dcgan", run_dir=str(root / "run"), steps=0))
+    """A run folder holding the paper DCGAN critic at its N(0, 0.02) initialisation (step 0)."""
+    cfg = pretrain.resolve(pretrain.Config(model="dcgan", run_dir=str(root / "run"), steps=1))
     state = pretrain.build_state(cfg, torch.device("cpu"))
-    pretrain.save_checkpoint(state, cfg, {"spec": "none (untrained critic)", "num_images": 0}, "fp32", False)
+    info = {"spec": "none (untrained critic)", "num_images": 0, "source_id": "none", "key": "untrained"}
+    pretrain.write_run_files(cfg, info, "fp32")
+    pretrain.save_checkpoint(state, cfg, info, "fp32", False)
     return root / "run"
 
 
@@ -87,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         run_dir = Path(args.run) if args.run else untrained_run(tmp)
-        _, _, critic, _ = pretrain.load_run(run_dir)
+        _, _, critic, _ = runs.load_run(run_dir)
         ref_s = textbook_features(critic, np.concatenate([s.images for s in sets]), 64, tmp / "ref.h5")
         fp32_s = replearn_features(run_dir, train, test, tmp / "fp32.h5", cache, precision="fp32")
         fast_s = replearn_features(run_dir, train, test, tmp / "fast.h5", cache)
