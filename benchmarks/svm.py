@@ -164,7 +164,7 @@ def full_setting(args) -> dict:
     device = svm.pick_device(cfg.device)
     start = time.perf_counter()
     with store.FeatureFile(cfg.features) as ff:
-        X, y, n_rest, stats = svm.load_checked(ff, cfg)                  # N x D float32, train-minus-val first
+        X, y, n_rest, stats, _ = svm.load_checked(ff, cfg)                  # N x D float32, train-minus-val first
         test = svm.SplitScorer(ff, cfg, stats)
         attrs = {k: ff.attrs.get(k) for k in ("kind", "model", "key")}
     factor = svm.c_scale_factor(X, cfg)

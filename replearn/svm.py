@@ -64,7 +64,8 @@ The protocol (`run`, PROTOCOL.md section 3)
   for the n > n_rest rows (LinearSVC's convention); with c_form=mean the mean-form C is kept, i.e. the
   sum-form C becomes C * n_rest / n (`refit_c_rule` in the results says which).
 `fixed_c > 0` skips selection. Preprocessing: `l2_normalize` (per row), then `standardize`
-(per-dim mean and std of the train split, sqrt(var + 1e-8)); `layers` picks feature layers.
+(per-dim mean and std of the train split, sqrt(var + 1e-8)), then `layer_scale=equal` (each layer's
+block rescaled to an equal share of the train rows' mean squared norm); `layers` picks feature layers.
 
 C search (both settings, `bracket`): the starting grid is `c_grid` in sum form, times
 NORM_REFERENCE / mean_i ||x_i||^2 of the preprocessed train rows with c_scale=norm (the smoke
@@ -567,6 +568,10 @@ class Config:
     solver: str = "replearn"               # or 'liblinear' (scikit-learn LinearSVC, slow reference)
     standardize: bool = False              # the DCGAN code used none; Coates standardised
     l2_normalize: bool = False             # per-row, as VISSL
+    # 'equal': every layer's block is rescaled so that the layers share the train rows' mean squared norm
+    # equally (the total kept), after the other preprocessing: one C then weighs each layer alike, where
+    # unscaled layers differ by orders of magnitude (an un-normalised first conv against BN'd deeper ones)
+    layer_scale: str = "none"
     layers: tuple[int, ...] = ()           # feature layer indices; empty = all
     # 400 per class: 'auto' computes the Gram matrix of all train rows once (float32, N^2 x 4 bytes)
     # when the draws would otherwise compute more products than it and it fits in memory; each draw
@@ -593,6 +598,7 @@ register_preset("paper", "svm")
 # 2e4 / 100 = 200 reproduces that band for them while following any other scale.
 NORM_REFERENCE = 200.0
 C_SCALES = ("none", "norm")
+LAYER_SCALES = ("none", "equal")
 # the C the full setting's refit on all n train rows uses, given the C chosen on the n_rest rows of
 # train-minus-val: the sum-form C is kept as is (LinearSVC's C does not change with N: the loss term
 # grows with the rows), while a mean-form C is kept in mean form, i.e. its sum form shrinks by n_rest / n
@@ -608,6 +614,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"unknown gram_cache {cfg.gram_cache!r}; choose from: auto, on, off")
     if cfg.c_form not in ("sum", "mean"):
         raise ConfigError(f"unknown c_form {cfg.c_form!r}; choose from: sum, mean")
+    if cfg.layer_scale not in LAYER_SCALES:
+        raise ConfigError(f"unknown layer_scale {cfg.layer_scale!r}; choose from: {', '.join(LAYER_SCALES)}")
     if cfg.c_scale not in C_SCALES:
         raise ConfigError(f"unknown c_scale {cfg.c_scale!r}; choose from: {', '.join(C_SCALES)}")
     if cfg.fixed_c <= 0 and (not cfg.c_grid or min(cfg.c_grid) <= 0):
@@ -715,6 +723,34 @@ def _column_stats(X: np.ndarray, block: int = 4096) -> tuple[np.ndarray, np.ndar
     mean = total / len(X)
     var = np.maximum(total_sq / len(X) - mean * mean, 0.0)
     return mean.astype(np.float32), np.sqrt(var + 1e-8).astype(np.float32)
+
+
+def layer_bounds(ff: FeatureFile, cfg: Config) -> list[tuple[str, int, int]]:
+    """(name, first column, end column) of every chosen layer in the loaded matrix's column order."""
+    chosen = cfg.layers or range(len(ff.layer_names))
+    bounds, start = [], 0
+    for i in chosen:
+        width = ff.offsets[i + 1] - ff.offsets[i]
+        bounds.append((ff.layer_names[i], start, start + width))
+        start += width
+    return bounds
+
+
+def layer_factors(X: np.ndarray, bounds: list[tuple[str, int, int]], block: int = 4096) -> np.ndarray:
+    """Per-column factors (D,) that give every layer the same mean squared norm over the rows of X,
+    T / L each (T: the rows' mean squared norm, L layers), so that the total, and with it C's scale,
+    stays as it was. A layer that is all zero keeps factor 1."""
+    sq = np.zeros(len(bounds))                                                     # L
+    for start in range(0, len(X), block):
+        rows = X[start:start + block]
+        sq += [np.einsum("ij,ij->", rows[:, a:b], rows[:, a:b], dtype=np.float64) for _, a, b in bounds]
+    sq /= len(X)
+    share = sq.sum() / len(bounds)
+    factors = np.ones(X.shape[1], np.float32)
+    for (_, a, b), m in zip(bounds, sq):
+        if m > 0:
+            factors[a:b] = np.sqrt(share / m)
+    return factors
 
 
 def _width(ff: FeatureFile, cfg: Config) -> int:
@@ -1213,7 +1249,7 @@ def run(cfg: Config) -> Path:
 def evaluate(ff: FeatureFile, cfg: Config, out: Path, features_id: str) -> dict:
     """Checks, loads, then runs every setting not finished in the progress file -> the results record."""
     from tqdm import tqdm
-    X, y, n_rest, stats = load_checked(ff, cfg)                                      # N x D, N
+    X, y, n_rest, stats, layer_factors_used = load_checked(ff, cfg)                  # N x D, N
     test = SplitScorer(ff, cfg, stats)          # scanned (finite) before any fit
     factor = c_scale_factor(X, cfg)
     progress = Progress(out, {"config": to_dict(cfg), "features": features_id})
@@ -1237,21 +1273,32 @@ def evaluate(ff: FeatureFile, cfg: Config, out: Path, features_id: str) -> dict:
             "features": {"path": str(cfg.features), "attrs": ff.attrs, "identity": features_id},
             "validation": {"size": int(len(X) - n_rest), "seed": cfg.seed, "from": "train"}, "train_rows": int(len(X)),
             "c_scale": {"mode": cfg.c_scale, "factor": factor, "reference_mean_sq_norm": NORM_REFERENCE},
+            "layer_scale": {"mode": cfg.layer_scale, "factors": layer_factors_used},
             "resumed_from": progress.resumed_from, "settings": results}
 
 
-def load_checked(ff: FeatureFile, cfg: Config) -> tuple[np.ndarray, np.ndarray, int, tuple | None]:
-    """(X, y, n_rest, standardisation stats): the checked train split, train-minus-val rows first."""
+def load_checked(ff: FeatureFile, cfg: Config) -> tuple[np.ndarray, np.ndarray, int, tuple | None, dict | None]:
+    """(X, y, n_rest, stats, layer factors): the checked train split, train-minus-val rows first, preprocessed;
+    stats ((mean, std) per column) take test rows the same way; layer factors {layer: f} with layer_scale=equal."""
     labels = check_features(ff)["train"]
     if cfg.val_size >= len(labels):
         raise ConfigError(f"val_size={cfg.val_size} leaves no training rows in {cfg.features}; lower val_size")
     rest, val = split_validation(labels, cfg.val_size, cfg.seed)
     order = np.concatenate([rest, val])        # train-minus-val first, so both parts are views
     X, y = load_train(ff, order, cfg), labels[order]                                # N x D, N
-    stats = _column_stats(X) if cfg.standardize else None
+    stats, scaled = _column_stats(X) if cfg.standardize else None, None
     if stats is not None:
         _preprocess_inplace(X, dataclasses.replace(cfg, l2_normalize=False), stats)
-    return X, y, len(rest), stats
+    if cfg.layer_scale == "equal":
+        # folded into the stats that test rows go through: (x - mean) / (std / f) = f (x - mean) / std
+        bounds = layer_bounds(ff, cfg)
+        f = layer_factors(X, bounds)                                                 # D
+        scaled = {name: float(f[a]) for name, a, _ in bounds}
+        for start in range(0, len(X), 4096):
+            X[start:start + 4096] *= f
+        mean, std = stats if stats is not None else (np.zeros_like(f), np.ones_like(f))
+        stats = (mean, std / f)
+    return X, y, len(rest), stats, scaled
 
 
 def _json_keys(obj):

@@ -211,3 +211,37 @@ def test_bad_config_fails_with_one_line(tmp_path):
         svm.run(svm.Config(features=str(tmp_path / "x.h5"), solver="sgd"))
     with pytest.raises(ConfigError, match="not found"):
         svm.run(svm.Config(features=str(tmp_path / "missing.h5")))
+
+
+def test_layer_scale_equal_gives_layers_equal_shares(tmp_path):
+    """layer_scale=equal against a hand computation: after it, each layer's mean squared norm over the
+    train rows is the same (half the unscaled total for two layers), and the test rows are scaled by the
+    same factors: the full-setting model scores test exactly as a fit on hand-scaled rows does."""
+    g = np.random.default_rng(3)
+    k, n_train, n_test = 3, 240, 90
+    centres = g.normal(size=(k, 24))
+    raw = {}
+    path = tmp_path / "scales.h5"
+    with FeatureWriter(path, [("conv1", 8), ("conv2", 16)], {"kind": "test", "model": "scales"}) as writer:
+        for split, n in (("train", n_train), ("test", n_test)):
+            y = np.arange(n) % k
+            X = (g.normal(size=(n, 24)) + 1.5 * centres[y]).astype(np.float32)
+            X[:, 8:] *= 300.0                     # the second layer 300x larger, as BN'd deep layers are
+            raw[split] = (X, y)
+            writer.create_split(split, n)
+            writer.write(split, 0, X, y)
+    cfg = build(svm.Config, "svm", [f"features={path}", "settings=full", "fixed_c=0.01", "layer_scale=equal",
+                                   "val_size=60", "device=cpu", f"out={tmp_path / 'r.json'}"])
+    record = json.loads(svm.run(cfg).read_text())
+    X, y = raw["train"]
+    sq1, sq2 = (X[:, :8] ** 2).sum(1).mean(), (X[:, 8:] ** 2).sum(1).mean()
+    f1, f2 = np.sqrt((sq1 + sq2) / 2 / sq1), np.sqrt((sq1 + sq2) / 2 / sq2)
+    factors = record["layer_scale"]["factors"]
+    assert record["layer_scale"]["mode"] == "equal"
+    assert factors["conv1"] == pytest.approx(f1, rel=1e-5) and factors["conv2"] == pytest.approx(f2, rel=1e-5)
+    scale = np.concatenate([np.full(8, f1), np.full(16, f2)]).astype(np.float32)
+    model = svm.fit(X * scale, y, 0.01, device="cpu")          # all train rows: the refit the setting does
+    Xt, yt = raw["test"]
+    assert record["settings"]["full"]["test_acc"] == pytest.approx(svm.accuracy(model, Xt * scale, yt), abs=1.5 / n_test)
+    with pytest.raises(ConfigError, match="layer_scale"):
+        build(svm.Config, "svm", ["layer_scale=per-dim"])
