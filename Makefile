@@ -21,6 +21,14 @@ SVM_ARGS      ?=
 KMEANS_ARGS   ?=
 CURVE_ARGS    ?=
 BUILD_DIR     ?= build
+# another evaluation data set (CIFAR_TRAIN / CIFAR_TEST then name its train and test splits): its name
+# (the table becomes tables/<DATASET>-<preset>.md), image size and channels (1: grayscale), and the
+# supervised reference row (1/0: the first model's critic trained with labels) with its extra words
+DATASET         ?= cifar10
+IMAGE_SIZE      ?= 32
+CHANNELS        ?= 3
+SUPERVISED      ?= 0
+SUPERVISED_ARGS ?=
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -34,7 +42,8 @@ CHAIN = $(PY) -m replearn chain preset=$(PRESET) pretrain_data='$(PRETRAIN_DATA)
 	test='$(CIFAR_TEST)' kmeans=$(KMEANS) controls=$(CONTROLS) curve=$(CURVE) build_dir='$(BUILD_DIR)' \
 	$(if $(strip $(MODELS)),models=$(subst $(space),$(comma),$(strip $(MODELS)))) data_note='$(DATA_NOTE)' \
 	pretrain_args='$(PRETRAIN_ARGS)' features_args='$(FEATURES_ARGS)' svm_args='$(SVM_ARGS)' \
-	kmeans_args='$(KMEANS_ARGS)' curve_args='$(CURVE_ARGS)'
+	kmeans_args='$(KMEANS_ARGS)' curve_args='$(CURVE_ARGS)' name='$(DATASET)' image_size=$(IMAGE_SIZE) \
+	channels=$(CHANNELS) supervised=$(SUPERVISED) supervised_args='$(SUPERVISED_ARGS)'
 
 .PHONY: all setup pretrain features svm curve svm-table kmeans test test-fast bench clean-build
 

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import curve, features, kmeans, pretrain, runs, svm, tables
+from . import curve, features, kmeans, pretrain, runs, supervised, svm, tables
 from .config import ConfigError, build, register_preset, split_overrides
 
 UPTO = ("pretrain", "features", "svm", "curve", "table")
@@ -34,7 +34,10 @@ class Config:
     upto: str = "table"            # pretrain | features | svm | curve | table: the last stage to run
     build_dir: str = "build"       # every artifact, in folders named by their keys
     tables_dir: str = "tables"     # where the table is published
-    name: str = "cifar10"          # the table's name: <tables_dir>/<name>-<preset>.md
+    name: str = "cifar10"          # the evaluation data set: the table is <tables_dir>/<name>-<preset>.md
+    image_size: int = 32           # 28 / 32 / 64: pretraining, features and K-means read images at this size
+    channels: int = 3              # 1: grayscale nets and K-means patches (MNIST-style data)
+    supervised: bool = False       # the first model's critic trained with labels: the upper reference row
     data_note: str = ""            # said in every row about the evaluation data (e.g. its encoding)
     cache_dir: str = "cache"
     # extra key=value words for each stage (the Makefile's PRETRAIN_ARGS, FEATURES_ARGS, SVM_ARGS, ...)
@@ -43,6 +46,7 @@ class Config:
     svm_args: str = ""
     kmeans_args: str = ""
     curve_args: str = ""
+    supervised_args: str = ""
 
 
 def words(text: str) -> dict[str, str]:
@@ -51,7 +55,7 @@ def words(text: str) -> dict[str, str]:
 
 def pretrain_step(cfg: Config, model: str, root: Path) -> Path:
     values = {"preset": cfg.preset, "model": model, "data": cfg.pretrain_data, "cache_dir": cfg.cache_dir,
-              **words(cfg.pretrain_args)}
+              "image_size": cfg.image_size, "channels": cfg.channels, **words(cfg.pretrain_args)}
     planned, key = pretrain.plan(build(pretrain.Config, "pretrain", values))
     run_cfg = dataclasses.replace(planned, run_dir=str(root / f"{model}-{key}"))
     if pretrain.is_done(run_cfg):
@@ -83,11 +87,24 @@ def curve_step(cfg: Config, run_dir: Path) -> Path:
 def kmeans_steps(cfg: Config, root: Path) -> Path:
     """Coates: features standardised in the file, his C (0.5||w||^2 + 100 * mean hinge^2)."""
     values = {"preset": cfg.preset, "train": cfg.train, "test": cfg.test, "cache_dir": cfg.cache_dir,
-              **words(cfg.kmeans_args)}
+              "image_size": cfg.image_size, "channels": cfg.channels, **words(cfg.kmeans_args)}
     km_cfg = build(kmeans.Config, "kmeans", values)
     if not km_cfg.out:
         km_cfg = dataclasses.replace(km_cfg, out=str(root / f"kmeans-{kmeans.artifact_key(km_cfg)}" / "features.h5"))
     return svm_step(cfg, kmeans.run(km_cfg), {"fixed_c": 100, "c_form": "mean"})
+
+
+def supervised_step(cfg: Config, root: Path, run_dir: Path) -> Path:
+    """The pretrained run's own critic (recipe, width, norm, size, channels) trained with labels."""
+    critic = runs.run_record(run_dir)["config"]
+    values = {"preset": cfg.preset, "train": cfg.train, "test": cfg.test, "cache_dir": cfg.cache_dir,
+              **{k: critic[k] for k in ("model", "width", "norm", "spectral_norm", "attention_res", "image_size")},
+              "channels": critic.get("channels", 3), **words(cfg.supervised_args)}
+    sup_cfg = build(supervised.Config, "supervised", values)
+    if not sup_cfg.out:
+        key = supervised.supervised_key(sup_cfg)
+        sup_cfg = dataclasses.replace(sup_cfg, out=str(root / f"supervised-{sup_cfg.model}-{key}"))
+    return supervised.run(sup_cfg)
 
 
 def final_checkpoint(run_dir: Path) -> str:
@@ -117,10 +134,13 @@ def run(cfg: Config) -> Path:
             curve_step(cfg, run_dir)
     if stop >= UPTO.index("svm") and cfg.kmeans:
         results.append(kmeans_steps(cfg, root))
+    if stop >= UPTO.index("svm") and cfg.supervised and run_dirs:
+        results.append(supervised_step(cfg, root, run_dirs[0]))
     if stop < UPTO.index("table"):
         return root
     table_cfg = tables.Config(results=",".join(str(r) for r in results), out_dir=cfg.tables_dir,
-                              name=f"{cfg.name}-{cfg.preset}", data_note=cfg.data_note,
+                              name=f"{cfg.name}-{cfg.preset}", data_note=cfg.data_note, dataset=cfg.name,
+                              quoted=cfg.name == "cifar10",
                               command=f"replearn chain preset={cfg.preset} models={','.join(cfg.models)} kmeans={cfg.kmeans}"
                                       f" (make svm-table PRESET={cfg.preset})")
     return tables.run(table_cfg)

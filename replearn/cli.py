@@ -21,6 +21,7 @@ STAGES = {
     "evaluate": "replearn.evaluate",
     "report": "replearn.report",
     "curve": "replearn.curve",
+    "supervised": "replearn.supervised",
     "chain": "replearn.chain",
 }
 

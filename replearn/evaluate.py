@@ -56,6 +56,11 @@ class Config:
 register_preset("smoke", "evaluate", num_samples=256, critic_samples=256, diversity_samples=128, nn_queries=8,
                 nn_bank=5000)
 register_preset("paper", "evaluate", num_samples=50000, critic_samples=10000, diversity_samples=2000)
+# seed 003: FID of 5,000 generated images (the defaults) at each of its checkpoints (pretrain preset seed003)
+register_preset("seed003", "evaluate")
+# tiny: a few seconds per checkpoint (numbers mean nothing), for tests and the tiny chain
+register_preset("tiny", "evaluate", num_samples=64, critic_samples=64, diversity_samples=32, nn_queries=4, nn_k=3,
+                nn_bank=500)
 
 
 # ============================================================================ inputs

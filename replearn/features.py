@@ -73,12 +73,19 @@ def run_folder(cfg: Config) -> Path:
 def features_key(cfg: Config) -> str:
     """The config less VOLATILE_KEYS, the run's key and the two splits' data identities."""
     from . import data
-    recorded = runs.run_key(run_folder(cfg))
+    record = runs.run_record(run_folder(cfg))
+    recorded = record.get("key")
     runs.check_key(run_folder(cfg), recorded, cfg.expect_run_key)
     # `last.pt` moves on when a run is extended: key on the step it holds
     step = runs.load_checkpoint(runs.checkpoint_path(cfg.run, cfg.checkpoint), mmap=True)["step"]
+    size = image_size_of(record)
     return runs.artifact_key("features", to_dict(cfg), ignore=VOLATILE_KEYS, run=recorded, step=step,
-                             train=data.source_id(cfg.train, 32), test=data.source_id(cfg.test, 32))
+                             train=data.source_id(cfg.train, size), test=data.source_id(cfg.test, size))
+
+
+def image_size_of(record: dict) -> int:
+    """The size the run trained at: its critic reads the evaluation images at that size too."""
+    return int((record.get("config") or {}).get("image_size", 32))
 
 
 def default_out(cfg: Config, key: str) -> Path:
@@ -114,7 +121,8 @@ def recompute_bn_stats(critic: nn.Module, images_uint8: np.ndarray, batch: int, 
     n_batches = 0
     for start in range(0, len(order) - batch + 1, batch):
         idx = np.sort(order[start:start + batch])
-        critic.features(nets.to_unit(torch.from_numpy(images_uint8[idx]), device, channels_last))
+        critic.features(nets.to_unit(torch.from_numpy(images_uint8[idx]), device, channels_last,
+                                     getattr(critic, "in_channels", 3)))
         n_batches += 1
     critic.eval()
     return n_batches
@@ -154,7 +162,8 @@ def extract_batches(critic, images: np.ndarray, batch: int, device, precision: s
     for b, start in enumerate(range(0, len(images), batch)):
         if b % dist_info.world != dist_info.rank:
             continue
-        x = nets.to_unit(torch.from_numpy(images[start:start + batch]), device, channels_last)  # N x 3 x 32 x 32
+        x = nets.to_unit(torch.from_numpy(images[start:start + batch]), device, channels_last,
+                         getattr(critic, "in_channels", 3))                                     # N x C x H x W
         with autocast(device, precision):
             feats = nets.pooled_features(critic, x, grid)                                       # N x 28672
         yield start, feats.float().cpu().numpy()
@@ -196,11 +205,11 @@ def feature_attrs(cfg: Config, run_cfg, ckpt: dict, precision: str, layers, spli
             **{f"source_{k}": v for k, v in splits.items()}}
 
 
-def load_split(spec: str, cache_dir: str, rows: int = 0):
-    """The split's uint8 images; with `rows`, a seeded random subset of that size, in file order."""
+def load_split(spec: str, cache_dir: str, rows: int = 0, size: int = 32):
+    """The split's uint8 images at `size`; with `rows`, a seeded random subset of that size, in file order."""
     from . import data
     from .store import ImageSet
-    images = data.cached(spec, size=32, cache_dir=cache_dir)
+    images = data.cached(spec, size=size, cache_dir=cache_dir)
     if not rows or rows >= len(images):
         return images
     pick = np.sort(np.random.default_rng(0).permutation(len(images))[:rows])
@@ -226,12 +235,12 @@ def run(cfg: Config) -> Path:
     if cfg.channels_last:
         critic = critic.to(memory_format=torch.channels_last)
     if cfg.bn_stats == "recompute":
-        pre = load_split(run_cfg.data, cfg.cache_dir).images
+        pre = load_split(run_cfg.data, cfg.cache_dir, size=run_cfg.image_size).images
         pick = np.random.default_rng(0).permutation(len(pre))[:cfg.bn_images]
         recompute_bn_stats(critic, pre[np.sort(pick)], min(cfg.bn_batch, len(pick)), device, cfg.channels_last)
     splits = {"train": cfg.train, "test": cfg.test}
-    sets = {"train": load_split(cfg.train, cfg.cache_dir, cfg.train_rows),
-            "test": load_split(cfg.test, cfg.cache_dir, cfg.test_rows)}
+    sets = {"train": load_split(cfg.train, cfg.cache_dir, cfg.train_rows, run_cfg.image_size),
+            "test": load_split(cfg.test, cfg.cache_dir, cfg.test_rows, run_cfg.image_size)}
     layers = critic.feature_layers(run_cfg.image_size, cfg.grid)
     t0, total = time.time(), sum(len(s) for s in sets.values())
     check_writable(out.parent, total * (sum(d for _, d in layers) * np.dtype(cfg.dtype).itemsize + 8))

@@ -2,7 +2,9 @@
 
 Pipeline (PROTOCOL section 5, following Coates's `kmeans_demo.m`, `run_kmeans.m`, `extract_features.m`):
   1. patches    `patches` random 6x6x3 patches from the training images (seeded; every image is
-                visited in a shuffled order, as Coates cycles through his images).
+                visited in a shuffled order, as Coates cycles through his images). With `channels=1`
+                (grayscale data such as MNIST) the patches are 6x6x1 of the luminance and everything
+                below runs unchanged on 36 values instead of 108; `image_size` 28 gives 23 x 23 positions.
   2. normalise  each patch on 0..255 values: (x - mean) / sqrt(var + norm_eps), var unbiased as MATLAB's.
   3. whitening  ZCA: P = V diag(1 / sqrt(d + whiten_eps)) V^T from the patch covariance; w = (x - M) P.
   4. K-means    `iterations` Lloyd steps in torch, in batches; init randn * 0.1 as Coates; a cluster that
@@ -71,15 +73,20 @@ class Config:
     out: str = ""                   # feature file; "" -> runs/kmeans-<k>/features.h5
     cache_dir: str = "cache"        # uint8 image caches (replearn.data)
     dtype: str = "float32"          # feature storage: float32 or float16
+    image_size: int = 32            # images are read at this size (28 for MNIST-style data: 23 x 23 positions)
+    channels: int = 3               # 1: grayscale patches (6x6x1, luminance), for MNIST-style data
     preset: str | None = None       # smoke | paper
 
 
 register_check(Config, lambda cfg: require(
     cfg, positive=("k", "patches", "patch_size", "iterations", "batch", "kmeans_batch", "write_rows"),
     non_negative=("whiten_eps", "norm_eps", "std_eps"),
-    choices={"precision": ("auto", "bf16", "fp32"), "dtype": ("float16", "float32")}))
+    choices={"precision": ("auto", "bf16", "fp32"), "dtype": ("float16", "float32"), "channels": (1, 3)},
+    at_least={"image_size": 8}))
 # keys that say only where or how fast the features are computed: the same key means the same file
 NOT_IN_KEY = ("out", "cache_dir", "preset", "batch", "kmeans_batch", "write_rows", "compile")
+# keys added after features were made, at the value those had: left out of the key there
+ADDED_KEYS = {"image_size": 32, "channels": 3}
 
 
 register_preset("smoke", "kmeans", k=400, patches=100_000)
@@ -98,9 +105,12 @@ def artifact_key(cfg: Config) -> str:
 
 
 def load_images(spec: str, cfg: Config) -> store.ImageSet:
-    """Images through the shared uint8 cache (tests replace this with generated images)."""
+    """Images through the shared uint8 cache (tests replace this with generated images), as
+    N x H x W x channels (channels=1: the luminance, a grey source's own values)."""
     from . import data
-    return data.cached(spec, size=32, cache_dir=cfg.cache_dir)
+    images = data.cached(spec, size=cfg.image_size, cache_dir=cfg.cache_dir)
+    return store.ImageSet(store.with_channels(images.images, cfg.channels), images.labels, images.class_names,
+                          images.attrs)
 
 
 # ============================================================================ patches and whitening
@@ -266,17 +276,19 @@ def source_ids(cfg: Config) -> dict[str, str]:
     """The identity of the data (path, slice, size, mtime: `data.source_id`), so a changed file is
     never mistaken for the one an earlier result was computed from."""
     from . import data
-    return {"train": data.source_id(cfg.train, 32), "test": data.source_id(cfg.test, 32) if cfg.test else ""}
+    size = cfg.image_size
+    return {"train": data.source_id(cfg.train, size), "test": data.source_id(cfg.test, size) if cfg.test else ""}
 
 
 def feature_key(cfg: Config, sources: dict[str, str]) -> str:
-    return runs.artifact_key("kmeans", to_dict(cfg), ignore=NOT_IN_KEY, **sources)
+    return runs.artifact_key("kmeans", runs.keyed(to_dict(cfg), ADDED_KEYS), ignore=NOT_IN_KEY, **sources)
 
 
 def centroid_key(cfg: Config, train_source: str) -> dict:
     """What the centroids depend on (the training data, not the test data): another key is recomputed."""
     keys = ("train", "k", "patches", "patch_size", "iterations", "whiten_eps", "norm_eps", "seed", "precision")
-    return {**{key: getattr(cfg, key) for key in keys}, "train_source": train_source}
+    grey = {"channels": cfg.channels} if cfg.channels != 3 else {}   # the size is in train_source
+    return {**{key: getattr(cfg, key) for key in keys}, **grey, "train_source": train_source}
 
 
 def learn_centroids(images: np.ndarray, cfg: Config, precision: str, train_source: str = "") -> dict:

@@ -122,8 +122,11 @@ def weights_fingerprint(path: str | Path) -> str:
 
 # ============================================================================ images and features
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """N x 3 x H x W in [-1, 1] -> N x H x W x 3 uint8 (the cache layout), rounding as save_image does."""
-    return images.float().add(1).mul(127.5).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    """N x C x H x W in [-1, 1] -> N x H x W x 3 uint8 (the cache layout), rounding as save_image does.
+    One channel (a grayscale generator) is replicated to three, as the cache stores grey images, so
+    Inception (FID) and every later step see what they see for real grey images."""
+    out = images.float().add(1).mul(127.5).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return out.expand(-1, -1, -1, 3).contiguous() if out.shape[-1] == 1 else out
 
 
 @torch.no_grad()
@@ -137,16 +140,17 @@ def generate(gen: torch.nn.Module, n: int, z_dim: int, seed: int, device, batch:
 
 @torch.no_grad()
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], images_uint8, device, batch: int = FEATURE_BATCH,
-            nchw_uint8: bool = False) -> torch.Tensor:
+            nchw_uint8: bool = False, channels: int = 3) -> torch.Tensor:
     """fn over N x H x W x 3 uint8 images in batches -> float32 rows on the CPU.
 
     `nchw_uint8`: hand fn uint8 N x 3 x H x W (torch-fidelity extractors); otherwise float [-1, 1]
-    as the project's nets take it."""
+    with `channels` channels, as the project's nets take it."""
     images = torch.as_tensor(images_uint8)
     out = []
     for i in range(0, len(images), batch):
         chunk = images[i:i + batch]
-        x = chunk.permute(0, 3, 1, 2).contiguous().to(device) if nchw_uint8 else nets.to_unit(chunk, device, False)
+        x = chunk.permute(0, 3, 1, 2).contiguous().to(device) if nchw_uint8 else \
+            nets.to_unit(chunk, device, False, channels)
         y = fn(x)
         out.append((y[0] if isinstance(y, tuple) else y).float().reshape(len(chunk), -1).cpu())
     return torch.cat(out)
@@ -160,7 +164,8 @@ def inception_features(model: torch.nn.Module, images_uint8, device, batch: int 
 def critic_features(critic: nets.Critic, images_uint8, device, batch: int = FEATURE_BATCH) -> torch.Tensor:
     """Every critic layer globally max-pooled and concatenated (N x sum of channels): small enough to
     hold for thousands of images, and the critic's own view of the image."""
-    return batched(lambda x: nets.pooled_features(critic, x, grid=1), images_uint8, device, batch)
+    return batched(lambda x: nets.pooled_features(critic, x, grid=1), images_uint8, device, batch,
+                   channels=getattr(critic, "in_channels", 3))
 
 
 # ============================================================================ cached real statistics
@@ -192,7 +197,7 @@ def subset(n_total: int, n: int, seed: int) -> np.ndarray:
 # ============================================================================ critic, diversity
 @torch.no_grad()
 def critic_scores(critic: torch.nn.Module, images_uint8, device, batch: int = FEATURE_BATCH) -> torch.Tensor:
-    return batched(critic, images_uint8, device, batch).squeeze(1)             # N scores
+    return batched(critic, images_uint8, device, batch, channels=getattr(critic, "in_channels", 3)).squeeze(1)
 
 
 def wasserstein_estimate(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> dict[str, float]:

@@ -36,7 +36,10 @@ OPTIMIZERS, register_optimizer = make_registry("optimizer")
 # n_critic, seed, nets, loss) and the data file's identity make the run's key: a resume with another
 # key is refused, and the chain builds such a run in a folder of its own.
 RESUMABLE_KEYS = ("run_dir", "steps", "max_minutes", "log_every", "sample_every", "ckpt_every", "fid_every",
-                  "device", "compile", "cache_dir", "nan_policy", "data")   # data: keyed by its identity instead
+                  "device", "compile", "cache_dir", "nan_policy", "data",   # data: keyed by its identity instead
+                  "inception_weights")
+# keys added after runs were made, with the value those runs had: left out of the key at that value
+ADDED_KEYS = {"channels": 3}
 # bumped when the training step itself changes what a run computes (e.g. the generator step reusing the
 # critic step's fakes, the exact penalty pass): runs made by an older loop get another key
 TRAINER_VERSION = 3
@@ -47,7 +50,8 @@ class Config:
     model: str = "dcgan"          # a recipe: arch + loss + options (see RECIPES); explicit keys override it
     run_dir: str = ""             # default runs/<model>
     data: str = "hf:benjamin-paine/imagenet-1k-32x32:train"  # ImageNet-1k at 32x32 (PROTOCOL s.1)
-    image_size: int = 32
+    image_size: int = 32          # 28, 32, 64 for dcgan (stride-2 stages follow the size), any for mlp
+    channels: int = 3             # 1: grayscale nets (the critic reads the luminance; MNIST-style data)
     cache_dir: str = "cache"
     # -- model (None: the recipe's value, then the loss's reference default)
     arch: str | None = None
@@ -86,7 +90,8 @@ class Config:
     ckpt_every: int = 2000
     max_minutes: float = 0.0      # training-time budget of the whole run (kept across resumes); 0: none
     nan_policy: str = "stop"      # stop | rollback (reload last good checkpoint, skip the batch)
-    fid_every: int = 0            # run `evaluate` on each interval checkpoint (0: never)
+    fid_every: int = 0            # run `evaluate` (FID, ...) every fid_every steps, checkpointed there (0: never)
+    inception_weights: str = ""   # FID weights for fid_every ('' = evaluate's default path; missing: FID skipped)
     preset: str = ""
 
 
@@ -94,7 +99,8 @@ class Config:
 register_check(Config, lambda cfg: require(
     cfg, stage="pretrain", positive=("steps", "batch_size", "width", "n_critic", "ckpt_every", "log_every",
                                      "sample_every", "z_dim", "lr_g", "lr_d", "clip"),
-    non_negative=("gp_lambda", "max_minutes", "fid_every", "weight_decay"), at_least={"image_size": 8}))
+    non_negative=("gp_lambda", "max_minutes", "fid_every", "weight_decay"), at_least={"image_size": 8},
+    choices={"channels": (1, 3)}))
 
 
 # smoke: a fixed CPU budget per model, so the whole chain takes ~30 min on 2 cores; the table reports
@@ -106,6 +112,10 @@ register_preset("tiny", "pretrain", steps=40, width=0.25, sample_every=20, ckpt_
 # control is real (README: ~1800 DCGAN / ~600 WGAN-GP generator steps); checkpoints keep the curve
 register_preset("cpu", "pretrain", steps=100000, max_minutes=60.0, sample_every=100, ckpt_every=1000, log_every=10)
 register_preset("paper", "pretrain")
+# seed 003 (Chen 2019): 30,000 generator steps, a 64-image sample grid every 200 steps, models saved every
+# 10,000; FID of 5,000 generated images (evaluate's default) every 2,500 steps, so the run's report has an
+# FID curve, not three points. Batch and nets are the recipe's (the seed: batch 128 at 28 px, 64 at 64 px).
+register_preset("seed003", "pretrain", steps=30000, sample_every=200, ckpt_every=10000, fid_every=2500, log_every=10)
 
 
 # ============================================================================ registries
@@ -158,7 +168,8 @@ def data_identity(cfg: Config) -> str:
 
 def run_key(cfg: Config, data_id: str) -> str:
     """What the run is: its resolved config less RESUMABLE_KEYS, the data's identity, the trainer."""
-    return runs.artifact_key("pretrain", to_dict(cfg), ignore=RESUMABLE_KEYS, data=data_id, trainer=TRAINER_VERSION)
+    return runs.artifact_key("pretrain", runs.keyed(to_dict(cfg), ADDED_KEYS), ignore=RESUMABLE_KEYS, data=data_id,
+                             trainer=TRAINER_VERSION)
 
 
 def default_run_dir(cfg: Config, key: str) -> str:
@@ -230,7 +241,7 @@ def load_training_images(cfg: Config) -> tuple[torch.Tensor, dict]:
     images = data.cached(cfg.data, size=cfg.image_size, cache_dir=cfg.cache_dir)
     info = {"spec": cfg.data, "num_images": len(images), "source_id": data_identity(cfg),
             "skipped": images.skipped}
-    return torch.from_numpy(images.images), info   # N x 32 x 32 x 3 uint8, kept as uint8 in memory
+    return torch.from_numpy(images.images), info   # N x H x W x 3 uint8, kept as uint8 in memory
 
 
 # ============================================================================ state
@@ -248,9 +259,7 @@ class State:
 
 def build_state(cfg: Config, device: torch.device) -> State:
     torch.manual_seed(cfg.seed)
-    gen, critic = nets.build_models(cfg.arch, norm=cfg.norm, spectral_norm=cfg.spectral_norm,
-                                    attention_res=cfg.attention_res, z_dim=cfg.z_dim, image_size=cfg.image_size,
-                                    width=cfg.width, g_norm=cfg.g_norm)
+    gen, critic = nets.build_models(cfg.arch, **nets.options(cfg))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     gen, critic = gen.to(device, memory_format=fmt), critic.to(device, memory_format=fmt)
     make = lookup(OPTIMIZERS, cfg.optimizer, "optimizer")
@@ -294,8 +303,8 @@ def check_same_run(saved: dict, key: str, cfg: Config, path: Path) -> None:
     if recorded == key:
         return
     old = saved.get("config") or {}
-    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in to_dict(cfg).items()
-             if k not in RESUMABLE_KEYS and old.get(k) != v]
+    diffs = [f"{k}: {old.get(k, ADDED_KEYS.get(k))!r} -> {v!r}" for k, v in to_dict(cfg).items()
+             if k not in RESUMABLE_KEYS and old.get(k, ADDED_KEYS.get(k)) != v]
     data_id = data_identity(cfg)
     if saved.get("data_id") not in (None, data_id):
         diffs.append(f"data identity: {saved.get('data_id')} -> {data_id}")
@@ -323,7 +332,7 @@ def critic_update(run: "Runner", real_uint8: torch.Tensor, keep_fake: bool = Fal
     """One critic step. With `keep_fake` the fakes are made with their graph and returned, for a
     generator step that reuses them (otherwise None)."""
     s, cfg = run.state, run.cfg
-    real = nets.to_unit(real_uint8, run.device, cfg.channels_last)                # n x 3 x 32 x 32
+    real = nets.to_unit(real_uint8, run.device, cfg.channels_last, cfg.channels)  # n x C x H x W
     z = my_share(run, nets.sample_z(cfg.batch_size, cfg.z_dim, "cpu", s.rng))      # n x z_dim
     alpha = my_share(run, torch.rand(cfg.batch_size, 1, 1, 1, generator=s.rng))    # n x 1 x 1 x 1
     with torch.set_grad_enabled(keep_fake), autocast(run.device, run.precision):
@@ -537,14 +546,15 @@ def train_loop(runner: Runner, images: torch.Tensor, stream: BatchStream, data_i
             bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         out_of_time = budget_spent(s, cfg)
         # interval checkpoints at every ckpt_every and at log-spaced steps (the pretraining curve)
-        at_interval = s.step % cfg.ckpt_every == 0 or runs.log_spaced(s.step)
+        fid_due = bool(cfg.fid_every) and s.step % cfg.fid_every == 0
+        at_interval = s.step % cfg.ckpt_every == 0 or runs.log_spaced(s.step) or fid_due
         if main and (s.step % cfg.sample_every == 0 or s.step == cfg.steps or out_of_time):
             save_samples(runner, run_dir / "samples" / f"step_{s.step:07d}.png")
         if main and (at_interval or s.step == cfg.steps or out_of_time):
             save_checkpoint(s, cfg, data_info, runner.precision, keep_interval=True)
             plot_losses(run_dir / "log.jsonl", run_dir / "losses.png")
-            if cfg.fid_every and s.step % cfg.fid_every == 0:
-                evaluate_checkpoint(run_dir, s.step)
+            if fid_due:
+                evaluate_checkpoint(cfg, run_dir, s.step)
         if out_of_time:
             print(f"pretrain: training budget max_minutes={cfg.max_minutes} spent at step {s.step}")
     bar.close()
@@ -557,6 +567,12 @@ def broadcast_from_rank0(value: float) -> float:
     return float(t.item())
 
 
-def evaluate_checkpoint(run_dir: Path, step: int) -> None:
-    from . import evaluate   # lazy: evaluate reads run folders, pretraining only calls it at intervals
-    evaluate.run(evaluate.Config(run=str(run_dir), checkpoint=runs.ckpt_name(step)))
+def evaluate_checkpoint(cfg: Config, run_dir: Path, step: int) -> None:
+    """FID (skipped in one line without local Inception weights), the Wasserstein estimate, diversity and
+    nearest neighbours of this checkpoint at the run's preset, then the run's report (its FID curve)."""
+    from . import evaluate, report   # lazy: evaluate reads run folders, pretraining only calls it at intervals
+    from .config import build
+    values = {"run": str(run_dir), "checkpoint": runs.ckpt_name(step), "preset": cfg.preset,
+              **({"inception_weights": cfg.inception_weights} if cfg.inception_weights else {})}
+    evaluate.run(build(evaluate.Config, "evaluate", values))
+    report.run(report.Config(run=str(run_dir)))

@@ -38,6 +38,12 @@ def artifact_key(stage: str, config: dict[str, Any], ignore: Iterable[str] = (),
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+def keyed(config: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+    """The config less the keys in `added` (keys a stage gained after artifacts were made) where they hold
+    the value every older artifact had, so adding a key with a neutral default re-keys nothing."""
+    return {k: v for k, v in config.items() if not (k in added and v == added[k])}
+
+
 def check_key(path: str | Path, recorded: str | None, expected: str | None) -> None:
     """One line, naming the file, when an input artifact is not the one the caller asked for."""
     if expected and recorded != expected:
@@ -128,9 +134,7 @@ def load_run(run: str | Path, which: str = LAST, device: str = "cpu"):
     path = checkpoint_path(run, which)
     ckpt = load_checkpoint(path, device)
     cfg = from_dict(Config, ckpt["config"])
-    gen, critic = nets.build_models(cfg.arch, norm=cfg.norm, spectral_norm=cfg.spectral_norm,
-                                    attention_res=cfg.attention_res, z_dim=cfg.z_dim, image_size=cfg.image_size,
-                                    width=cfg.width, g_norm=cfg.g_norm)
+    gen, critic = nets.build_models(cfg.arch, **nets.options(cfg))
     gen.load_state_dict(ckpt["generator"])
     critic.load_state_dict(ckpt["critic"])
     return cfg, gen.to(device).eval(), critic.to(device).eval(), ckpt

@@ -29,6 +29,17 @@ from .config import ConfigError
 from .utils import atomic_path, disk_error, is_disk_error, provenance
 
 ROW_CHUNK = 64   # rows per HDF5 chunk: row-block reads touch whole chunks only
+# ITU-R 601-2 luma, as PIL's convert('L'): the weights sum to 1, so a grey image stored as RGB (the cache
+# replicates grey sources) maps back to its own grey value when a stage asks for channels=1
+LUMA = (0.299, 0.587, 0.114)
+
+
+def with_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """N x H x W x 3 uint8 -> N x H x W x channels uint8 (1: the rounded luminance; 3: unchanged)."""
+    if channels == 3 or images.shape[-1] == channels:
+        return images
+    grey = images.astype(np.float32) @ np.asarray(LUMA, dtype=np.float32)        # N x H x W
+    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None]          # N x H x W x 1
 
 
 def _json_attrs(h5: h5py.File, attrs: dict[str, Any]) -> None:

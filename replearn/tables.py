@@ -43,7 +43,8 @@ class Config:
     results: str = "build/**/*.svm*.json"  # glob (or comma-separated paths) of `svm` results
     out_dir: str = "tables"
     name: str = "cifar10"
-    quoted: bool = True                   # include the literature rows of PROTOCOL s.4
+    dataset: str = "cifar10"              # the evaluation data set the header names (its train/test pair)
+    quoted: bool = True                   # include the literature rows of PROTOCOL s.4 (CIFAR-10 only)
     data_note: str = ""                   # said in every reproduced row about the evaluation data
     command: str = ""                     # the command that built the results (named in the header)
     preset: str = ""
@@ -99,7 +100,8 @@ def pretrain_text(feat: dict) -> str:
     cfg, data = pre.get("config") or {}, pre.get("data") or {}
     prov = pre.get("provenance") or {}
     skipped = f", {data['skipped']} unreadable skipped" if data.get("skipped") else ""
-    return (f"pretrained on {split_name(str(data.get('spec', '?')))} ({data.get('num_images', '?')} images{skipped}), "
+    return (f"pretrained on {split_name(str(data.get('spec', '?')))} ({data.get('num_images', '?')} images{skipped}"
+            f"{geometry(cfg)}), "
             f"{feat.get('checkpoint_step')} G steps and {pre.get('critic_batches', '?')} critic steps x batch "
             f"{cfg.get('batch_size')} ({cfg.get('optimizer')} lr {cfg.get('lr_d')}), {pre.get('precision')}, "
             f"{duration(pre.get('seconds') or 0)} on {prov.get('hardware', '?')}, pretrain commit "
@@ -108,16 +110,38 @@ def pretrain_text(feat: dict) -> str:
 
 def kmeans_text(feat: dict) -> str:
     cfg = feat.get("config") or {}
+    p = cfg.get("patch_size", 6)
     return (f"K={cfg.get('k')}, {cfg.get('patches')} patches, {cfg.get('iterations')} iterations, "
-            f"6x6 patches, ZCA eps {cfg.get('whiten_eps')}")
+            f"{p}x{p}x{cfg.get('channels', 3)} patches, ZCA eps {cfg.get('whiten_eps')}{geometry(cfg)}")
+
+
+def geometry(cfg: dict) -> str:
+    """', 28 px, 1 channel' where the images are not the protocol's 32 px RGB."""
+    size, channels = cfg.get("image_size", 32), cfg.get("channels", 3)
+    if (size, channels) == (32, 3):
+        return ""
+    return f", {size} px, {channels} channel{'s' if channels != 1 else ''}"
+
+
+def supervised_text(feat: dict) -> str:
+    cfg, critic, prov = feat.get("config") or {}, feat.get("critic") or {}, feat.get("provenance") or {}
+    return (f"{critic.get('arch', '?')} critic of `{feat.get('model')}` (norm {critic.get('norm')}, width "
+            f"{cfg.get('width')}{geometry(cfg)}) with a linear softmax head on its {cfg.get('grid', 4)}x"
+            f"{cfg.get('grid', 4)}-pooled features ({feat.get('feature_dim')} dims, the SVM rows' features), trained end "
+            f"to end with cross-entropy on the labels: {feat.get('steps')} steps x batch {cfg.get('batch_size')} "
+            f"(Adam lr {cfg.get('lr')} decayed linearly, weight decay {cfg.get('weight_decay')}, no augmentation), "
+            f"{feat.get('precision')}, {duration(feat.get('seconds') or 0)} on {prov.get('hardware', '?')}")
 
 
 def is_control(feat: dict) -> bool:
-    return feat.get("kind") != "kmeans" and feat.get("checkpoint_step") == 0
+    return feat.get("kind") not in ("kmeans", "supervised") and feat.get("checkpoint_step") == 0
 
 
 def row_name(feat: dict, scale: str) -> str:
-    if feat.get("kind") == "kmeans":
+    if feat.get("kind") == "supervised":
+        family = FAMILY_NAMES.get(str(feat.get("model")), str(feat.get("model")))
+        name = f"supervised (upper reference): {family} critic trained with labels"
+    elif feat.get("kind") == "kmeans":
         name = f"1 Layer K-means (reproduced, K={(feat.get('config') or {}).get('k')})"
     else:
         cfg = (feat.get("pretrain") or {}).get("config") or {}
@@ -204,6 +228,9 @@ def eval_text(res: dict, feat: dict) -> str:
     n_train, n_val = res.get("train_rows", "?"), (res.get("validation") or {}).get("size", "?")
     chosen = "fixed" if svm_cfg.get("fixed_c") else f"chosen on {n_val} images held out of train"
     text = f"features {feat.get('precision', 'fp32')} (commit {commit_of(feat)}); L2-SVM ({svm_cfg.get('solver')})"
+    if feat.get("kind") == "supervised":
+        text = f"trained on all {n_train} labelled images of {split_name(str(train))} (commit {commit_of(feat)})"
+        full = {}
     if full:
         text += (f"; full: C={full.get('c', 0):.3g} {chosen}, then fit on all {n_train} labelled images of "
                  f"{split_name(str(train))}")
@@ -228,9 +255,10 @@ def reproduced_row(path: Path, out_dir: Path) -> dict[str, Any]:
     full, k400 = settings.get("full") or {}, settings.get("400") or {}
     scale = str(((feat.get("pretrain") or {}).get("config") or {}).get("preset")
                 or (feat.get("config") or {}).get("preset") or (res.get("config") or {}).get("preset") or "")
-    how = kmeans_text(feat) if feat.get("kind") == "kmeans" else pretrain_text(feat)
+    how = {"kmeans": kmeans_text, "supervised": supervised_text}.get(str(feat.get("kind")), pretrain_text)(feat)
     how += "; " + eval_text(res, feat) + ("" if is_control(feat) else curve_text(res))
-    status = f"{'control' if is_control(feat) else 'reproduced'} ({scale or 'custom'} scale)"
+    kind = {"supervised": "upper reference"}.get(str(feat.get("kind")), "control" if is_control(feat) else "reproduced")
+    status = f"{kind} ({scale or 'custom'} scale)"
     return {"model": row_name(feat, scale), "full": percent(full.get("test_acc")),
             "400 per class": percent(k400.get("mean"), k400.get("ci95")), "gain over untrained control": "",
             "max # features units": feat.get("max_units", (feat.get("config") or {}).get("k", "-")),
@@ -284,11 +312,15 @@ def compare_samples(cfg: Config, rows: list[dict[str, Any]]) -> Path | None:
     return report_compare(runs, Path(cfg.out_dir) / f"{cfg.name}_samples.png", "samples of each reproduced GAN")
 
 
+DATASET_TITLES = {"cifar10": "CIFAR-10", "mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "digits": "digits"}
+
+
 def header(cfg: Config, n_reproduced: int) -> str:
     made_by = f" by `{cfg.command}`" if cfg.command else ""
-    return (f"# CIFAR-10 linear L2-SVM accuracy on frozen features\n\n"
-            f"Generated{made_by} with `replearn table` at commit {git_commit()}. "
-            f"Quoted rows are the literature's numbers on the CIFAR-10 test split (PROTOCOL s.4); "
+    quoted = ("Quoted rows are the literature's numbers on the CIFAR-10 test split (PROTOCOL s.4); "
+              if cfg.quoted else "")
+    return (f"# {DATASET_TITLES.get(cfg.dataset, cfg.dataset)} linear L2-SVM accuracy on frozen features\n\n"
+            f"Generated{made_by} with `replearn table` at commit {git_commit()}. {quoted}"
             f"{n_reproduced} reproduced row(s) were computed by this code, and each says how, including "
             f"which split it was scored on. Each reproduced critic has an *untrained control* row: the same "
             f"network at initialisation (step 0, BatchNorm statistics recomputed the same way) through the same "

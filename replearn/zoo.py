@@ -2,18 +2,27 @@
 
 Every builder has the signature of `nets.dcgan` and returns (generator, critic). Each critic is a
 `nets.Critic`: its `blocks` yield the feature layers that the feature stage max-pools to 4x4,
-so `features`, `svm` and `tables` need no special cases. Pooled feature sizes at width 1:
+so `features`, `svm` and `tables` need no special cases. Pooled feature sizes at width 1
+(the same for channels 1 and 3: only the first layer's input changes; tests/test_sizes.py checks them):
 
-    arch    feature layers (C x H x W)                                       pooled dims
-    dcgan   128x32x32 128x16x16 256x16x16 256x8x8 512x8x8 512x4x4            28672
-    mlp     3 hidden layers of 512, exposed as 512 x 1 x 1                   1536  (3 x 512)
-    resnet  4 residual blocks, 128x16x16 128x8x8 128x8x8 128x8x8             8192  (4 x 16 x 128)
-    dense   stem 64x32x32, dense blocks -> 128x16x16 256x8x8 512x4x4         15360 (16 x 960)
+    arch    size  feature layers (C x H x W)                                          pooled dims
+    dcgan   28    128x28x28 128x14x14 256x14x14 256x7x7 512x7x7 512x7x7 (2 stride-2)   28672 (16 x 1792)
+    dcgan   32    128x32x32 128x16x16 256x16x16 256x8x8 512x8x8 512x4x4 (the paper's)  28672 (16 x 1792)
+    dcgan   64    64x32x32 (extra stride-2 conv), then the 32 px layers               29696 (16 x 1856)
+    mlp     any   3 hidden layers of 512, exposed as 512 x 1 x 1                      1536  (3 x 512)
+    resnet  32    4 residual blocks, 128x16x16 128x8x8 128x8x8 128x8x8                8192  (4 x 16 x 128)
+    resnet  64    the same blocks at 32, 16, 16, 16                                    8192
+    dense   32    stem 64x32x32, dense blocks -> 128x16x16 256x8x8 512x4x4            15360 (16 x 960)
+    dense   64    the same at 64, 32, 16, 8                                            15360
+
+resnet and dense need image_size a multiple of 8 (their generators start at image_size / 8); 28 is
+refused in one line. `FEATURE_DIMS` holds the table.
 
 All honour `norm` (critic: batch | layer | none; the first critic layer is never normalised,
 as in DCGAN), `g_norm` (generator), `spectral_norm` (every critic conv and linear),
 `attention_res` (a SAGAN block after the layer at that resolution in G and D; a resolution the
-net does not have is refused), `width` (channel multiplier), `z_dim` and `image_size` (32).
+net does not have is refused), `width` (channel multiplier), `z_dim`, `image_size` (32) and
+`channels` (3, or 1 for grayscale).
 """
 from __future__ import annotations
 
@@ -22,15 +31,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .nets import Critic, SelfAttention, maybe_sn, norm_layer, register_arch, scaled
+from .nets import (Critic, SelfAttention, check_attention, check_channels, maybe_sn, norm_layer, register_arch,
+                   scaled)
 from .penalty import piecewise_linear
 
+# (arch, image_size) -> pooled feature dims at width 1, for channels 1 and 3 alike (the docstring's table)
+FEATURE_DIMS = {("dcgan", 28): 28672, ("dcgan", 32): 28672, ("dcgan", 64): 29696,
+                ("mlp", 28): 1536, ("mlp", 32): 1536, ("mlp", 64): 1536,
+                ("resnet", 32): 8192, ("resnet", 64): 8192, ("dense", 32): 15360, ("dense", 64): 15360}
 
-def check_attention(attention_res: int, available: list[int], arch: str) -> None:
-    """Fail loudly rather than silently drop an attention block the user asked for."""
-    if attention_res and attention_res not in available:
-        raise ConfigError(f"attention_res={attention_res} does not exist in arch {arch!r}; "
-                          f"choose from: 0, {', '.join(map(str, sorted(set(available))))}")
+
+def check_size_multiple_of_8(image_size: int, arch: str) -> None:
+    """The ResNet and dense generators start at image_size / 8 and double three times."""
+    if image_size % 8 or image_size < 16:
+        raise ConfigError(f"arch {arch!r} takes image_size 32 or 64 (a multiple of 8, at least 16), not {image_size}; "
+                          f"use arch dcgan or mlp for 28 px")
 
 
 def with_attention(block: nn.Module, res: int, attention_res: int, channels: int, spectral: bool) -> nn.Module:
@@ -59,9 +74,10 @@ class FullyConnected(nn.Module):
 class MlpCritic(Critic):
     """Flattened image -> 3 hidden FC layers (LeakyReLU 0.2) -> 1; each hidden layer is a feature."""
 
-    def __init__(self, hidden: int, depth: int, norm: str, spectral_norm: bool, image_size: int):
+    def __init__(self, hidden: int, depth: int, norm: str, spectral_norm: bool, image_size: int, in_channels: int = 3):
         super().__init__()
-        c_in = 3 * image_size * image_size
+        self.in_channels = in_channels
+        c_in = in_channels * image_size * image_size
         blocks = []
         for i in range(depth):
             blocks.append(FullyConnected(c_in, hidden, "none" if i == 0 else norm, nn.LeakyReLU(0.2, inplace=True),
@@ -74,29 +90,30 @@ class MlpCritic(Critic):
 class MlpGenerator(nn.Module):
     """z -> 3 hidden FC layers (norm, ReLU) -> 3*H*W -> tanh (Arjovsky et al.'s mlp_G)."""
 
-    def __init__(self, z_dim: int, hidden: int, depth: int, norm: str, image_size: int):
+    def __init__(self, z_dim: int, hidden: int, depth: int, norm: str, image_size: int, out_channels: int = 3):
         super().__init__()
-        self.z_dim, self.image_size = z_dim, image_size
+        self.z_dim, self.image_size, self.out_channels = z_dim, image_size, out_channels
         layers, c_in = [], z_dim
         for _ in range(depth):
             layers.append(FullyConnected(c_in, hidden, norm, nn.ReLU(inplace=True)))
             c_in = hidden
         self.hidden = nn.Sequential(*layers)
-        self.out = nn.Linear(hidden, 3 * image_size * image_size)
+        self.out = nn.Linear(hidden, out_channels * image_size * image_size)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.out(self.hidden(z).flatten(1))                      # N x 3HW
-        return torch.tanh(x).view(-1, 3, self.image_size, self.image_size)   # N x 3 x 32 x 32
+        x = self.out(self.hidden(z).flatten(1))                      # N x CHW
+        return torch.tanh(x).view(-1, self.out_channels, self.image_size, self.image_size)   # N x C x H x W
 
 
 @register_arch("mlp")
 def mlp(norm: str = "none", spectral_norm: bool = False, attention_res: int = 0, z_dim: int = 256,
-        image_size: int = 32, width: float = 1.0, g_norm: str = "batch", **_):
-    """Vanilla MLP GAN: 3 hidden layers of 512 units in G and D. Features: 3 x 512 = 1536 dims."""
+        image_size: int = 32, width: float = 1.0, g_norm: str = "batch", channels: int = 3, **_):
+    """Vanilla MLP GAN: 3 hidden layers of 512 units in G and D, any image size. Features: 3 x 512 = 1536 dims."""
+    check_channels(channels)
     check_attention(attention_res, [], "mlp")   # no spatial positions to attend over
     hidden, = scaled((512,), width)
-    return (MlpGenerator(z_dim, hidden, 3, g_norm, image_size),
-            MlpCritic(hidden, 3, norm, spectral_norm, image_size))
+    return (MlpGenerator(z_dim, hidden, 3, g_norm, image_size, channels),
+            MlpCritic(hidden, 3, norm, spectral_norm, image_size, channels))
 
 
 # ============================================================================ resnet
@@ -134,11 +151,11 @@ class OptimizedDownBlock(nn.Module):
     """The critic's first block (OptimizedResBlockDisc1): conv3x3 -> ReLU -> conv3x3 -> pool, with
     a pool -> conv1x1 shortcut; no activation before the first conv, which sees raw pixels."""
 
-    def __init__(self, c_out: int, spectral: bool):
+    def __init__(self, c_out: int, spectral: bool, c_in: int = 3):
         super().__init__()
-        self.conv1 = maybe_sn(nn.Conv2d(3, c_out, 3, 1, 1), spectral)
+        self.conv1 = maybe_sn(nn.Conv2d(c_in, c_out, 3, 1, 1), spectral)
         self.conv2 = maybe_sn(nn.Conv2d(c_out, c_out, 3, 1, 1), spectral)
-        self.shortcut = maybe_sn(nn.Conv2d(3, c_out, 1), spectral)
+        self.shortcut = maybe_sn(nn.Conv2d(c_in, c_out, 1), spectral)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.avg_pool2d(self.conv2(F.relu(self.conv1(x))), 2)      # N x C x H/2 x W/2
@@ -150,11 +167,13 @@ class ResNetCritic(Critic):
     """gan_cifar_resnet.py / SNGAN 32x32 critic: optimised down block 32->16, residual down 16->8,
     two residual blocks at 8, ReLU, global mean pool, linear. Each block's output is a feature."""
 
-    def __init__(self, channels: int, norm: str, spectral_norm: bool, attention_res: int, image_size: int):
+    def __init__(self, channels: int, norm: str, spectral_norm: bool, attention_res: int, image_size: int,
+                 in_channels: int = 3):
         super().__init__()
+        self.in_channels = in_channels
         res = [image_size // 2, image_size // 4, image_size // 4, image_size // 4]
         check_attention(attention_res, res, "resnet")
-        raw = [OptimizedDownBlock(channels, spectral_norm),
+        raw = [OptimizedDownBlock(channels, spectral_norm, in_channels),
                ResBlock(channels, channels, "down", norm, spectral_norm),
                ResBlock(channels, channels, None, norm, spectral_norm),
                ResBlock(channels, channels, None, norm, spectral_norm)]
@@ -174,7 +193,8 @@ class ResNetCritic(Critic):
 class ResNetGenerator(nn.Module):
     """z -> linear -> C x 4 x 4 -> three residual up blocks (8, 16, 32) -> norm, ReLU, conv3x3 -> tanh."""
 
-    def __init__(self, z_dim: int, channels: int, norm: str, attention_res: int, image_size: int):
+    def __init__(self, z_dim: int, channels: int, norm: str, attention_res: int, image_size: int,
+                 out_channels: int = 3):
         super().__init__()
         self.z_dim, self.base = z_dim, image_size // 8
         check_attention(attention_res, [self.base * 2, self.base * 4, self.base * 8], "resnet")
@@ -182,20 +202,22 @@ class ResNetGenerator(nn.Module):
         self.body = nn.Sequential(*[with_attention(ResBlock(channels, channels, "up", norm), self.base * 2 ** (i + 1),
                                                    attention_res, channels, False) for i in range(3)])
         self.out = nn.Sequential(norm_layer(norm, channels), nn.ReLU(inplace=True),
-                                 nn.Conv2d(channels, 3, 3, 1, 1), nn.Tanh())
+                                 nn.Conv2d(channels, out_channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.fc(z).view(len(z), -1, self.base, self.base)        # N x C x 4 x 4
-        return self.out(self.body(x))                                # N x 3 x 32 x 32
+        return self.out(self.body(x))                                # N x 3 x 32 x 32 (or 1 channel)
 
 
 @register_arch("resnet")
 def resnet(norm: str = "none", spectral_norm: bool = False, attention_res: int = 0, z_dim: int = 256,
-           image_size: int = 32, width: float = 1.0, g_norm: str = "batch", **_):
+           image_size: int = 32, width: float = 1.0, g_norm: str = "batch", channels: int = 3, **_):
     """ResNet G and D of gan_cifar_resnet.py (128 channels). Features: 4 x 16 x 128 = 8192 dims."""
-    channels, = scaled((128,), width)
-    return (ResNetGenerator(z_dim, channels, g_norm, attention_res, image_size),
-            ResNetCritic(channels, norm, spectral_norm, attention_res, image_size))
+    check_channels(channels)
+    check_size_multiple_of_8(image_size, "resnet")
+    hidden, = scaled((128,), width)
+    return (ResNetGenerator(z_dim, hidden, g_norm, attention_res, image_size, channels),
+            ResNetCritic(hidden, norm, spectral_norm, attention_res, image_size, channels))
 
 
 # ============================================================================ dense
@@ -227,12 +249,13 @@ class DenseCritic(Critic):
     pooling (32->16->8->4); LeakyReLU 0.2 throughout; linear head on the 4 x 4 map."""
 
     def __init__(self, stem: int, growth: int, outs, norm: str, spectral_norm: bool, attention_res: int,
-                 image_size: int, n_layers: int = 4):
+                 image_size: int, n_layers: int = 4, in_channels: int = 3):
         super().__init__()
+        self.in_channels = in_channels
         res = [image_size >> i for i in range(len(outs) + 1)]        # 32, 16, 8, 4
         check_attention(attention_res, res, "dense")
         act = lambda: nn.LeakyReLU(0.2, inplace=True)                # noqa: E731
-        blocks = [nn.Sequential(maybe_sn(nn.Conv2d(3, stem, 3, 1, 1, bias=False), spectral_norm), act())]
+        blocks = [nn.Sequential(maybe_sn(nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), spectral_norm), act())]
         c_in = stem
         for c_out in outs:
             blocks.append(nn.Sequential(dense_block(c_in, growth, n_layers, c_out, norm, act, spectral_norm),
@@ -249,7 +272,7 @@ class DenseGenerator(nn.Module):
     1x1 transition (8, 16, 32), then conv3x3 -> tanh."""
 
     def __init__(self, z_dim: int, base_channels: int, growth: int, outs, norm: str, attention_res: int,
-                 image_size: int, n_layers: int = 3):
+                 image_size: int, n_layers: int = 3, out_channels: int = 3):
         super().__init__()
         self.z_dim, self.base = z_dim, image_size >> len(outs)
         res = [self.base << (i + 1) for i in range(len(outs))]       # 8, 16, 32
@@ -264,7 +287,7 @@ class DenseGenerator(nn.Module):
                                               False))
             stages.append(with_attention(stage, r, attention_res, c_out, False))
             c_in = c_out
-        self.body = nn.Sequential(*stages, nn.Conv2d(c_in, 3, 3, 1, 1), nn.Tanh())
+        self.body = nn.Sequential(*stages, nn.Conv2d(c_in, out_channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.body(self.fc(z))                                 # N x 3 x 32 x 32
@@ -272,9 +295,11 @@ class DenseGenerator(nn.Module):
 
 @register_arch("dense")
 def dense(norm: str = "batch", spectral_norm: bool = False, attention_res: int = 0, z_dim: int = 256,
-          image_size: int = 32, width: float = 1.0, g_norm: str = "batch", **_):
+          image_size: int = 32, width: float = 1.0, g_norm: str = "batch", channels: int = 3, **_):
     """DenseNet-style G and D (growth 32). Features: 16 x (64 + 128 + 256 + 512) = 15360 dims."""
+    check_channels(channels)
+    check_size_multiple_of_8(image_size, "dense")
     stem, growth, *outs = scaled((64, 32, 128, 256, 512), width)
     g_base, g_growth, *g_outs = scaled((256, 32, 256, 128, 64), width)
-    return (DenseGenerator(z_dim, g_base, g_growth, g_outs, g_norm, attention_res, image_size),
-            DenseCritic(stem, growth, outs, norm, spectral_norm, attention_res, image_size))
+    return (DenseGenerator(z_dim, g_base, g_growth, g_outs, g_norm, attention_res, image_size, out_channels=channels),
+            DenseCritic(stem, growth, outs, norm, spectral_norm, attention_res, image_size, in_channels=channels))

@@ -1,0 +1,76 @@
+"""Another evaluation data set at 28 px, 1 channel, on real images (issue #19): scikit-learn's 1,797 8x8
+handwritten digits written as MNIST idx files, resized to 28 by the data stage, through the whole chain at
+the tiny preset -> tables/digits-tiny.md with a trained DCGAN row, the K-means row on 6x6x1 patches and
+the supervised reference row, each with its provenance."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from replearn import chain, supervised
+from replearn.config import build
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    images = np.rint(bunch.images * 255 / 16).astype(np.uint8)                # 1797 x 8 x 8, 0..16 -> 0..255
+    order = np.random.default_rng(0).permutation(len(images))
+    root = tmp_path_factory.mktemp("digits")
+    for prefix, rows in (("train", order[:1400]), ("t10k", order[1400:])):
+        write_idx(root / f"{prefix}-images-idx3-ubyte", images[rows])
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", bunch.target[rows])
+    return root
+
+
+def test_digits_chain_at_28px_one_channel_writes_its_own_table(digits, tmp_path):
+    cfg = build(chain.Config, "chain", {
+        "preset": "tiny", "models": "dcgan", "name": "digits", "image_size": 28, "channels": 1,
+        "pretrain_data": str(digits), "train": str(digits), "test": f"{digits}:test",
+        "controls": False, "curve": False, "supervised": True,
+        "build_dir": str(tmp_path / "build"), "tables_dir": str(tmp_path / "tables"),
+        "cache_dir": str(tmp_path / "cache"),
+        "pretrain_args": "steps=2 width=0.125 batch_size=32 precision=fp32 sample_every=1",
+        "features_args": "bn_images=256 precision=fp32",
+        "svm_args": "settings=400 per_class=20 val_size=300 select_draws=1 final_draws=2",
+        "kmeans_args": "k=16 patches=2000 iterations=3 compile=false",
+        "supervised_args": "steps=30 precision=fp32"})
+    table = chain.run(cfg)
+    assert table.name == "digits-tiny.md"
+    text = table.read_text()
+    assert text.startswith("# digits linear L2-SVM") and "CIFAR-10 test split" not in text   # nothing quoted
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 3, rows
+    dcgan, kmeans, reference = rows
+    assert "DCGAN (BCE) (reproduced" in dcgan and "28 px, 1 channel" in dcgan
+    assert "1 Layer K-means (reproduced, K=16)" in kmeans and "6x6x1 patches" in kmeans
+    assert "supervised (upper reference)" in reference and "28 px, 1 channel" in reference
+    for row in rows:   # every row: a number, its commit and the split it was scored on
+        assert "commit" in row and f"{digits}:test" in row and "%" in row
+    result = next((tmp_path / "build" / "tiny").glob("supervised-dcgan-*/supervised.json"))
+    record = json.loads(result.read_text())
+    acc = record["settings"]["full"]["test_acc"]
+    assert 0.3 < acc <= 1.0   # 10 classes: well above chance after 30 steps on real digits
+    assert record["features"]["attrs"]["critic"]["channels"] == 1
+    assert record["provenance"]["git_commit"] and record["key"]
+
+
+def test_supervised_stage_is_reused_by_key_and_resumes(digits, tmp_path):
+    values = {"preset": "tiny", "model": "dcgan", "train": str(digits), "test": f"{digits}:test", "image_size": 28,
+              "channels": 1, "width": 0.125, "steps": 4, "ckpt_every": 2, "precision": "fp32",
+              "out": str(tmp_path / "sup"), "cache_dir": str(tmp_path / "cache")}
+    first = supervised.run(build(supervised.Config, "supervised", values))
+    stamp = first.stat().st_mtime_ns
+    assert supervised.run(build(supervised.Config, "supervised", values)).stat().st_mtime_ns == stamp   # reused
+    longer = supervised.run(build(supervised.Config, "supervised", {**values, "steps": 6}))   # another key
+    assert json.loads(longer.read_text())["settings"]["full"]["steps"] == 6
