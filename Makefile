@@ -69,6 +69,24 @@ svm-table: | $(STAMP)
 kmeans: | $(STAMP)
 	$(CHAIN) upto=table models= controls=0 curve=0 kmeans=1
 
+# the seed papers' studies (replearn/wgan_grid.py, ablation.py, augment.py), each a keyed study that writes
+# tables/<study>-<preset>.md (.csv, .tex) and tables/<study>-<preset>/ (figures): GANs trained on
+# STUDY_DATA (labels unused), probed and scored on CIFAR_TRAIN / CIFAR_TEST; FID only with local
+# INCEPTION_WEIGHTS; STUDY_ARGS: extra key=value words (e.g. wgan-grid 'optimizers=rmsprop,adam')
+STUDY_DATA        ?= $(CIFAR_TRAIN)
+INCEPTION_WEIGHTS ?=
+STUDY_ARGS        ?=
+STUDY = preset=$(PRESET) train='$(CIFAR_TRAIN)' test='$(CIFAR_TEST)' build_dir='$(BUILD_DIR)' data_note='$(DATA_NOTE)'
+GAN_STUDY = $(STUDY) data='$(STUDY_DATA)' inception_weights='$(INCEPTION_WEIGHTS)'
+
+.PHONY: wgan-grid ablation augment
+wgan-grid: | $(STAMP)
+	$(PY) -m replearn wgan-grid $(GAN_STUDY) $(STUDY_ARGS)
+ablation: | $(STAMP)
+	$(PY) -m replearn ablation $(GAN_STUDY) $(STUDY_ARGS)
+augment: | $(STAMP)
+	$(PY) -m replearn augment $(STUDY) $(STUDY_ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 

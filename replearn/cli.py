@@ -23,6 +23,13 @@ STAGES = {
     "curve": "replearn.curve",
     "supervised": "replearn.supervised",
     "chain": "replearn.chain",
+    # the seed papers' studies (issue 18)
+    "wgan-grid": "replearn.wgan_grid",
+    "ablation": "replearn.ablation",
+    "augment": "replearn.augment",
+    "subset": "replearn.subset",
+    "generate": "replearn.generate",
+    "classify": "replearn.classifier",
 }
 
 

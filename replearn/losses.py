@@ -152,6 +152,16 @@ class WganClipLoss(WganGpLoss):
             p.clamp_(-self.clip, self.clip)
 
 
+@register_loss("wgan-no-warmup")
+class WganClipNoWarmupLoss(WganClipLoss):
+    """WGAN with weight clipping, `n_critic` critic steps at every generator step: Arjovsky's
+    schedule without its 100-step warm-up, which alone is 2,500 critic steps -- the whole of a
+    few-minute CPU budget (the studies' smoke and tiny presets)."""
+
+    def critic_steps(self, gen_step: int) -> int:
+        return self.n_critic
+
+
 @register_loss("hinge")
 class HingeLoss(GanLoss):
     """Hinge loss, the usual partner of spectral norm (Miyato et al.; SAGAN)."""
