@@ -562,7 +562,9 @@ def _idx_pair(folder: Path, prefix: str) -> tuple[Path, Path]:
 
 def read_idx(spec: Spec) -> RawSource:
     """MNIST / Fashion-MNIST idx files: `folder` = train-*, `folder:test` = t10k-*. Grayscale rows are
-    replicated to 3 channels (every stage takes RGB; the digits resize to `size` like any image)."""
+    replicated to 3 channels in the cache, whose layout is RGB; stages given `channels=1` read them back
+    as one channel (the luminance of a grey image is its grey value). The digits resize to `size` like
+    any image."""
     images_path, labels_path = _idx_pair(Path(spec.location), "t10k" if spec.split == "test" else "train")
     images, labels = read_idx_file(images_path), read_idx_file(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
