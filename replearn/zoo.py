@@ -48,6 +48,15 @@ def check_size_multiple_of_8(image_size: int, arch: str) -> None:
                           f"use arch dcgan or mlp for 28 px")
 
 
+def check_size(arch: str, image_size: int) -> None:
+    """One line, when the config is resolved (before any data is read), if `arch` cannot take the size."""
+    from .nets import dcgan_stages
+    if arch == "dcgan":
+        dcgan_stages(image_size)
+    elif arch in ("resnet", "dense"):
+        check_size_multiple_of_8(image_size, arch)
+
+
 def with_attention(block: nn.Module, res: int, attention_res: int, channels: int, spectral: bool) -> nn.Module:
     if attention_res and res == attention_res:
         return nn.Sequential(block, SelfAttention(channels, spectral))

@@ -46,6 +46,9 @@ def test_sizes_an_arch_cannot_take_are_refused_in_one_line(arch):
         nets.build_models("dcgan", image_size=30)
     with pytest.raises(ConfigError, match="channels"):
         build(pretrain.Config, "pretrain", {"channels": "2"})
+    with pytest.raises(ConfigError, match=f"arch '{arch}' takes image_size"):   # at resolve time, before any data
+        pretrain.resolve(pretrain.Config(model="dense-wgan-gp" if arch == "dense" else "wgan-gp-sn-resnet",
+                                         image_size=28))
 
 
 def test_grey_images_stored_as_rgb_read_back_as_their_grey_value():
