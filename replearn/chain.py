@@ -149,5 +149,7 @@ def run(cfg: Config) -> Path:
 # presets: what each scale of the chain builds by default
 register_preset("tiny", "chain", models=("dcgan", "wgan-gp"))
 register_preset("smoke", "chain", models=("dcgan", "wgan-gp", "wgan", "wgan-gp-sn-resnet", "sagan"))
+# cpu: DCGAN ~63 min on 2 cores; WGAN-GP's 2000 steps take ~3.3 h here (its 5 critic steps per generator step).
+# The faster wgan-gp-ttur (1 critic step, ~50 min) was measured and made the features worse (recipes.py)
 register_preset("cpu", "chain", models=("dcgan", "wgan-gp"))
 register_preset("paper", "chain")

@@ -108,9 +108,9 @@ register_check(Config, lambda cfg: require(
 register_preset("smoke", "pretrain", steps=1000, max_minutes=5.0, sample_every=25, ckpt_every=50, log_every=5)
 # tiny: the whole chain in a few CPU minutes, for the end-to-end test (numbers mean nothing)
 register_preset("tiny", "pretrain", steps=40, width=0.25, sample_every=20, ckpt_every=20, log_every=5)
-# cpu: 2000 generator steps per model, the scale at which the gain over the untrained control is real on a
-# 2-core CPU: ~63 min for DCGAN, ~50 min for the chain's WGAN-GP (wgan-gp-ttur); a fixed step count, not a
-# time budget, so that every machine trains the same nets (benchmarks/results/cpu_preset)
+# cpu: 2000 generator steps per model, where the gain over the untrained control is real: DCGAN +6.5,
+# WGAN-GP +3.0 points (benchmarks/results/cpu_preset); ~63 min for DCGAN and ~3.3 h for WGAN-GP on 2 cores.
+# A fixed step count, not a time budget, so that every machine trains the same nets
 register_preset("cpu", "pretrain", steps=2000, max_minutes=0.0, sample_every=100, ckpt_every=1000, log_every=10)
 register_preset("paper", "pretrain")
 # seed 003 (Chen 2019): 30,000 generator steps, a 64-image sample grid every 200 steps, models saved every
