@@ -72,8 +72,9 @@ def augmentation(cfg: Config) -> dict[str, dict]:
               "tables_dir": cfg.tables_dir, "cache_dir": cfg.cache_dir, "wgan_loss": cfg.wgan_loss,
               "device": cfg.device, "methods": ("none",) + tuple(cfg.rungs), **studies.words(cfg.augment_args)}
     aug_cfg = build(augment.Config, "augment", values)
-    augment.run(aug_cfg)
-    return {r["method"]: r for r in augment.study(aug_cfg)}
+    summaries = augment.study(aug_cfg)
+    augment.write(aug_cfg, summaries)          # its own table too: tables/augment-<preset>.md
+    return {s["method"]: s for s in summaries}
 
 
 def row(cfg: Config, rung: str, previous: str | None, cell: studies.Cell, measured: dict, aug: dict) -> dict:

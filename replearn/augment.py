@@ -198,7 +198,11 @@ def generated_figure(summaries: list[dict], out_png: Path, cache_dir: str, per_r
 
 def run(cfg: Config) -> Path:
     """Classifier accuracy with no, traditional and each GAN's augmentation -> tables/augment-<preset>.md."""
-    summaries = study(cfg)
+    return write(cfg, study(cfg))
+
+
+def write(cfg: Config, summaries: list[dict]) -> Path:
+    """The table, its record and the generated-images figure of the study's summaries."""
     out_dir, name = Path(cfg.tables_dir), f"{cfg.name}-{cfg.preset}"
     rows = [{"method": s["label"], "test accuracy": s["accuracy"], "per-class N": per_class_n(cfg, s),
              "status": status(s), "how produced": how_produced(cfg, s)} for s in summaries]
@@ -214,4 +218,4 @@ def run(cfg: Config) -> Path:
     return studies.write_table(rows, out_dir, name, "Generated images as augmentation (seed 004)", intro)
 
 
-__all__ = ["Config", "run", "study"]
+__all__ = ["Config", "run", "study", "write"]

@@ -5,6 +5,7 @@ stays at chance on shuffled labels."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def test_wgan_grid_writes_nine_rows_and_a_diverged_cell_is_a_row(sources):
     text = wgan_grid.run(cfg).read_text()
     table = text.split("\n| optimizer")[1]
     assert table.count("\n|") == 10                                         # separator + 9 cells
-    assert table.count("diverged at step 1") == 3 and "sgd" in table
+    assert len(re.findall(r"\| sgd .* diverged at step \d+", table)) == 3
     assert text.count("2 G steps (all steps)") == 6
     figures = sources["root"] / "tables" / "wgan-grid-tiny"
     for name in ("critic_loss", "generator_loss", "wasserstein", "diversity", "samples"):
@@ -121,7 +122,7 @@ def classify(tmp_path: Path, train_labels: np.ndarray | None = None, **over) -> 
     tx, ty = colour_set(200, seed=1)
     train = write_image_cache(tmp_path / "train.h5", x, y if train_labels is None else train_labels, ["r", "b"], {})
     test = write_image_cache(tmp_path / "test.h5", tx, ty, ["r", "b"], {})
-    values = {"preset": "tiny", "train": str(train), "test": str(test), "epochs": 4, "batch_size": 16, "lr": 0.02,
+    values = {"preset": "tiny", "train": str(train), "test": str(test), "epochs": 6, "batch_size": 16, "lr": 0.05,
               "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "out"), **over}
     return json.loads(classifier.run(build(classifier.Config, "classify", values)).read_text())["test_acc"]
 
