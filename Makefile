@@ -13,6 +13,7 @@ CIFAR_TEST    ?= hf:uoft-cs/cifar10:test
 MODELS        ?=
 KMEANS        ?= 1
 CONTROLS      ?= 1
+LAYER_ROWS    ?= 1
 CURVE         ?= 1
 DATA_NOTE     ?=
 PRETRAIN_ARGS ?=
@@ -39,7 +40,7 @@ comma := ,
 empty :=
 space := $(empty) $(empty)
 CHAIN = $(PY) -m replearn chain preset=$(PRESET) pretrain_data='$(PRETRAIN_DATA)' train='$(CIFAR_TRAIN)' \
-	test='$(CIFAR_TEST)' kmeans=$(KMEANS) controls=$(CONTROLS) curve=$(CURVE) build_dir='$(BUILD_DIR)' \
+	test='$(CIFAR_TEST)' kmeans=$(KMEANS) controls=$(CONTROLS) layer_rows=$(LAYER_ROWS) curve=$(CURVE) build_dir='$(BUILD_DIR)' \
 	$(if $(strip $(MODELS)),models=$(subst $(space),$(comma),$(strip $(MODELS)))) data_note='$(DATA_NOTE)' \
 	pretrain_args='$(PRETRAIN_ARGS)' features_args='$(FEATURES_ARGS)' svm_args='$(SVM_ARGS)' \
 	kmeans_args='$(KMEANS_ARGS)' curve_args='$(CURVE_ARGS)' name='$(DATASET)' image_size=$(IMAGE_SIZE) \

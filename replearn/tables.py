@@ -155,6 +155,14 @@ def row_name(feat: dict, scale: str) -> str:
     return name + (f" [{scale} scale]" if scale not in ("", "paper") else "")
 
 
+def preprocessing_label(res: dict) -> str:
+    """What the SVM did to the features before fitting, when not the paper's nothing."""
+    cfg = res.get("config") or {}
+    done = [label for key, label in (("l2_normalize", "rows L2-normalised"), ("standardize", "dims standardised"))
+            if cfg.get(key)] + (["layers equalised"] if cfg.get("layer_scale", "none") != "none" else [])
+    return f" [SVM input: {', '.join(done)}]" if done else ""
+
+
 def run_dir_of(res: dict) -> Path | None:
     """The pretrain run a critic's features came from (the features file sits in its folder)."""
     path = Path(str((res.get("features") or {}).get("path", "")))
@@ -259,7 +267,7 @@ def reproduced_row(path: Path, out_dir: Path) -> dict[str, Any]:
     how += "; " + eval_text(res, feat) + ("" if is_control(feat) else curve_text(res))
     kind = {"supervised": "upper reference"}.get(str(feat.get("kind")), "control" if is_control(feat) else "reproduced")
     status = f"{kind} ({scale or 'custom'} scale)"
-    return {"model": row_name(feat, scale), "full": percent(full.get("test_acc")),
+    return {"model": row_name(feat, scale) + preprocessing_label(res), "full": percent(full.get("test_acc")),
             "400 per class": percent(k400.get("mean"), k400.get("ci95")), "gain over untrained control": "",
             "max # features units": feat.get("max_units", (feat.get("config") or {}).get("k", "-")),
             "status": "; ".join([status] + flags(res, feat)),
@@ -325,7 +333,9 @@ def header(cfg: Config, n_reproduced: int) -> str:
             f"which split it was scored on. Each reproduced critic has an *untrained control* row: the same "
             f"network at initialisation (step 0, BatchNorm statistics recomputed the same way) through the same "
             f"features and SVM protocol; the gain over it is what pretraining bought. \"+-x\" is 1.96 std over "
-            f"the 400-per-class draws, as the paper reports it. Rows marked *smoke*, *tiny* or *cpu scale* come "
+            f"the 400-per-class draws, as the paper reports it. Rows marked *[SVM input: layers equalised]* fit "
+            f"the same features with every layer rescaled to an equal share of the mean squared norm (svm "
+            f"layer_scale=equal); the unmarked rows follow the paper (features as extracted). Rows marked *smoke*, *tiny* or *cpu scale* come "
             f"from minutes of CPU pretraining and are not comparable with the quoted numbers.\n\n")
 
 

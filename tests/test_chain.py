@@ -70,7 +70,10 @@ def test_chain_builds_every_row_then_reuses_everything(sources):
     for name in ("DCGAN (BCE) (reproduced", "DCGAN (BCE) untrained control (step 0", "WGAN-GP (reproduced",
                  "WGAN-GP untrained control (step 0", "1 Layer K-means (reproduced, K=16)"):
         assert name in text, name
-    assert len(re.findall(r"full [+-]\d+\.\d, 400 [+-]\d+\.\d points", text)) == 2   # each trained row's gain
+    for name in ("DCGAN (BCE) (reproduced)", "DCGAN (BCE) untrained control (step 0)"):   # the same features,
+        assert re.search(re.escape(name) + r"[^|]*\[SVM input: layers equalised\]", text), name  # layers equalised
+    # each trained row's gain over its own control: unscaled and layers equalised, per model
+    assert len(re.findall(r"full [+-]\d+\.\d, 400 [+-]\d+\.\d points", text)) == 4
     assert "[curve](curves/" in text and "1.96 std" in text
     build_dir = sources["root"] / "build"
     before = artifact_times(build_dir)
