@@ -128,7 +128,7 @@ def classify(tmp_path: Path, train_labels: np.ndarray | None = None, **over) -> 
 
 
 def test_classifier_learns_a_separable_set(tmp_path):
-    assert classify(tmp_path, augment="traditional") >= 0.9
+    assert classify(tmp_path, augment="traditional", epochs=12) >= 0.9   # 6 epochs: 0.835 (flips and jitter slow it)
 
 
 def test_classifier_stays_at_chance_on_shuffled_labels(tmp_path):
