@@ -92,14 +92,12 @@ def row(cfg: Config, rung: str, previous: str | None, cell: studies.Cell, measur
 
 
 def intro(cfg: Config, figures: str) -> str:
-    scale = "" if cfg.preset == "paper" else (f" **{cfg.preset} scale**: minutes of CPU pretraining per rung, "
-                                              "numbers show that the study runs, not what the paper found.")
-    note = f" Data: {cfg.data_note}." if cfg.data_note else ""
+    scale_note = studies.scale_and_data_note(cfg, "rung")
     aug = (" Augmentation accuracy: MobileNetV2 test accuracy (mean +- std over seeds) when the real labelled subset "
            "is extended by images of that variant's GANs, one GAN per class trained on that subset "
            "(tables/augment-<preset>.md says how)." if cfg.augment else "")
     return (f"Seed 004's ablation: WGAN (loss `{cfg.wgan_loss}`) with residual blocks, spectral norm and "
-            f"self-attention added one at a time, beside DCGAN.{scale}{note} {studies.QUALITY_NOTE}{aug}\n\n"
+            f"self-attention added one at a time, beside DCGAN.{scale_note} {studies.QUALITY_NOTE}{aug}\n\n"
             f"Figures (every rung on shared axes): {figures}")
 
 

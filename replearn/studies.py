@@ -109,6 +109,13 @@ def words(text: str) -> dict[str, str]:
     return split_overrides(text.split())
 
 
+def scale_and_data_note(cfg, unit: str) -> str:
+    """The intro's sentences on scale (any preset but paper is minutes of CPU per `unit`) and on the data."""
+    scale = "" if cfg.preset == "paper" else (f" **{cfg.preset} scale**: minutes of CPU pretraining per {unit}, "
+                                              "numbers show that the study runs, not what the paper found.")
+    return scale + (f" Data: {cfg.data_note}." if cfg.data_note else "")
+
+
 def root_of(cfg: Study) -> Path:
     return Path(cfg.build_dir) / cfg.preset
 

@@ -82,11 +82,9 @@ def row(cfg: Config, cell: studies.Cell, measured: dict, opt: str, arch: str) ->
 
 
 def intro(cfg: Config, figures: str) -> str:
-    scale = "" if cfg.preset == "paper" else (f" **{cfg.preset} scale**: minutes of CPU pretraining per cell, "
-                                              "numbers show that the study runs, not what the paper found.")
-    note = f" Data: {cfg.data_note}." if cfg.data_note else ""
+    scale_note = studies.scale_and_data_note(cfg, "cell")
     return (f"Seed 001's study: WGAN (weight clipping, loss `{cfg.wgan_loss}`) with each optimizer and each "
-            f"G/D architecture, the same data, budget and seed.{scale}{note} {studies.QUALITY_NOTE}\n\n"
+            f"G/D architecture, the same data, budget and seed.{scale_note} {studies.QUALITY_NOTE}\n\n"
             f"Figures (nine curves on shared axes each): {figures}")
 
 
