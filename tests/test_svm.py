@@ -115,6 +115,25 @@ def test_wide_primal_with_nystrom_matches_linearsvc(monkeypatch, fit_intercept):
         assert ours.objective(X, y, C) == pytest.approx(ref.objective(X, y, C), rel=1e-3)
 
 
+@pytest.mark.parametrize("dense", [True, False])
+def test_bf16_hessian_reaches_the_float32_optimum(monkeypatch, dense):
+    """Large primal designs take CG's Hessian products on a bfloat16 copy; the gradient stays float32, so
+    the fit must land on the same optimum as an all-float32 fit (and say which Hessian it used)."""
+    X, y = blobs(400, 60, 3, seed=11)
+    X += 2.0
+    if not dense:                                    # the Nystrom sketch runs on the bf16 copy too
+        monkeypatch.setattr(svm, "DENSE_PRECONDITIONER_MAX_DIM", 16)
+        monkeypatch.setattr(svm, "NYSTROM_RANK", 8)
+    exact = svm.fit(X, y, 0.05, method="primal", device="cpu")
+    monkeypatch.setattr(svm, "BF16_HESSIAN_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(svm, "bf16_supported", lambda device: True)
+    fast = svm.fit(X, y, 0.05, method="primal", device="cpu")
+    assert exact.info["hessian"] == "float32" and fast.info["hessian"] == "bfloat16"
+    assert fast.info["converged"] and fast.info["cg_iterations"] >= fast.info["iterations"] > 0
+    assert fast.objective(X, y, 0.05) == pytest.approx(exact.objective(X, y, 0.05), rel=1e-6)
+    assert np.mean(fast.predict(X) == exact.predict(X)) == 1.0
+
+
 # ----------------------------------------------------------------------------- draws and splits
 def test_draws_are_class_balanced_and_reproducible():
     labels = np.repeat(np.arange(10), 50)
