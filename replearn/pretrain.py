@@ -446,7 +446,7 @@ def handle_divergence(run: Runner, stats: dict, rollbacks: int) -> int:
         return rollbacks + 1
     advice = ("5 rollbacks did not help" if run.cfg.nan_policy == "rollback"
               else "or rerun with nan_policy=rollback")
-    raise ConfigError(f"pretrain: diverged at step {run.state.step + 1} (non-finite loss or weights, {stats}); "
+    raise ConfigError(f"pretrain: diverged at step {run.state.step} (non-finite loss or weights, {stats}); "
                       f"{last_good_checkpoint(Path(run.cfg.run_dir))}. Lower lr_d/lr_g, {advice}")
 
 

@@ -45,3 +45,19 @@ def random_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
         img = blob[..., None] * colour + g.normal(0, 10, size=(size, size, 3)) + 40
         out[i] = np.clip(img, 0, 255).astype(np.uint8)
     return out
+
+
+def random_inception_weights(path: Path, monkeypatch) -> Path:
+    """A randomly initialised FID Inception (torch-fidelity's, same keys, plus an AuxLogits entry that the
+    loader drops, as torchvision-based exports carry) saved at `path`: it stands in for the real weights
+    offline. Building it must never download."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    with monkeypatch.context() as patch:
+        patch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
+        patch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        torch.save({}, path)
+        random_net = fe.FeatureExtractorInceptionV3("x", ["2048"], feature_extractor_weights_path=str(path))
+    state = dict(random_net.state_dict())
+    state["AuxLogits.fc.weight"] = torch.zeros(1)
+    torch.save(state, path)
+    return path

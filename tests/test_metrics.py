@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import random_images
+from conftest import random_images, random_inception_weights
 from replearn import evaluate, metrics, pretrain, report
 from replearn.config import ConfigError, build
 from replearn.store import write_image_cache
@@ -151,18 +151,10 @@ def test_evaluate_again_replaces_that_steps_record(tiny_run):
 
 
 def test_fid_with_a_local_weights_file_is_computed_and_cached(tiny_run, tmp_path, monkeypatch):
-    """A randomly initialised Inception saved locally stands in for the real weights (same keys, plus an
-    AuxLogits entry that the loader drops)."""
+    """A randomly initialised Inception saved locally stands in for the real weights."""
     import torch_fidelity.feature_extractor_inceptionv3 as fe
+    weights = random_inception_weights(tmp_path / "random_inception.pth", monkeypatch)
     monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
-    weights = tmp_path / "random_inception.pth"
-    monkeypatch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-    torch.save({}, weights)
-    random_net = fe.FeatureExtractorInceptionV3("x", ["2048"], feature_extractor_weights_path=str(weights))
-    state = dict(random_net.state_dict())
-    state["AuxLogits.fc.weight"] = torch.zeros(1)    # as torchvision-based exports carry: dropped on load
-    torch.save(state, weights)
-    monkeypatch.undo()
     cfg = small_eval(tiny_run, num_samples=8, checkpoint="last.pt", inception_weights=str(weights), require_fid=True,
                      cache_dir=str(tmp_path / "cache"))
     record = json.loads(evaluate.run(cfg).read_text())["records"][-1]

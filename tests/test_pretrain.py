@@ -14,6 +14,7 @@ from conftest import random_images
 from replearn import pretrain, runs
 from replearn.config import ConfigError, build
 from replearn.store import write_image_cache
+from replearn.utils import read_jsonl
 
 TINY = dict(width=0.125, batch_size=8, n_critic=2, precision="fp32", log_every=1, sample_every=2, ckpt_every=2)
 
@@ -80,7 +81,10 @@ def test_resuming_a_different_run_is_refused(tmp_path, image_cache):
 
 def test_nan_loss_stops_and_names_a_good_checkpoint_that_exists(tmp_path, image_cache):
     with pytest.raises(ConfigError, match="diverged") as err:
-        pretrain.run(tiny_config(tmp_path, image_cache, model="wgan-gp", steps=4, lr_d=1e30, lr_g=1e30))
+        pretrain.run(tiny_config(tmp_path, image_cache, model="wgan-gp", steps=4, lr_d=1e30, lr_g=1e30, log_every=1))
+    # the step named is the one that went non-finite: the step after the last one logged (every finite step is)
+    logged = [r["step"] for r in read_jsonl(tmp_path / "run" / "log.jsonl")]
+    assert f"diverged at step {max(logged, default=0) + 1} " in str(err.value)
     named = str(err.value).split("the last good checkpoint is ")[1].split(".pt")[0] + ".pt"
     ckpt = runs.load_checkpoint(named)
     assert all(torch.isfinite(v).all() for v in ckpt["critic"].values() if v.is_floating_point())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, random_images
+from conftest import REPO, random_images, random_inception_weights
 from replearn import ablation, augment, classifier, data, generate, pretrain, subset, wgan_grid
 from replearn.config import ConfigError, build
 from replearn.store import write_image_cache
@@ -67,6 +67,25 @@ def test_ablation_ladder_probes_each_rung_against_its_control(sources):
     record = json.loads((sources["root"] / "tables" / "ablation-tiny" / "study.json").read_text())
     assert all(r["gain (points)"] != "-" for r in record["rows"])
     assert "not run (augment=true runs it)" in text
+
+
+def test_a_study_with_local_inception_weights_reports_fid(sources, tmp_path, monkeypatch):
+    """The FID path of the studies: a random Inception saved locally (never downloaded) gives a finite FID
+    in the table, the figures and study.json, against cached real statistics of the GANs' training images."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    weights = random_inception_weights(tmp_path / "inception.pth", monkeypatch)
+    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
+    values = study_values(sources, rungs="wgan", probe=False, inception_weights=str(weights), fid_samples=16,
+                          tables_dir=str(tmp_path / "tables"), cache_dir=str(tmp_path / "cache"))
+    text = ablation.run(build(ablation.Config, "ablation", values)).read_text()
+    assert "n/a (no inception_weights)" not in text
+    record = json.loads((tmp_path / "tables" / "ablation-tiny" / "study.json").read_text())
+    fid = record["rows"][0]["FID"]                                         # formatted: a random Inception's FID is ~0
+    assert np.isfinite(float(fid)) and float(fid) >= 0, fid
+    measured = [r["fid"] for path in (sources["root"] / "build").rglob(f"quality-*.json")
+                for r in json.loads(path.read_text())["records"] if r.get("fid") is not None]
+    assert measured and all(np.isfinite(measured)), measured
+    assert list((tmp_path / "cache").rglob("fid*")), "the real statistics were not cached"
 
 
 def test_augment_study_rows_and_generated_images(sources):
