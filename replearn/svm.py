@@ -34,6 +34,9 @@ K-means features). It is rebuilt only when mu moves by 1.5x. How M^-1 is applied
 - wider designs (28672-dim critic features, N > D) and Gram designs: a rank-384 randomized Nystrom approximation
   U diag(lam) U^T of S from two passes over the data (Frangella, Tropp & Udell 2023), inverted in
   closed form; CG then only sees the flat tail of the spectrum.
+Primal designs of BF16_HESSIAN_MIN_ELEMENTS or more (40,000 x 28672) take CG's Hessian products and
+the Nystrom sketch on a bfloat16 copy where the hardware has bf16 units; the gradient, line search
+and stopping rule keep the float32 design, so the optimum is the float32 problem's.
 
 When N <= D (e.g. 4000 x 28672) the work moves into an N-dimensional space: the Gram matrix of the
 augmented design, G = X X^T + s^2 (the intercept folded in as a constant feature; fp32 products,
@@ -46,9 +49,9 @@ Nystrom one (two products with an N x 384 block per problem, nothing per mu). A 
 jitter keeps Cholesky defined when G is numerically singular.
 
 Solver record: every replearn fit sets `LinearModel.info` (None for liblinear) = {converged, stop
-('gradient' | 'no-progress' | 'max_iter'), iterations (Newton steps), rel_grad (max over classes of
-||g_k|| / ||g_k(0)|| at the returned point), jitter (the Gram factor's relative Cholesky jitter, 0 in
-the primal)}. A 'no-progress' stop counts as converged only when every class also meets the rule
+('gradient' | 'no-progress' | 'max_iter'), iterations (Newton steps), cg_iterations (their CG steps),
+rel_grad (max over classes of ||g_k|| / ||g_k(0)|| at the returned point), jitter (the Gram factor's
+relative Cholesky jitter, 0 in the primal), hessian (the dtype of the Hessian products)}. A 'no-progress' stop counts as converged only when every class also meets the rule
 LinearSVC itself stops at (liblinear's primal: rel_grad_k <= 1e-4 * min(#pos_k, #neg_k) / N).
 
 The protocol (`run`, PROTOCOL.md section 3)

@@ -71,7 +71,8 @@ def test_ablation_ladder_probes_each_rung_against_its_control(sources):
 
 def test_a_study_with_local_inception_weights_reports_fid(sources, tmp_path, monkeypatch):
     """The FID path of the studies: a random Inception saved locally (never downloaded) gives a finite FID
-    in the table, the figures and study.json, against cached real statistics of the GANs' training images."""
+    in the table (study.json) and the cell's quality records, against cached real statistics of the GANs'
+    training images."""
     import torch_fidelity.feature_extractor_inceptionv3 as fe
     weights = random_inception_weights(tmp_path / "inception.pth", monkeypatch)
     monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
@@ -82,7 +83,7 @@ def test_a_study_with_local_inception_weights_reports_fid(sources, tmp_path, mon
     record = json.loads((tmp_path / "tables" / "ablation-tiny" / "study.json").read_text())
     fid = record["rows"][0]["FID"]                                         # formatted: a random Inception's FID is ~0
     assert np.isfinite(float(fid)) and float(fid) >= 0, fid
-    measured = [r["fid"] for path in (sources["root"] / "build").rglob(f"quality-*.json")
+    measured = [r["fid"] for path in (sources["root"] / "build").rglob("quality-*.json")
                 for r in json.loads(path.read_text())["records"] if r.get("fid") is not None]
     assert measured and all(np.isfinite(measured)), measured
     assert list((tmp_path / "cache").rglob("fid*")), "the real statistics were not cached"
