@@ -44,7 +44,7 @@ class Config:
 register_preset("paper", "curve")
 register_preset("cpu", "curve")
 register_preset("smoke", "curve", train_rows=15000, test_rows=5000, final_draws=3)
-register_preset("tiny", "curve", train_rows=0, test_rows=0, per_class=50, val_size=500, select_draws=2, final_draws=3)
+register_preset("tiny", "curve", train_rows=5000, test_rows=2000, per_class=50, val_size=500, select_draws=2, final_draws=3)
 
 
 def stage_configs(cfg: Config, checkpoint: str) -> tuple[features.Config, dict]:
