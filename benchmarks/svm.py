@@ -10,9 +10,13 @@ Measured, in one run on one machine:
     replearn vs LinearSVC -> time, test accuracy, objective (both evaluated by the same float64 code);
     the headline speedup is LinearSVC's time summed over the grid against replearn's warm-started
     path over the same grid (the work one selection draw of the protocol needs), cold fits beside it;
-  * 40000 x 28672: replearn alone;
+  * 40000 x 28672 at LARGE_C (--large-features: a trained critic's file, where CG dominates the fit):
+    replearn, its Hessian products in bf16 where the CPU has bf16 units, against the same fit with
+    float32 Hessian products;
   * the whole 400-per-class protocol (7 C x 10 selection draws + 100 final draws) via `svm.run`.
-Writes benchmarks/results/svm.json.   Usage: python benchmarks/svm.py [--skip-liblinear]
+Writes benchmarks/results/svm.json; every part records the commit and machine it ran on ('measured'),
+and --parts reruns some of them, keeping the others' records.
+Usage: python benchmarks/svm.py [--parts compare,large,protocol] [--large-features PATH] [--skip-liblinear]
 
 --full-setting --features PATH [--presearch ROWS]: only the full setting, on all train rows of a
 feature file (meant for a TRAINED critic's file: 50000 x 28672 at CIFAR scale). `full_setting_seconds`
@@ -49,6 +53,10 @@ FEATURES = REPO / "cache" / "bench_svm_dcgan_untrained.h5"
 RESULTS = REPO / "benchmarks" / "results" / "svm.json"
 N_TRAIN = 40000          # the rest (10k) is the test split
 BENCH_C = 1e-4           # the single-C comparison of earlier runs (LinearSVC's fastest C of the grid)
+# the 40k-row fit: at 1e-4 one warm-started fit on trained features took 1,519 CG iterations (15 min),
+# 1e-5 a few hundred: large enough to exercise CG, small enough to time both Hessians in one run
+LARGE_C = 1e-5
+PARTS = ("compare", "large", "protocol")
 
 
 def load_images() -> tuple[np.ndarray, np.ndarray]:
@@ -129,12 +137,30 @@ def compare_at_4000(ff: store.FeatureFile, X_test: np.ndarray, y_test: np.ndarra
                                          for c, m in zip(svm.DEFAULT_C_GRID, path)}}
 
 
-def large_40000(ff: store.FeatureFile, X_test: np.ndarray, y_test: np.ndarray) -> dict:
-    X, y = ff.read("train"), ff.labels("train")                  # 40000 x 28672 float32, 4.6 GB
-    model, seconds = timed(svm.fit, X, y, BENCH_C)
-    row = {"n": len(X), "d": X.shape[1], "C": BENCH_C, "replearn_seconds": seconds,
-           "replearn_test_acc": svm.accuracy(model, X_test, y_test), "replearn_objective": model.objective(X, y, BENCH_C)}
-    print(json.dumps(row), file=sys.stderr)
+def large_40000(path: Path, C: float) -> dict:
+    """One cold fit on 40000 train rows of `path` (a seeded subset when it has more) at C, twice on the same data: as the solver
+    runs (CG's Hessian products on a bfloat16 copy where the CPU has bf16 units) and with float32 Hessian
+    products (the reference); the ratio is bf16_hessian_speedup. Both stop at the same float32 gradient
+    rule. Meant for a TRAINED critic's file: untrained features at 1e-5 need a handful of CG steps, so
+    the products barely count there (measured: 26 s either way)."""
+    with store.FeatureFile(path) as ff:
+        # a seeded subset, not the first rows: a features-stage file keeps the parquet's order (by label)
+        n = ff.num_rows("train")
+        rows = np.sort(np.random.default_rng(0).permutation(n)[:N_TRAIN]) if n > N_TRAIN else np.arange(n)
+        X, y = ff.read("train", rows), ff.labels("train")[rows]     # 40000 x 28672 float32, 4.6 GB
+        X_test, y_test = ff.read("test"), ff.labels("test")
+        row = {"features": str(path), "model": ff.attrs.get("model"), "checkpoint_step": ff.attrs.get("checkpoint_step"),
+               "n": len(X), "d": X.shape[1], "C": C}
+    for name, min_elements in (("replearn", svm.BF16_HESSIAN_MIN_ELEMENTS), ("float32_hessian", 1 << 62)):
+        default, svm.BF16_HESSIAN_MIN_ELEMENTS = svm.BF16_HESSIAN_MIN_ELEMENTS, min_elements
+        try:
+            model, seconds = timed(svm.fit, X, y, C)
+        finally:
+            svm.BF16_HESSIAN_MIN_ELEMENTS = default
+        row.update({f"{name}_seconds": seconds, f"{name}_test_acc": svm.accuracy(model, X_test, y_test),
+                    f"{name}_objective": model.objective(X, y, C), f"{name}_solver": model.info})
+        print(json.dumps({name: row[f"{name}_seconds"], **model.info}), file=sys.stderr)
+    row["bf16_hessian_speedup"] = row["float32_hessian_seconds"] / row["replearn_seconds"]
     return row
 
 
@@ -160,7 +186,8 @@ def full_setting(args) -> dict:
     """The full setting as configured (bracketed, optionally with a presearch) against the exhaustive
     search over every C it scored; both refit on all of train and score on test."""
     cfg = build(svm.Config, "svm", {"features": str(args.features), "settings": ("full",), "val_size": args.val_size,
-                                    "c_presearch": args.presearch, "c_scale": args.c_scale, "device": args.device})
+                                    "c_presearch": args.presearch, "c_scale": args.c_scale, "device": args.device,
+                                    "layer_scale": args.layer_scale})
     device = svm.pick_device(cfg.device)
     start = time.perf_counter()
     with store.FeatureFile(cfg.features) as ff:
@@ -174,11 +201,12 @@ def full_setting(args) -> dict:
     print(json.dumps({"bracketed_c": bracketed["c_select"], "seconds": seconds}), file=sys.stderr)
     exhaustive = exhaustive_full(X, y, n_rest, test, cfg, device, bracketed)
     return {"machine": hardware(), "features": str(args.features), "feature_attrs": attrs, "n": len(X),
-            "d": X.shape[1], "n_rest": n_rest, "presearch_rows": args.presearch, "c_scale_factor": factor,
+            "d": X.shape[1], "n_rest": n_rest, "presearch_rows": args.presearch, "c_scale": cfg.c_scale,
+            "layer_scale": cfg.layer_scale, "c_scale_factor": factor,
             "load_seconds": load_seconds, "full_setting_seconds": seconds,
             "exhaustive_seconds": exhaustive["seconds"], "same_c": exhaustive["c_select"] == bracketed["c_select"],
             "bracketed": {k: v for k, v in bracketed.items() if k != "seconds"}, "exhaustive": exhaustive,
-            "provenance": provenance()}
+            "note": args.note, "provenance": provenance()}
 
 
 def exhaustive_full(X, y, n_rest: int, test, cfg, device, bracketed: dict) -> dict:
@@ -208,8 +236,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--extract-only", action="store_true")
     parser.add_argument("--skip-liblinear", action="store_true")
-    parser.add_argument("--skip-large", action="store_true")
-    parser.add_argument("--skip-protocol", action="store_true")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated, of {PARTS}; parts not run keep their earlier record")
+    parser.add_argument("--large-features", type=Path, default=FEATURES,
+                        help="large: the feature file (a trained critic's: cache/bench_svm_wgan-gp-ttur_2000.h5)")
+    parser.add_argument("--large-c", type=float, default=LARGE_C, help="large: the C of both fits")
     parser.add_argument("--final-draws", type=int, default=100, help="fewer: time of 100 projected")
     parser.add_argument("--full-setting", action="store_true", help="only the full setting: bracketed vs exhaustive")
     parser.add_argument("--features", type=Path, help="--full-setting: the feature file (a trained critic's)")
@@ -217,6 +248,9 @@ def main() -> None:
                         help="--full-setting: c_presearch rows (0: every C of the bracket on all rows)")
     parser.add_argument("--val-size", type=int, default=10000, help="--full-setting: validation rows")
     parser.add_argument("--c-scale", default="none", choices=svm.C_SCALES, help="--full-setting: c_scale")
+    parser.add_argument("--note", default="", help="--full-setting: recorded as is (e.g. how the test split was drawn)")
+    parser.add_argument("--layer-scale", default="none", choices=svm.LAYER_SCALES,
+                        help="--full-setting: layer_scale; 'equal' is recorded under full_setting_layers_equal")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", type=Path, default=RESULTS, help="--full-setting: the results JSON to merge into")
     args = parser.parse_args()
@@ -224,31 +258,37 @@ def main() -> None:
         if args.features is None:
             parser.error("--full-setting needs --features PATH (a trained critic's feature file)")
         row = full_setting(args)
-        merge_results(args.results, "full_setting", row)
+        key = "full_setting" if args.layer_scale == "none" else f"full_setting_layers_{args.layer_scale}"
+        merge_results(args.results, key, row)
         print(json.dumps({k: row[k] for k in ("full_setting_seconds", "exhaustive_seconds", "same_c")}, indent=2))
         return
+    parts = [p for p in args.parts.split(",") if p]
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
     extract_features()
     if args.extract_only:
         return
     torch.set_num_threads(2)
     record = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    with store.FeatureFile(FEATURES) as ff:
-        y_test = ff.labels("test")
-        X_test = ff.read("test")                                   # 10000 x 28672 float32
-        record["compare_4000"] = compare_at_4000(ff, X_test, y_test, args.skip_liblinear,
-                                                 record.get("compare_4000", {}))
+    if "compare" in parts:
+        with store.FeatureFile(FEATURES) as ff:
+            X_test, y_test = ff.read("test"), ff.labels("test")             # 10000 x 28672 float32
+            record["compare_4000"] = measured(compare_at_4000(ff, X_test, y_test, args.skip_liblinear,
+                                                              record.get("compare_4000", {})))
+            del X_test
         write(record)
-        if not args.skip_large:
-            record["large_40000"] = large_40000(ff, X_test, y_test)
-        else:   # a figure from an earlier solver would be mistaken for this one's
-            record.pop("large_40000", None)
+    if "large" in parts:
+        record["large_40000"] = measured(large_40000(args.large_features, args.large_c))
         write(record)
-        del X_test
-    record.pop("protocol_400", None)
-    if not args.skip_protocol:
-        record["protocol_400"] = protocol_400(args.final_draws)
+    if "protocol" in parts:
+        record["protocol_400"] = measured(protocol_400(args.final_draws))
     write(record)
     print(json.dumps(record["summary"], indent=2))
+
+
+def measured(row: dict) -> dict:
+    """Each part keeps the machine and commit it ran on: parts are rerun one at a time."""
+    return {**row, "measured": provenance()}
 
 
 def write(record: dict) -> None:
@@ -280,7 +320,11 @@ def write(record: dict) -> None:
         summary["protocol_400_measured"] = (f"{protocol['final_draws']} final draws measured, 100 projected"
                                             if "projected_seconds_100_draws" in protocol else "measured in full")
     if "large_40000" in record:
-        summary["large_40000_seconds"] = record["large_40000"]["replearn_seconds"]
+        large = record["large_40000"]
+        summary.update(large_40000_seconds=large["replearn_seconds"], large_40000_c=large["C"],
+                       large_40000_features=f"{large.get('model')} step {large.get('checkpoint_step')}",
+                       large_40000_float32_hessian_seconds=large["float32_hessian_seconds"],
+                       bf16_hessian_speedup=large["bf16_hessian_speedup"])
     record.update(summary=summary, provenance=provenance())
     atomic_write_json(RESULTS, record)
 
