@@ -265,7 +265,8 @@ def main() -> None:
     parts = [p for p in args.parts.split(",") if p]
     if unknown := set(parts) - set(PARTS):
         parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
-    extract_features()
+    if args.extract_only or {"compare", "protocol"} & set(parts) or args.large_features == FEATURES:
+        extract_features()       # the untrained file; a --parts large run on another file needs none of it
     if args.extract_only:
         return
     torch.set_num_threads(2)

