@@ -18,7 +18,7 @@ Writes benchmarks/results/svm.json; every part records the commit and machine it
 and --parts reruns some of them, keeping the others' records.
 Usage: python benchmarks/svm.py [--parts compare,large,protocol] [--large-features PATH] [--skip-liblinear]
 
---full-setting --features PATH [--presearch ROWS]: only the full setting, on all train rows of a
+--full-setting --features PATH [--presearch ROWS] [--no-refine]: only the full setting, on all train rows of a
 feature file (meant for a TRAINED critic's file: 50000 x 28672 at CIFAR scale). `full_setting_seconds`
 is `svm.run_full` (bracketed C search on train-minus-val, then the refit on all of train); beside it
 the exhaustive search over the same bracket: every C the search scored (on the subsample too, with
@@ -35,6 +35,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -182,12 +183,13 @@ def protocol_400(final_draws: int) -> dict:
     return row
 
 
-def full_setting(args) -> dict:
+def full_setting(args, save: Callable[[dict], None]) -> dict:
     """The full setting as configured (bracketed, optionally with a presearch) against the exhaustive
-    search over every C it scored; both refit on all of train and score on test."""
+    search over every C it scored; both refit on all of train and score on test. `save` gets the row
+    once the timed part is done (the exhaustive reference can take far longer) and again at the end."""
     cfg = build(svm.Config, "svm", {"features": str(args.features), "settings": ("full",), "val_size": args.val_size,
                                     "c_presearch": args.presearch, "c_scale": args.c_scale, "device": args.device,
-                                    "layer_scale": args.layer_scale})
+                                    "layer_scale": args.layer_scale, "c_refine": not args.no_refine})
     device = svm.pick_device(cfg.device)
     start = time.perf_counter()
     with store.FeatureFile(cfg.features) as ff:
@@ -198,15 +200,24 @@ def full_setting(args) -> dict:
     load_seconds = time.perf_counter() - start
     bar = tqdm(total=0, disable=True)
     bracketed, seconds = timed(svm.run_full, X, y, n_rest, test, cfg, factor, device, bar)
+    row = {"machine": hardware(), "features": str(args.features), "feature_attrs": attrs, "n": len(X),
+           "d": X.shape[1], "n_rest": n_rest, "presearch_rows": args.presearch, "c_refine": cfg.c_refine,
+           "c_scale": cfg.c_scale, "layer_scale": cfg.layer_scale, "c_scale_factor": factor,
+           "load_seconds": load_seconds, "full_setting_seconds": seconds,
+           "bracketed": {k: v for k, v in bracketed.items() if k != "seconds"},
+           "exhaustive": "running (a run killed before it finished leaves this)", "note": args.note,
+           "provenance": provenance()}
+    save(row)
     print(json.dumps({"bracketed_c": bracketed["c_select"], "seconds": seconds}), file=sys.stderr)
     exhaustive = exhaustive_full(X, y, n_rest, test, cfg, device, bracketed)
-    return {"machine": hardware(), "features": str(args.features), "feature_attrs": attrs, "n": len(X),
-            "d": X.shape[1], "n_rest": n_rest, "presearch_rows": args.presearch, "c_scale": cfg.c_scale,
-            "layer_scale": cfg.layer_scale, "c_scale_factor": factor,
-            "load_seconds": load_seconds, "full_setting_seconds": seconds,
-            "exhaustive_seconds": exhaustive["seconds"], "same_c": exhaustive["c_select"] == bracketed["c_select"],
-            "bracketed": {k: v for k, v in bracketed.items() if k != "seconds"}, "exhaustive": exhaustive,
-            "note": args.note, "provenance": provenance()}
+    row.update({"exhaustive_seconds": exhaustive["seconds"], "exhaustive": exhaustive,
+                "same_c": exhaustive["c_select"] == bracketed["c_select"],
+                # held-out validation accuracy of each choice, both fitted on all train-minus-val rows (the
+                # exhaustive curve): unlike test_acc it stays honest when the test split overlaps train
+                "val_acc_of_choice": {"bracketed": exhaustive["val_curve"][repr(bracketed["c_select"])],
+                                      "exhaustive": exhaustive["val_curve"][repr(exhaustive["c_select"])]}})
+    save(row)
+    return row
 
 
 def exhaustive_full(X, y, n_rest: int, test, cfg, device, bracketed: dict) -> dict:
@@ -246,6 +257,8 @@ def main() -> None:
     parser.add_argument("--features", type=Path, help="--full-setting: the feature file (a trained critic's)")
     parser.add_argument("--presearch", type=int, default=10000,
                         help="--full-setting: c_presearch rows (0: every C of the bracket on all rows)")
+    parser.add_argument("--no-refine", action="store_true",
+                        help="--full-setting: c_refine=false (the subsample's C is the choice; one fit on all rows)")
     parser.add_argument("--val-size", type=int, default=10000, help="--full-setting: validation rows")
     parser.add_argument("--c-scale", default="none", choices=svm.C_SCALES, help="--full-setting: c_scale")
     parser.add_argument("--note", default="", help="--full-setting: recorded as is (e.g. how the test split was drawn)")
@@ -257,9 +270,8 @@ def main() -> None:
     if args.full_setting:
         if args.features is None:
             parser.error("--full-setting needs --features PATH (a trained critic's feature file)")
-        row = full_setting(args)
         key = "full_setting" if args.layer_scale == "none" else f"full_setting_layers_{args.layer_scale}"
-        merge_results(args.results, key, row)
+        row = full_setting(args, lambda value: merge_results(args.results, key, value))
         print(json.dumps({k: row[k] for k in ("full_setting_seconds", "exhaustive_seconds", "same_c")}, indent=2))
         return
     parts = [p for p in args.parts.split(",") if p]

@@ -158,6 +158,33 @@ def test_refit_c_rule(tmp_path, monkeypatch, form):
         assert any(full["c_select"] * 240 == pytest.approx(c * 10.0 ** e) for c in grid for e in range(-4, 5))
 
 
+@pytest.mark.parametrize("refine", [True, False])
+def test_presearch_fits_the_subsample_in_mean_form_and_refines_only_when_asked(tmp_path, monkeypatch, refine):
+    """c_presearch=120 of n_rest = 240: every subsample fit runs at C * 240/120 (the same mean-form C), its
+    curve is keyed by the 240-row C; c_refine=false fits nothing else on 240 rows, and the refit on all
+    300 starts from the subsample's model at the chosen C."""
+    fitted = []
+    path = svm._Fitter.path
+    monkeypatch.setattr(svm._Fitter, "path", lambda self, cs, warm=None: fitted.append(
+        (len(self.X), list(cs), warm is not None)) or path(self, cs, warm))
+    cfg = config(write_h5(tmp_path / "f.h5"), tmp_path / "r.json", settings=("full",), c_presearch=120,
+                 c_refine=refine, c_grid=(1e-4, 1e-3, 1e-2))
+    full = json.loads(svm.run(cfg).read_text())["settings"]["full"]
+    pre = full["presearch"]
+    assert pre["rows"] == 120 and pre["refined"] == refine
+    sub_cs = [c for n, cs, _ in fitted if n == 120 for c in cs]
+    assert sorted(sub_cs) == pytest.approx([c * 2 for c in pre["grid"]])
+    assert full["c"] == full["c_select"]                                 # sum form kept
+    assert fitted[-1] == (300, [full["c"]], True)                        # the warm-started refit
+    rest = [cs for n, cs, _ in fitted if n == 240]
+    if refine:
+        assert rest and pre["c"] in rest[0]                              # the all-row bracket starts at its optimum
+    else:
+        assert rest == [] and full["c_select"] == pre["c"] and full["grid"] == pre["grid"]
+        assert full["val_curve"] == pre["val_curve"]
+    assert full["test_acc"] > 0.9 and not full["c_at_edge"]
+
+
 # ----------------------------------------------------------------------------- solver record
 def test_fit_records_convergence_iterations_and_jitter(monkeypatch):
     X, y = blobs(200, seed=3)
