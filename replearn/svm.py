@@ -108,7 +108,8 @@ Results JSON (accuracies are fractions in 0..1, C in sum form):
                            "c_extended", "c_scale_factor", "draws": [acc...], "mean", "std", "ci95",
                            "solver", "seconds", "selection_seconds", "final_seconds", "gram_cache"}}}
     solver = {fits, recorded, converged_fits, not_converged: [[C, "select 3" | "final 7" | "select" |
-              "refit" | "presearch", rel_grad, stop]...], max_rel_grad, max_iterations, max_jitter}
+              "refit" | "presearch", rel_grad, stop]...], max_rel_grad, max_iterations, max_jitter,
+              fit_seconds: {"select" | "final" | "presearch" | "refit": seconds}, cg_iterations (all fits)}
 A PNG of validation accuracy against C is written beside it (`<out stem>.png`).
 """
 from __future__ import annotations
@@ -470,6 +471,7 @@ def solve(problem: Problem, C: float, V0: torch.Tensor | None = None, tol: float
 def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float,
             max_iter: int) -> tuple[torch.Tensor, dict]:
     """(V, solver record): see `_solver_record`."""
+    started = time.perf_counter()
     design, Y = problem.design, problem.Y
     V = torch.zeros(design.A.shape[1] + 1, Y.shape[1], dtype=torch.float64, device=Y.device) if V0 is None \
         else V0.clone()
@@ -508,7 +510,8 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float,
         previous = current
     if stop != "gradient":      # G is from before the last step: the record needs the returned point's
         G, _ = _gradient(design, Y, V, scores, C)
-    return V, _solver_record(problem, G.norm(dim=0) / g0_norm.clamp_min(1e-300), stop, steps, cg_steps)
+    record = _solver_record(problem, G.norm(dim=0) / g0_norm.clamp_min(1e-300), stop, steps, cg_steps)
+    return V, {**record, "seconds": time.perf_counter() - started}
 
 
 def _solver_record(problem: Problem, rel_grad: torch.Tensor, stop: str, steps: int, cg_steps: int = 0) -> dict:
@@ -979,7 +982,12 @@ def solver_summary(fits: list) -> dict:
     """fits: [C, label ('select', 'refit', 'select 3', 'final 7', ...), model.info or None (liblinear)]."""
     infos = [(c, label, info) for c, label, info in fits if info is not None]
     failed = [[c, label, info["rel_grad"], info["stop"]] for c, label, info in infos if not info["converged"]]
+    seconds: dict[str, float] = {}           # where the time went, by kind of fit ('select 3' -> 'select')
+    for _, label, info in infos:
+        kind = label.split()[0]
+        seconds[kind] = seconds.get(kind, 0.0) + info.get("seconds", 0.0)
     return {"fits": len(fits), "recorded": len(infos), "converged_fits": len(infos) - len(failed),
+            "fit_seconds": seconds, "cg_iterations": sum(info.get("cg_iterations", 0) for _, _, info in infos),
             "not_converged": failed,
             "max_rel_grad": max((i["rel_grad"] for _, _, i in infos), default=None),
             "max_iterations": max((i["iterations"] for _, _, i in infos), default=None),

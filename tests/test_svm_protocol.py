@@ -52,7 +52,11 @@ def config(features, out, **values):
 
 
 def settings_without_timing(record: dict) -> dict:
-    return {name: {k: v for k, v in res.items() if k not in TIMING} for name, res in record["settings"].items()}
+    """The settings less what measures time: their seconds and the solver's fit_seconds."""
+    def strip(res):
+        solver = {k: v for k, v in res["solver"].items() if k != "fit_seconds"}
+        return {**{k: v for k, v in res.items() if k not in TIMING}, "solver": solver}
+    return {name: strip(res) for name, res in record["settings"].items()}
 
 
 # ----------------------------------------------------------------------------- bracketing
@@ -225,6 +229,8 @@ def test_results_summarise_every_fit(tmp_path):
         solver = res["solver"]
         assert solver["converged_fits"] + len(solver["not_converged"]) == solver["recorded"] == solver["fits"]
         assert solver["max_iterations"] >= 1 and solver["max_jitter"] == 0.0 and solver["max_rel_grad"] < 1e-4
+        assert set(solver["fit_seconds"]) == ({"select", "refit"} if res is full else {"select", "final"})
+        assert all(t > 0 for t in solver["fit_seconds"].values()) and solver["cg_iterations"] >= 0
     summary = svm.solver_summary([[1.0, "refit", {"converged": False, "stop": "max_iter", "iterations": 100,
                                                   "rel_grad": 0.1, "jitter": 0.0}], [2.0, "final 0", None]])
     assert summary["not_converged"] == [[1.0, "refit", 0.1, "max_iter"]] and summary["recorded"] == 1
