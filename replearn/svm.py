@@ -127,7 +127,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, register_check, register_preset, to_dict
-from .runs import artifact_key, read_json
+from .runs import artifact_key, keyed, read_json
 from .store import FeatureFile
 from .utils import atomic_path, atomic_write_json, bf16_supported, check_writable, pick_device, provenance
 
@@ -1048,7 +1048,7 @@ def select_full(X, y, n_rest: int, cfg: Config, factor: float, device, bar, fits
     return {"c": best, "model": models[best], "curve": curve, "added": added, "presearch": presearch}
 
 
-def _presearch(X, y, n_rest: int, cfg: Config, grid: list[float], device, bar, fits: list) -> dict:
+def _presearch(X, y, n_rest: int, cfg: Config, grid: list[float], device, bar, fits: list) -> tuple[dict, LinearModel]:
     """The bracketed search on a class-balanced subsample of train-minus-val: each C (sum form for
     n_rest rows) is fitted as C * n_rest / n_sub on the n_sub rows (the same mean-form C) and scored
     on val; the curve is keyed by the n_rest-row C. Returns (record, the subsample's model at its best C)."""
@@ -1197,8 +1197,13 @@ def features_identity(ff: FeatureFile) -> str:
     return f"{ff.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
+# keys added after results were made, with the value every older result had: they re-key nothing
+ADDED_KEYS = {"c_refine": True}
+
+
 def results_key(cfg: Config, features_id: str) -> str:
-    return artifact_key("svm", to_dict(cfg), ignore=("out", "device", "gram_cache", "preset"), features=features_id)
+    return artifact_key("svm", keyed(to_dict(cfg), ADDED_KEYS), ignore=("out", "device", "gram_cache", "preset"),
+                        features=features_id)
 
 
 def progress_path(out: Path) -> Path:

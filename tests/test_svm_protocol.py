@@ -402,6 +402,15 @@ def test_key_without_a_features_key_uses_path_size_mtime(tmp_path):
     assert identity == f"{features.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
+def test_a_key_added_with_its_old_value_re_keys_nothing():
+    """c_refine came after results were made: at its default the key is the one computed without it."""
+    cfg = build(svm.Config, "svm", {})
+    before = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "c_refine"}
+    old_key = svm.artifact_key("svm", before, ignore=("out", "device", "gram_cache", "preset"), features="f")
+    assert svm.results_key(cfg, "f") == old_key
+    assert svm.results_key(dataclasses.replace(cfg, c_refine=False), "f") != old_key
+
+
 def test_test_split_read_in_blocks_scores_the_same(tmp_path, monkeypatch):
     """Without room for the test split in memory, it is scanned, then re-read per batch of draws."""
     features = write_h5(tmp_path / "f.h5")
