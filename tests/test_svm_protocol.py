@@ -380,8 +380,8 @@ def test_reuse_by_key(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r.json"
     cfg = config(features, out, settings=("full",))
     first = json.loads(svm.run(cfg).read_text())
-    expected = svm.artifact_key("svm", svm.to_dict(cfg), ignore=("out", "device", "gram_cache", "preset"),
-                                features="0123456789")
+    expected = svm.artifact_key("svm", svm.keyed(svm.to_dict(cfg), svm.ADDED_KEYS),
+                                ignore=("out", "device", "gram_cache", "preset"), features="0123456789")
     assert first["key"] == expected and first["features"]["identity"] == "0123456789" and first["complete"]
 
     fits = count_calls(monkeypatch, svm._Fitter, "path")
