@@ -16,7 +16,9 @@ Measured, in one run on one machine:
   * the whole 400-per-class protocol (7 C x 10 selection draws + 100 final draws) via `svm.run`.
 Writes benchmarks/results/svm.json; every part records the commit and machine it ran on ('measured'),
 and --parts reruns some of them, keeping the others' records.
-Usage: python benchmarks/svm.py [--parts compare,large,protocol] [--large-features PATH] [--skip-liblinear]
+  * preconditioner (--large-features: a trained critic's file): one primal fit at a full-setting-sized C,
+    once with the shared preconditioner and once with one per class: seconds and CG iterations of each.
+Usage: python benchmarks/svm.py [--parts compare,large,protocol,preconditioner] [--large-features PATH] [--skip-liblinear]
 
 --full-setting --features PATH [--presearch ROWS] [--no-refine]: only the full setting, on all train rows of a
 feature file (meant for a TRAINED critic's file: 50000 x 28672 at CIFAR scale). `full_setting_seconds`
@@ -57,7 +59,7 @@ BENCH_C = 1e-4           # the single-C comparison of earlier runs (LinearSVC's 
 # the 40k-row fit: at 1e-4 one warm-started fit on trained features took 1,519 CG iterations (15 min),
 # 1e-5 a few hundred: large enough to exercise CG, small enough to time both Hessians in one run
 LARGE_C = 1e-5
-PARTS = ("compare", "large", "protocol")
+PARTS = ("compare", "large", "protocol", "preconditioner")
 
 
 def load_images() -> tuple[np.ndarray, np.ndarray]:
@@ -165,6 +167,33 @@ def large_40000(path: Path, C: float) -> dict:
     return row
 
 
+def preconditioners(path: Path, c_norm: float, rows: int, hessian_rows: int) -> dict:
+    """One cold fit, forced into the primal (products with the N x 28672 design, as every fit on 40-50k rows
+    is), at the same C and on the same rows, with each preconditioner: 'shared' (one I + mu S for every
+    class, the default) and 'class' (exact per class on the sketch's span). C = c_norm * NORM_REFERENCE /
+    mean ||x||^2 (a value of the c_scale=norm grid) * hessian_rows / N: a file of fewer rows than the full
+    setting's gets the sum-form C whose Hessian 2C sum_i x_i x_i^T has the scale of `hessian_rows` rows,
+    so CG sees the conditioning of the large fit. The ratio is class_preconditioner_speedup."""
+    with store.FeatureFile(path) as ff:
+        n = ff.num_rows("train")
+        idx = np.sort(np.random.default_rng(0).permutation(n)[:rows]) if 0 < rows < n else np.arange(n)
+        X, y = ff.read("train", idx), ff.labels("train")[idx]
+        X_test, y_test = ff.read("test"), ff.labels("test")
+        row = {"features": str(path), "model": ff.attrs.get("model"), "checkpoint_step": ff.attrs.get("checkpoint_step"),
+               "n": len(X), "d": X.shape[1]}
+    mean_sq = float(np.mean(np.einsum("ij,ij->i", X, X, dtype=np.float64)))
+    C = svm._round_c(c_norm * svm.NORM_REFERENCE / mean_sq * hessian_rows / len(X))
+    row.update(mean_sq_norm=mean_sq, c_norm=c_norm, hessian_rows=hessian_rows, C=C)
+    for name in svm.PRECONDITIONERS:
+        model, seconds = timed(svm.fit, X, y, C, method="primal", preconditioner=name)
+        row[name] = {"seconds": seconds, "test_acc": svm.accuracy(model, X_test, y_test),
+                     "objective": model.objective(X, y, C), "solver": model.info}
+        print(json.dumps({name: seconds, **model.info}), file=sys.stderr)
+    row["class_preconditioner_speedup"] = row["shared"]["seconds"] / row["class"]["seconds"]
+    row["cg_iterations_ratio"] = row["shared"]["solver"]["cg_iterations"] / max(row["class"]["solver"]["cg_iterations"], 1)
+    return row
+
+
 def protocol_400(final_draws: int) -> dict:
     """The 400-per-class protocol through `svm.run` (7 C x 10 selection draws, then `final_draws`);
     with fewer than the protocol's 100 final draws the time of 100 is projected from the measured
@@ -253,6 +282,11 @@ def main() -> None:
                         help="large: the feature file (a trained critic's: cache/bench_svm_wgan-gp-ttur_2000.h5)")
     parser.add_argument("--large-c", type=float, default=LARGE_C, help="large: the C of both fits")
     parser.add_argument("--final-draws", type=int, default=100, help="fewer: time of 100 projected")
+    parser.add_argument("--precond-c", type=float, default=1e-2,
+                        help="preconditioner: C as a value of the c_scale=norm grid (the full setting chose 1e-2)")
+    parser.add_argument("--precond-rows", type=int, default=0, help="preconditioner: train rows (0: all)")
+    parser.add_argument("--precond-hessian-rows", type=int, default=50000,
+                        help="preconditioner: C scaled so that the Hessian has the scale of this many rows")
     parser.add_argument("--full-setting", action="store_true", help="only the full setting: bracketed vs exhaustive")
     parser.add_argument("--features", type=Path, help="--full-setting: the feature file (a trained critic's)")
     parser.add_argument("--presearch", type=int, default=10000,
@@ -277,7 +311,7 @@ def main() -> None:
     parts = [p for p in args.parts.split(",") if p]
     if unknown := set(parts) - set(PARTS):
         parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
-    if args.extract_only or {"compare", "protocol"} & set(parts) or args.large_features == FEATURES:
+    if args.extract_only or {"compare", "protocol"} & set(parts) or ({"large", "preconditioner"} & set(parts) and args.large_features == FEATURES):
         extract_features()       # the untrained file; a --parts large run on another file needs none of it
     if args.extract_only:
         return
@@ -292,6 +326,10 @@ def main() -> None:
         write(record)
     if "large" in parts:
         record["large_40000"] = measured(large_40000(args.large_features, args.large_c))
+        write(record)
+    if "preconditioner" in parts:
+        record["preconditioner"] = measured(preconditioners(args.large_features, args.precond_c, args.precond_rows,
+                                                            args.precond_hessian_rows))
         write(record)
     if "protocol" in parts:
         record["protocol_400"] = measured(protocol_400(args.final_draws))
@@ -332,6 +370,12 @@ def write(record: dict) -> None:
         summary["protocol_400_seconds"] = protocol.get("projected_seconds_100_draws", protocol["seconds"])
         summary["protocol_400_measured"] = (f"{protocol['final_draws']} final draws measured, 100 projected"
                                             if "projected_seconds_100_draws" in protocol else "measured in full")
+    if "preconditioner" in record:
+        pre = record["preconditioner"]
+        summary.update(class_preconditioner_speedup=pre["class_preconditioner_speedup"],
+                       class_preconditioner_cg_ratio=pre["cg_iterations_ratio"],
+                       class_preconditioner_fit=f"{pre['n']} x {pre['d']} primal at C={pre['C']} "
+                                                f"({pre.get('model')} step {pre.get('checkpoint_step')})")
     if "large_40000" in record:
         large = record["large_40000"]
         summary.update(large_40000_seconds=large["replearn_seconds"], large_40000_c=large["C"],

@@ -199,9 +199,11 @@ class _Design:
     M a dense stand-in for all K Hessians at once. How M^-1 is applied depends on the shape.
     """
 
-    def __init__(self, A: torch.Tensor, scale: float, hessian_dtype: torch.dtype | None = None):
+    def __init__(self, A: torch.Tensor, scale: float, hessian_dtype: torch.dtype | None = None,
+                 per_class: bool = False):
         self.A = A                # N x P float32 (features, or the N x N Gram factor)
         self.scale = scale        # 0 when there is no intercept (or it is folded in): the bias row then stays 0
+        self.per_class = per_class   # Newton systems preconditioned per class (`class_preconditioner`)
         # the copy of A that Hessian products and the preconditioner's sketch use (`_hessian_dtype`)
         self.H = A if hessian_dtype in (None, A.dtype) else A.to(hessian_dtype)
 
@@ -263,6 +265,33 @@ class _Design:
         gain = (1.0 / (1.0 + mu * lam) - 1.0 / floor)[:, None]
         return lambda r: U @ (gain * (U.T @ r)) + r / floor
 
+    @functools.cached_property
+    def _sketch_scores(self) -> torch.Tensor:
+        """[A | s] U (N x l, float32, on H): the rows' coordinates in the sketch's span, one pass."""
+        U, _ = self._eigen
+        return self.forward(U, self.H).float()
+
+    def class_preconditioner(self, C: float, active: torch.Tensor):
+        """z_k = M_k^-1 r_k, one M_k per class: exact on the sketch's span U, a constant outside it,
+            M_k = U T_k U^T + floor_k (I - U U^T),  T_k = U^T H_k U = I + 2C B^T D_k B  (B = [A | s] U),
+        floor_k = 1 + 2C f_k lam_l (f_k: class k's active fraction). Where the shared M = I + mu S
+        stands one scatter in for all K Hessians, T_k sees class k's own active rows and the couplings
+        between the sketch's directions (an active set of positives and hard negatives is not a scaled
+        copy of all rows). Built every Newton step: K products N x l x l, against l passes over A."""
+        U, lam = self._eigen
+        B = self._sketch_scores                                                        # N x l
+        eye = torch.eye(U.shape[1], dtype=torch.float64, device=U.device)
+        T = torch.stack([eye + 2.0 * C * ((B * active[:, k:k + 1].float()).T @ B).double()
+                         for k in range(active.shape[1])])                             # K x l x l
+        R, _ = torch.linalg.cholesky_ex(T)                                             # SPD: I + PSD
+        floor = 1.0 + 2.0 * C * active.mean(0).double() * float(lam[-1])                # K
+
+        def apply(r):                                                                  # (P+1) x K
+            c = U.T @ r                                                                # l x K
+            inner = torch.cholesky_solve(c.T.unsqueeze(-1), R).squeeze(-1).T           # l x K
+            return U @ inner + (r - U @ c) / floor
+        return apply
+
 
 def _cholesky_solver(M: torch.Tensor):
     """r -> M^-1 r by two triangular solves with M's Cholesky factor, stored row-major (torch's
@@ -280,8 +309,8 @@ class _GramDesign(_Design):
     block once per problem, where a dense M costs an N x N Cholesky for every mu.
     """
 
-    def __init__(self, L: torch.Tensor):
-        super().__init__(L.float().contiguous(), 0.0)
+    def __init__(self, L: torch.Tensor, per_class: bool = False):
+        super().__init__(L.float().contiguous(), 0.0, per_class=per_class)
 
     def preconditioner(self, mu: float):
         return self._nystrom(mu)
@@ -366,10 +395,17 @@ def _hessian_dtype(X: torch.Tensor) -> torch.dtype:
     return torch.bfloat16
 
 
+PRECONDITIONERS = ("shared", "class")
+
+
 def prepare(X, y, fit_intercept: bool = True, intercept_scaling: float = 1.0, device=None,
-            method: str = "auto", gram: torch.Tensor | None = None) -> Problem:
+            method: str = "auto", gram: torch.Tensor | None = None, preconditioner: str = "shared") -> Problem:
     """method: 'gram' (N <= D), 'primal' (N > D) or 'auto'; `gram`: X X^T already computed (the
-    protocol cuts each draw's block out of the whole train split's Gram matrix)."""
+    protocol cuts each draw's block out of the whole train split's Gram matrix); preconditioner:
+    'shared' (one M = I + mu S for all classes) or 'class' (`_Design.class_preconditioner`; designs
+    with a Nystrom sketch only, i.e. Gram designs and primal ones wider than the dense limit)."""
+    if preconditioner not in PRECONDITIONERS:
+        raise ConfigError(f"unknown preconditioner {preconditioner!r}; choose from: {', '.join(PRECONDITIONERS)}")
     device = pick_device("auto") if device is None else torch.device(device)
     X = torch.as_tensor(X).to(device=device, dtype=torch.float32)
     y = np.asarray(y)
@@ -382,8 +418,11 @@ def prepare(X, y, fit_intercept: bool = True, intercept_scaling: float = 1.0, de
     if gram is not None or method == "gram" or (method == "auto" and n <= d):
         G = _gram(X) if gram is None else gram.to(device=device, dtype=torch.float64, copy=True)
         L, jitter = _cholesky(G.add_(scale ** 2))    # [X | s] [X | s]^T = L L^T
-        return Problem(X, _GramDesign(L), L, Y, classes, fit_intercept, intercept_scaling, jitter)
-    return Problem(X, _Design(X, scale, _hessian_dtype(X)), None, Y, classes, fit_intercept, intercept_scaling)
+        return Problem(X, _GramDesign(L, preconditioner == "class"), L, Y, classes, fit_intercept,
+                       intercept_scaling, jitter)
+    per_class = preconditioner == "class" and d > DENSE_PRECONDITIONER_MAX_DIM
+    return Problem(X, _Design(X, scale, _hessian_dtype(X), per_class), None, Y, classes, fit_intercept,
+                   intercept_scaling)
 
 
 # ============================================================================ truncated Newton
@@ -490,7 +529,9 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float,
         # build is a factorisation (Nystrom ones reuse their cached eigenpairs), and a slightly stale
         # M costs a few CG steps at most
         mu = 2.0 * C * max(float(active.mean()), 1e-3)
-        if apply_m is None or not 1 / 1.5 < mu / mu_m < 1.5:
+        if design.per_class:
+            apply_m = design.class_preconditioner(C, active)
+        elif apply_m is None or not 1 / 1.5 < mu / mu_m < 1.5:
             apply_m, mu_m = design.preconditioner(mu), mu
         # inexact Newton (Eisenstat & Walker's forcing term): loose directions while far from the
         # optimum, tight (down to 1e-3) near it, where the fast local convergence pays
@@ -524,7 +565,8 @@ def _solver_record(problem: Problem, rel_grad: torch.Tensor, stop: str, steps: i
     converged = stop == "gradient" or (stop == "no-progress" and bool((rel_grad <= liblinear_rule).all()))
     return {"converged": converged, "stop": stop, "iterations": steps, "cg_iterations": cg_steps,
             "rel_grad": float(rel_grad.max()),
-            "jitter": problem.jitter, "hessian": str(problem.design.H.dtype).removeprefix("torch.")}
+            "jitter": problem.jitter, "hessian": str(problem.design.H.dtype).removeprefix("torch."),
+            "preconditioner": "class" if problem.design.per_class else "shared"}
 
 
 def _objectives(V, scores, Y, C: float) -> torch.Tensor:
@@ -535,19 +577,20 @@ def _objectives(V, scores, Y, C: float) -> torch.Tensor:
 
 def fit(X, y, C: float, fit_intercept: bool = True, intercept_scaling: float = 1.0, tol: float = TOL,
         max_iter: int = MAX_ITER, device=None, warm_start: LinearModel | None = None, method: str = "auto",
-        gram: torch.Tensor | None = None) -> LinearModel:
+        gram: torch.Tensor | None = None, preconditioner: str = "shared") -> LinearModel:
     """LinearSVC(C, loss='squared_hinge', penalty='l2', multi_class='ovr') fitted by truncated Newton;
     the model's `info` is the solver record."""
-    problem = prepare(X, y, fit_intercept, intercept_scaling, device, method, gram)
+    problem = prepare(X, y, fit_intercept, intercept_scaling, device, method, gram, preconditioner)
     V0 = problem.from_model(warm_start) if warm_start is not None else None
     return problem.to_model(*_newton(problem, C, V0, tol, max_iter))
 
 
 def fit_path(X, y, c_values: Sequence[float], fit_intercept: bool = True, intercept_scaling: float = 1.0,
              tol: float = TOL, max_iter: int = MAX_ITER, device=None, method: str = "auto",
-             warm_start: LinearModel | None = None, gram: torch.Tensor | None = None) -> list[LinearModel]:
+             warm_start: LinearModel | None = None, gram: torch.Tensor | None = None,
+             preconditioner: str = "shared") -> list[LinearModel]:
     """One model per C (in the given order), sharing one factorisation, each warm-started from the last."""
-    problem = prepare(X, y, fit_intercept, intercept_scaling, device, method, gram)
+    problem = prepare(X, y, fit_intercept, intercept_scaling, device, method, gram, preconditioner)
     models, V = [], (problem.from_model(warm_start) if warm_start is not None else None)
     for C in c_values:
         V, info = _newton(problem, C, V, tol, max_iter)

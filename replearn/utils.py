@@ -66,7 +66,26 @@ def hardware() -> str:
                 break
     except OSError:
         pass
-    return f"CPU {cpu} ({os.cpu_count()} cores)"
+    isa = cpu_vector_units()
+    return f"CPU {cpu} ({os.cpu_count()} cores{', ' + isa if isa else ''})"
+
+
+# the vector units that decide CPU timings here: the same "AMD EPYC" model name has come as a Zen 4 with
+# AVX512-BF16 (bf16 matmuls ~2x fp32) and as an AVX2-only part (~2.5x slower at the same work), and one
+# earlier machine had AMX; a figure is comparable only between machines of the same units
+VECTOR_UNITS = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
+
+
+def cpu_vector_units(flags: str | None = None) -> str:
+    """'AMX-BF16', 'AVX512-BF16', 'AVX512', 'AVX2' (the best one /proc/cpuinfo lists) or ''."""
+    if flags is None:
+        try:
+            flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("flags")), "")
+        except OSError:
+            return ""
+    words = set(flags.split())
+    return next((name for flag, name in VECTOR_UNITS if flag in words), "")
 
 
 def provenance() -> dict[str, Any]:

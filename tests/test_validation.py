@@ -219,3 +219,13 @@ def test_skipped_images_travel_with_the_cache(tmp_path):
     assert images.skipped == 1 and images.attrs["skipped_examples"] == [os.path.join("a", "broken.jpg")]
     assert data.cached(str(root), cache_dir=str(tmp_path / "cache")).skipped == 1   # read back from the cache
     assert store.ImageSet(images.images, images.labels, []).skipped == 0
+
+
+def test_hardware_names_the_cpu_vector_units():
+    # the same model name has come with and without bf16 units: timings must say which
+    from replearn.utils import cpu_vector_units
+    assert cpu_vector_units("flags : fpu sse2 avx avx2 fma") == "AVX2"
+    assert cpu_vector_units("flags : avx2 avx512f avx512bw avx512_bf16") == "AVX512-BF16"
+    assert cpu_vector_units("flags : avx2 avx512f avx512_bf16 amx_bf16 amx_tile") == "AMX-BF16"
+    assert cpu_vector_units("flags : fpu sse2") == ""
+    assert cpu_vector_units("flags : avx512_bf16x") == ""        # whole words only
