@@ -34,6 +34,12 @@ K-means features). It is rebuilt only when mu moves by 1.5x. How M^-1 is applied
 - wider designs (28672-dim critic features, N > D) and Gram designs: a rank-384 randomized Nystrom approximation
   U diag(lam) U^T of S from two passes over the data (Frangella, Tropp & Udell 2023), inverted in
   closed form; CG then only sees the flat tail of the spectrum.
+Per class (`preconditioner`: 'auto' by default = per class in primal designs, and in Gram designs once
+a CG solve takes over CLASS_SWITCH_CG iterations; 'shared' = the M above for every class): on the
+sketch's span U each class gets its own exact block T_k = U^T H_k U = I + 2C B^T D_k B (B = [A | s] U,
+one extra pass, cached), rebuilt every Newton step; outside U a constant. One scatter cannot stand in
+for K active sets of positives and hard negatives: on 12,000 x 28672 trained-critic rows at a
+full-setting C this took 5 Newton steps and 15 CG iterations against 10 and 93 (3.3x less time).
 Primal designs of BF16_HESSIAN_MIN_ELEMENTS or more (40,000 x 28672) take CG's Hessian products and
 the Nystrom sketch on a bfloat16 copy where the hardware has bf16 units; the gradient, line search
 and stopping rule keep the float32 design, so the optimum is the float32 problem's.
@@ -51,7 +57,8 @@ jitter keeps Cholesky defined when G is numerically singular.
 Solver record: every replearn fit sets `LinearModel.info` (None for liblinear) = {converged, stop
 ('gradient' | 'no-progress' | 'max_iter'), iterations (Newton steps), cg_iterations (their CG steps),
 rel_grad (max over classes of ||g_k|| / ||g_k(0)|| at the returned point), jitter (the Gram factor's
-relative Cholesky jitter, 0 in the primal), hessian (the dtype of the Hessian products)}. A
+relative Cholesky jitter, 0 in the primal), hessian (the dtype of the Hessian products), preconditioner
+('shared', 'class' or 'shared, then class')}. A
 'no-progress' stop counts as converged only when every class also meets the rule LinearSVC itself
 stops at (liblinear's primal: rel_grad_k <= 1e-4 * min(#pos_k, #neg_k) / N).
 
@@ -200,10 +207,12 @@ class _Design:
     """
 
     def __init__(self, A: torch.Tensor, scale: float, hessian_dtype: torch.dtype | None = None,
-                 per_class: bool = False):
+                 preconditioning: str = "shared"):
         self.A = A                # N x P float32 (features, or the N x N Gram factor)
         self.scale = scale        # 0 when there is no intercept (or it is folded in): the bias row then stays 0
-        self.per_class = per_class   # Newton systems preconditioned per class (`class_preconditioner`)
+        # 'shared' (`preconditioner`), 'class' (`class_preconditioner`) or 'auto': shared until a Newton
+        # step's CG needs more than CLASS_SWITCH_CG iterations, per class from then on within that fit
+        self.preconditioning = preconditioning
         # the copy of A that Hessian products and the preconditioner's sketch use (`_hessian_dtype`)
         self.H = A if hessian_dtype in (None, A.dtype) else A.to(hessian_dtype)
 
@@ -309,8 +318,8 @@ class _GramDesign(_Design):
     block once per problem, where a dense M costs an N x N Cholesky for every mu.
     """
 
-    def __init__(self, L: torch.Tensor, per_class: bool = False):
-        super().__init__(L.float().contiguous(), 0.0, per_class=per_class)
+    def __init__(self, L: torch.Tensor, preconditioning: str = "shared"):
+        super().__init__(L.float().contiguous(), 0.0, preconditioning=preconditioning)
 
     def preconditioner(self, mu: float):
         return self._nystrom(mu)
@@ -395,15 +404,17 @@ def _hessian_dtype(X: torch.Tensor) -> torch.dtype:
     return torch.bfloat16
 
 
-PRECONDITIONERS = ("shared", "class")
+PRECONDITIONERS = ("shared", "class", "auto")
 
 
 def prepare(X, y, fit_intercept: bool = True, intercept_scaling: float = 1.0, device=None,
-            method: str = "auto", gram: torch.Tensor | None = None, preconditioner: str = "shared") -> Problem:
+            method: str = "auto", gram: torch.Tensor | None = None, preconditioner: str = "auto") -> Problem:
     """method: 'gram' (N <= D), 'primal' (N > D) or 'auto'; `gram`: X X^T already computed (the
     protocol cuts each draw's block out of the whole train split's Gram matrix); preconditioner:
-    'shared' (one M = I + mu S for all classes) or 'class' (`_Design.class_preconditioner`; designs
-    with a Nystrom sketch only, i.e. Gram designs and primal ones wider than the dense limit)."""
+    'shared' (one M = I + mu S for all classes), 'class' (`_Design.class_preconditioner`) or 'auto'
+    (primal designs: class; Gram designs: shared, per class once a CG solve gets long); the per-class
+    ones need a Nystrom sketch (Gram designs and primal ones wider than the dense limit), other
+    designs stay shared."""
     if preconditioner not in PRECONDITIONERS:
         raise ConfigError(f"unknown preconditioner {preconditioner!r}; choose from: {', '.join(PRECONDITIONERS)}")
     device = pick_device("auto") if device is None else torch.device(device)
@@ -418,11 +429,14 @@ def prepare(X, y, fit_intercept: bool = True, intercept_scaling: float = 1.0, de
     if gram is not None or method == "gram" or (method == "auto" and n <= d):
         G = _gram(X) if gram is None else gram.to(device=device, dtype=torch.float64, copy=True)
         L, jitter = _cholesky(G.add_(scale ** 2))    # [X | s] [X | s]^T = L L^T
-        return Problem(X, _GramDesign(L, preconditioner == "class"), L, Y, classes, fit_intercept,
-                       intercept_scaling, jitter)
-    per_class = preconditioner == "class" and d > DENSE_PRECONDITIONER_MAX_DIM
-    return Problem(X, _Design(X, scale, _hessian_dtype(X), per_class), None, Y, classes, fit_intercept,
-                   intercept_scaling)
+        return Problem(X, _GramDesign(L, preconditioner), L, Y, classes, fit_intercept, intercept_scaling, jitter)
+    # auto, primal: per class from the first Newton step. Measured (benchmarks/results/svm.json, part
+    # 'preconditioner'): a 12,000 x 28672 trained-critic fit at a full-setting C took 5 Newton steps and 15 CG
+    # iterations against the shared M's 10 and 93 (57 s against 187 s); its CG steps are not long, so the
+    # Gram designs' switch on CG length would never fire there
+    sketched = d > DENSE_PRECONDITIONER_MAX_DIM
+    mode = ("class" if preconditioner == "auto" else preconditioner) if sketched else "shared"
+    return Problem(X, _Design(X, scale, _hessian_dtype(X), mode), None, Y, classes, fit_intercept, intercept_scaling)
 
 
 # ============================================================================ truncated Newton
@@ -489,6 +503,10 @@ def _line_search(V, d, scores, Ad, Y, C: float, iters: int = 60) -> torch.Tensor
     return t
 
 
+# preconditioner='auto': a Newton step whose CG took more iterations than this switches the rest of the fit
+# to per-class preconditioners (their rebuild, K products N x l x l per Newton step, costs about as much
+# as a few CG iterations of a 4000-row Gram design, and far less than one of a 50,000-row primal one)
+CLASS_SWITCH_CG = 20
 TOL = 1e-6          # ||g_k|| <= TOL * ||g_k(w=0)|| for every class (see the module docstring)
 MAX_ITER = 100      # Newton steps; warm-started fits take a few, cold ones at most a few tens
 # a fit that stops for lack of progress still counts as converged when every class's gradient meets the
@@ -519,6 +537,7 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float,
     scores = design.forward(V)
     previous = _objectives(V, scores, Y, C)
     apply_m, mu_m = None, 0.0
+    per_class, switched = design.preconditioning == "class", False
     stop, steps, cg_steps = "max_iter", 0, 0
     for _ in range(max_iter):
         G, active = _gradient(design, Y, V, scores, C)
@@ -529,7 +548,7 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float,
         # build is a factorisation (Nystrom ones reuse their cached eigenpairs), and a slightly stale
         # M costs a few CG steps at most
         mu = 2.0 * C * max(float(active.mean()), 1e-3)
-        if design.per_class:
+        if per_class:
             apply_m = design.class_preconditioner(C, active)
         elif apply_m is None or not 1 / 1.5 < mu / mu_m < 1.5:
             apply_m, mu_m = design.preconditioner(mu), mu
@@ -538,6 +557,8 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float,
         forcing = (G.norm(dim=0) / g0_norm.clamp_min(1e-300)).sqrt().clamp(1e-3, 0.1)
         d, iterations = _cg(design, active, C, G, apply_m, forcing)
         cg_steps += iterations
+        if not per_class and design.preconditioning == "auto" and iterations > CLASS_SWITCH_CG:
+            per_class, switched = True, True
         Ad = design.forward(d)
         t = _line_search(V, d, scores, Ad, Y, C)
         V = V + t * d
@@ -551,11 +572,13 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float,
         previous = current
     if stop != "gradient":      # G is from before the last step: the record needs the returned point's
         G, _ = _gradient(design, Y, V, scores, C)
-    record = _solver_record(problem, G.norm(dim=0) / g0_norm.clamp_min(1e-300), stop, steps, cg_steps)
+    record = _solver_record(problem, G.norm(dim=0) / g0_norm.clamp_min(1e-300), stop, steps, cg_steps,
+                            "shared, then class" if switched else "class" if per_class else "shared")
     return V, {**record, "seconds": time.perf_counter() - started}
 
 
-def _solver_record(problem: Problem, rel_grad: torch.Tensor, stop: str, steps: int, cg_steps: int = 0) -> dict:
+def _solver_record(problem: Problem, rel_grad: torch.Tensor, stop: str, steps: int, cg_steps: int = 0,
+                   preconditioner: str = "shared") -> dict:
     """converged, stop ('gradient' | 'no-progress' | 'max_iter'), Newton iterations, their CG iterations,
     rel_grad (max over classes of ||g_k|| / ||g_k(0)|| at the returned point), the Gram factor's relative
     jitter and the dtype of the Hessian products."""
@@ -566,7 +589,7 @@ def _solver_record(problem: Problem, rel_grad: torch.Tensor, stop: str, steps: i
     return {"converged": converged, "stop": stop, "iterations": steps, "cg_iterations": cg_steps,
             "rel_grad": float(rel_grad.max()),
             "jitter": problem.jitter, "hessian": str(problem.design.H.dtype).removeprefix("torch."),
-            "preconditioner": "class" if problem.design.per_class else "shared"}
+            "preconditioner": preconditioner}
 
 
 def _objectives(V, scores, Y, C: float) -> torch.Tensor:
@@ -577,7 +600,7 @@ def _objectives(V, scores, Y, C: float) -> torch.Tensor:
 
 def fit(X, y, C: float, fit_intercept: bool = True, intercept_scaling: float = 1.0, tol: float = TOL,
         max_iter: int = MAX_ITER, device=None, warm_start: LinearModel | None = None, method: str = "auto",
-        gram: torch.Tensor | None = None, preconditioner: str = "shared") -> LinearModel:
+        gram: torch.Tensor | None = None, preconditioner: str = "auto") -> LinearModel:
     """LinearSVC(C, loss='squared_hinge', penalty='l2', multi_class='ovr') fitted by truncated Newton;
     the model's `info` is the solver record."""
     problem = prepare(X, y, fit_intercept, intercept_scaling, device, method, gram, preconditioner)
@@ -588,7 +611,7 @@ def fit(X, y, C: float, fit_intercept: bool = True, intercept_scaling: float = 1
 def fit_path(X, y, c_values: Sequence[float], fit_intercept: bool = True, intercept_scaling: float = 1.0,
              tol: float = TOL, max_iter: int = MAX_ITER, device=None, method: str = "auto",
              warm_start: LinearModel | None = None, gram: torch.Tensor | None = None,
-             preconditioner: str = "shared") -> list[LinearModel]:
+             preconditioner: str = "auto") -> list[LinearModel]:
     """One model per C (in the given order), sharing one factorisation, each warm-started from the last."""
     problem = prepare(X, y, fit_intercept, intercept_scaling, device, method, gram, preconditioner)
     models, V = [], (problem.from_model(warm_start) if warm_start is not None else None)

@@ -277,7 +277,7 @@ def test_class_preconditioner_inverts_each_class_hessian_at_full_rank(monkeypatc
     problem = svm.prepare(X, y, method=method, device="cpu", preconditioner="class")
     design = problem.design
     monkeypatch.setattr(svm, "NYSTROM_RANK", design.A.shape[1] + 1)
-    assert design.per_class
+    assert design.preconditioning == "class"
     A = torch.cat([design.A.double(), torch.full((len(X), 1), float(design.scale), dtype=torch.float64)], 1)
     active = (torch.rand(len(X), 3, generator=torch.Generator().manual_seed(0)) > 0.4).double()
     C, v = 0.03, torch.randn(A.shape[1], 3, dtype=torch.float64)
@@ -300,5 +300,12 @@ def test_class_preconditioner_reaches_the_same_optimum(monkeypatch, method):
     ref = svm.fit_liblinear(X, y, C, tol=1e-7, max_iter=200000)
     assert ours.info["preconditioner"] == "class" and ours.info["converged"]
     assert ours.objective(X, y, C) == pytest.approx(ref.objective(X, y, C), rel=1e-4)
-    with pytest.raises(ConfigError, match="choose from: shared, class"):
+    with pytest.raises(ConfigError, match="choose from: shared, class, auto"):
         svm.prepare(X, y, preconditioner="diagonal")
+    # auto: a Gram design switches once CG gets long (a large C); a primal one is per class from the start
+    switched = svm.fit(X, y, 5.0, method=method, device="cpu", preconditioner="auto")
+    assert switched.info["preconditioner"] == {"gram": "shared, then class", "primal": "class"}[method]
+    assert switched.info["converged"]
+    shared = svm.fit(X, y, 5.0, method=method, device="cpu", preconditioner="shared")
+    assert shared.info["preconditioner"] == "shared"
+    assert switched.objective(X, y, 5.0) == pytest.approx(shared.objective(X, y, 5.0), rel=1e-4)
