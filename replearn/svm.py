@@ -352,6 +352,17 @@ def _cholesky(G: torch.Tensor) -> tuple[torch.Tensor, float]:
     raise RuntimeError("Gram matrix could not be factorised (are the features all zero or NaN?)")
 
 
+def _float64_combination(beta: torch.Tensor, X: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """beta^T X (K x D) accumulated in float64, a block of rows at a time. The rows of critic features
+    share a large mean and beta's signs are mixed, so the sum cancels: in float32 it moved a 4000-row
+    fit's LinearSVC objective by 5% at C=0.133 (172.0 -> 180.2; 2 threads against 1 gave 172.0 and
+    180.2 from the same u), where float64 lands within 1e-4 of the fit's own objective."""
+    W = torch.zeros(beta.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+    for i in range(0, len(X), block):
+        W += beta[i:i + block].T.double() @ X[i:i + block].double()
+    return W
+
+
 @dataclass
 class Problem:
     """Data prepared once for any number of C values: the design and how to map back to w."""
@@ -368,7 +379,7 @@ class Problem:
         s = self.intercept_scaling
         if self.L is not None:   # [w; v] = [X | s]^T L^-T u: w = X^T beta, v = s * sum(beta)
             beta = torch.linalg.solve_triangular(self.L.T, V[:-1], upper=True)               # N x K
-            W = beta.T.float() @ self.X                                                       # K x D
+            W = _float64_combination(beta, self.X)                                            # K x D
             v = s * beta.sum(0)
         else:
             W, v = V[:-1].T, V[-1]

@@ -309,3 +309,21 @@ def test_class_preconditioner_reaches_the_same_optimum(monkeypatch, method):
     shared = svm.fit(X, y, 5.0, method=method, device="cpu", preconditioner="shared")
     assert shared.info["preconditioner"] == "shared"
     assert switched.objective(X, y, 5.0) == pytest.approx(shared.objective(X, y, 5.0), rel=1e-4)
+
+
+def test_gram_space_model_is_combined_in_float64():
+    """w = X^T L^-T u sums rows that share a large mean with weights of both signs: the model must match a
+    float64 reference (numpy), where a float32 product of the same beta loses digits to cancellation."""
+    torch = pytest.importorskip("torch")
+    g = np.random.default_rng(14)
+    X = (1000.0 + g.normal(size=(300, 400))).astype(np.float32)        # a common mean 1000x the signal
+    y = g.integers(0, 3, 300)
+    problem = svm.prepare(X, y, method="gram", device="cpu")
+    V = torch.from_numpy(g.normal(size=(301, 3)))
+    V[-1] = 0
+    beta = np.linalg.solve(problem.L.numpy().T, V[:-1].numpy())
+    reference = beta.T @ X.astype(np.float64)                           # K x D
+    W = problem.to_model(V).W
+    assert np.allclose(W, reference, rtol=1e-5, atol=1e-6 * np.abs(reference).max())
+    float32 = (torch.from_numpy(beta).T.float() @ torch.from_numpy(X)).numpy()
+    assert not np.allclose(float32, reference, rtol=1e-5, atol=1e-6 * np.abs(reference).max())
