@@ -50,7 +50,8 @@ float64 accumulation across blocks), is Cholesky-factored, G = L L^T, and Z = L 
 with Z Z^T = G. Any optimum has [w; v] = [X | s]^T beta (representer theorem), and
 [w; v] = [X | s]^T L^-T u maps u in R^N to such w with scores Z u and ||w||^2 + v^2 = ||u||^2, so the
 N-dim problem in u is the same problem. Solving in u costs N^2 K per product instead of N D K, and
-one factorisation serves a whole C path (warm starts). There the preconditioner is always the
+one factorisation serves a whole C path (warm starts). The model's w = X^T beta is summed in
+float64: critic feature rows share a large mean and beta's signs are mixed, so the sum cancels. There the preconditioner is always the
 Nystrom one (two products with an N x 384 block per problem, nothing per mu). A tiny relative
 jitter keeps Cholesky defined when G is numerically singular.
 
