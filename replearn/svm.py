@@ -51,9 +51,9 @@ with Z Z^T = G. Any optimum has [w; v] = [X | s]^T beta (representer theorem), a
 [w; v] = [X | s]^T L^-T u maps u in R^N to such w with scores Z u and ||w||^2 + v^2 = ||u||^2, so the
 N-dim problem in u is the same problem. Solving in u costs N^2 K per product instead of N D K, and
 one factorisation serves a whole C path (warm starts). The model's w = X^T beta is summed in
-float64: critic feature rows share a large mean and beta's signs are mixed, so the sum cancels. There the preconditioner is always the
-Nystrom one (two products with an N x 384 block per problem, nothing per mu). A tiny relative
-jitter keeps Cholesky defined when G is numerically singular.
+float64 (critic feature rows share a large mean and beta's signs are mixed, so the sum cancels).
+There the preconditioner is always the Nystrom one (two products with an N x 384 block per problem,
+nothing per mu). A tiny relative jitter keeps Cholesky defined when G is numerically singular.
 
 Solver record: every replearn fit sets `LinearModel.info` (None for liblinear) = {converged, stop
 ('gradient' | 'no-progress' | 'max_iter'), iterations (Newton steps), cg_iterations (their CG steps),
@@ -355,9 +355,9 @@ def _cholesky(G: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 def _float64_combination(beta: torch.Tensor, X: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """beta^T X (K x D) accumulated in float64, a block of rows at a time. The rows of critic features
-    share a large mean and beta's signs are mixed, so the sum cancels: in float32 it moved a 4000-row
-    fit's LinearSVC objective by 5% at C=0.133 (172.0 -> 180.2; 2 threads against 1 gave 172.0 and
-    180.2 from the same u), where float64 lands within 1e-4 of the fit's own objective."""
+    share a large mean and beta's signs are mixed, so the sum cancels: in float32 a 4000-row fit at
+    C=0.133 read 180.2 (2 threads) or 172.0 (1 thread) as LinearSVC's objective from the same u-space
+    optimum 171.98; float64 gives 172.006."""
     W = torch.zeros(beta.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
     for i in range(0, len(X), block):
         W += beta[i:i + block].T.double() @ X[i:i + block].double()
@@ -593,7 +593,7 @@ def _solver_record(problem: Problem, rel_grad: torch.Tensor, stop: str, steps: i
                    preconditioner: str = "shared") -> dict:
     """converged, stop ('gradient' | 'no-progress' | 'max_iter'), Newton iterations, their CG iterations,
     rel_grad (max over classes of ||g_k|| / ||g_k(0)|| at the returned point), the Gram factor's relative
-    jitter and the dtype of the Hessian products."""
+    jitter, the dtype of the Hessian products and the preconditioner used."""
     positives = (problem.Y > 0).sum(0).double()                                   # K
     n = problem.Y.shape[0]
     liblinear_rule = LIBLINEAR_TOL * torch.minimum(positives, n - positives).clamp_min(1.0) / n

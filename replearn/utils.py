@@ -281,11 +281,7 @@ def pick_device(name: str = "auto"):
 @functools.lru_cache(maxsize=None)
 def cpu_has_bf16() -> bool:
     """True on CPUs with native bf16 matmul units (AVX512-BF16 or AMX-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return cpu_vector_units() in ("AMX-BF16", "AVX512-BF16")
 
 
 def bf16_supported(device) -> bool:
