@@ -26,7 +26,10 @@ is `svm.run_full` (bracketed C search on train-minus-val, then the refit on all 
 the exhaustive search over the same bracket: every C the search scored (on the subsample too, with
 --presearch) fitted on all train-minus-val rows as one warm-started path and scored, then the refit.
 Records whether both choose the same C and each one's test accuracy, under `full_setting` in the
-results JSON (other keys kept). Feature loading is timed apart.
+results JSON (other keys kept). Feature loading is timed apart. `machine_ceiling` is measured in the same
+run (float32 GEMM rate, seconds of one CG-sized pass over X), so that runs on different CPU kinds compare:
+`full_setting_passes` = full_setting_seconds / pass_seconds. --reuse-exhaustive keeps an earlier
+exhaustive record of the same feature file and grid (it took an hour on 2 cores) and says so.
 """
 from __future__ import annotations
 
@@ -215,6 +218,21 @@ def protocol_400(final_draws: int) -> dict:
     return row
 
 
+def machine_ceiling(X: np.ndarray, repeats: int = 3) -> dict:
+    """What this machine does per second, measured beside the fit it calibrates (CPU kinds differ ~2.5x):
+    float32 GEMM GFLOP/s (2048^3, compute-bound); `pass_seconds`, the two products of a CG step written
+    as a textbook would ((X V)^T X, V: D x 10 row-major; MKL runs these skinny shapes far below both
+    ceilings); `stream_seconds`, one read of X (X.sum(), the bandwidth floor of any pass).
+    full_setting_passes = full_setting_seconds / pass_seconds compares kinds where the work is the same."""
+    A = torch.randn(2048, 2048)
+    best_gemm = min(timed(torch.mm, A, A)[1] for _ in range(repeats))
+    Xt, V = torch.from_numpy(X), torch.randn(X.shape[1], 10)
+    best_pass = min(timed(lambda: (Xt @ V).T @ Xt)[1] for _ in range(repeats))
+    best_stream = min(timed(Xt.sum)[1] for _ in range(repeats))
+    return {"gemm_gflops_fp32": 2 * 2048 ** 3 / best_gemm / 1e9, "pass_seconds": best_pass,
+            "stream_seconds": best_stream, "pass_shape": list(X.shape)}
+
+
 def full_setting(args, save: Callable[[dict], None]) -> dict:
     """The full setting as configured (bracketed, optionally with a presearch) against the exhaustive
     search over every C it scored; both refit on all of train and score on test. `save` gets the row
@@ -228,20 +246,28 @@ def full_setting(args, save: Callable[[dict], None]) -> dict:
         X, y, n_rest, stats, _ = svm.load_checked(ff, cfg)                  # N x D float32, train-minus-val first
         test = svm.SplitScorer(ff, cfg, stats)
         attrs = {k: ff.attrs.get(k) for k in ("kind", "model", "key")}
+        features_id = svm.features_identity(ff)
     factor = svm.c_scale_factor(X, cfg)
     load_seconds = time.perf_counter() - start
+    ceiling = machine_ceiling(X)
+    # read before this run's first save replaces the record
+    earlier = earlier_record(args) if args.reuse_exhaustive else {}
     bar = tqdm(total=0, disable=True)
     bracketed, seconds = timed(svm.run_full, X, y, n_rest, test, cfg, factor, device, bar)
     row = {"machine": hardware(), "features": str(args.features), "feature_attrs": attrs, "n": len(X),
            "d": X.shape[1], "n_rest": n_rest, "presearch_rows": args.presearch, "c_refine": cfg.c_refine,
            "c_scale": cfg.c_scale, "layer_scale": cfg.layer_scale, "c_scale_factor": factor,
-           "load_seconds": load_seconds, "full_setting_seconds": seconds,
+           "load_seconds": load_seconds, "full_setting_seconds": seconds, "machine_ceiling": ceiling,
+           "full_setting_passes": seconds / ceiling["pass_seconds"],
            "bracketed": {k: v for k, v in bracketed.items() if k != "seconds"},
            "exhaustive": "running (a run killed before it finished leaves this)", "note": args.note,
            "provenance": provenance()}
     save(row)
     print(json.dumps({"bracketed_c": bracketed["c_select"], "seconds": seconds}), file=sys.stderr)
-    exhaustive = exhaustive_full(X, y, n_rest, test, cfg, device, bracketed)
+    exhaustive = earlier_exhaustive(earlier, features_id, bracketed) if args.reuse_exhaustive else None
+    if exhaustive is None:
+        exhaustive = {**exhaustive_full(X, y, n_rest, test, cfg, device, bracketed), "features_id": features_id,
+                      "measured": provenance()}
     row.update({"exhaustive_seconds": exhaustive["seconds"], "exhaustive": exhaustive,
                 "same_c": exhaustive["c_select"] == bracketed["c_select"],
                 # held-out validation accuracy of each choice, both fitted on all train-minus-val rows (the
@@ -252,11 +278,35 @@ def full_setting(args, save: Callable[[dict], None]) -> dict:
     return row
 
 
+def exhaustive_grid(bracketed: dict) -> list[float]:
+    return sorted(set(bracketed["grid"]) | set((bracketed.get("presearch") or {}).get("grid", [])))
+
+
+def results_key(args) -> str:
+    return "full_setting" if args.layer_scale == "none" else f"full_setting_layers_{args.layer_scale}"
+
+
+def earlier_record(args) -> dict:
+    return json.loads(args.results.read_text()).get(results_key(args), {}) if args.results.exists() else {}
+
+
+def earlier_exhaustive(record: dict, features_id: str, bracketed: dict) -> dict | None:
+    """--reuse-exhaustive: the results JSON's earlier exhaustive record when it searched the same feature
+    file (same identity) over the same grid; it keeps its own `measured` commit and machine. The reference
+    depends on the data and the grid, not on how fast the bracketed search got there (an hour on 2 cores)."""
+    earlier = record.get("exhaustive")
+    if not isinstance(earlier, dict) or earlier.get("features_id") != features_id \
+            or earlier.get("grid") != exhaustive_grid(bracketed):
+        print("no earlier exhaustive record for this file and grid: running it", file=sys.stderr)
+        return None
+    return {**earlier, "reused": True}
+
+
 def exhaustive_full(X, y, n_rest: int, test, cfg, device, bracketed: dict) -> dict:
     """Every C the bracketed search scored (the presearch's too), fitted on all of train-minus-val as one
     warm-started path, scored on val; the best refit on all of train (same refit C rule)."""
     start = time.perf_counter()
-    grid = sorted(set(bracketed["grid"]) | set((bracketed.get("presearch") or {}).get("grid", [])))
+    grid = exhaustive_grid(bracketed)
     models = svm._Fitter(X[:n_rest], y[:n_rest], cfg, device).path(grid)
     curve = {c: svm.accuracy(m, X[n_rest:], y[n_rest:]) for c, m in zip(grid, models)}
     chosen = svm._pick(curve)
@@ -298,6 +348,8 @@ def main() -> None:
                         help="--full-setting: c_refine=false (the subsample's C is the choice; one fit on all rows)")
     parser.add_argument("--val-size", type=int, default=10000, help="--full-setting: validation rows")
     parser.add_argument("--c-scale", default="none", choices=svm.C_SCALES, help="--full-setting: c_scale")
+    parser.add_argument("--reuse-exhaustive", action="store_true",
+                        help="--full-setting: keep the results JSON's exhaustive record if it has the same file and grid")
     parser.add_argument("--note", default="", help="--full-setting: recorded as is (e.g. how the test split was drawn)")
     parser.add_argument("--layer-scale", default="none", choices=svm.LAYER_SCALES,
                         help="--full-setting: layer_scale; 'equal' is recorded under full_setting_layers_equal")
@@ -307,8 +359,7 @@ def main() -> None:
     if args.full_setting:
         if args.features is None:
             parser.error("--full-setting needs --features PATH (a trained critic's feature file)")
-        key = "full_setting" if args.layer_scale == "none" else f"full_setting_layers_{args.layer_scale}"
-        row = full_setting(args, lambda value: merge_results(args.results, key, value))
+        row = full_setting(args, lambda value: merge_results(args.results, results_key(args), value))
         print(json.dumps({k: row[k] for k in ("full_setting_seconds", "exhaustive_seconds", "same_c")}, indent=2))
         return
     parts = [p for p in args.parts.split(",") if p]
