@@ -27,7 +27,7 @@ the exhaustive search over the same bracket: every C the search scored (on the s
 --presearch) fitted on all train-minus-val rows as one warm-started path and scored, then the refit.
 Records whether both choose the same C and each one's test accuracy, under `full_setting` in the
 results JSON (other keys kept). Feature loading is timed apart. `machine_ceiling` is measured in the same
-run (float32 GEMM rate, seconds of one CG-sized pass over X), so that runs on different CPU kinds compare:
+run (float32 GEMM rate, a textbook CG pass over X, one read of X), so that runs on different CPU kinds compare:
 `full_setting_passes` = full_setting_seconds / pass_seconds. --reuse-exhaustive keeps an earlier
 exhaustive record of the same feature file and grid (it took an hour on 2 cores) and says so.
 """
@@ -89,7 +89,7 @@ def extract_features(path: Path = FEATURES, batch: int = 500) -> Path:
     _, critic = nets.build_models("dcgan")
     critic.eval()
     device = torch.device("cpu")
-    # bf16 only where the CPU has bf16 units: emulated (AVX2) it ran at ~20 images/s against ~200 in float32
+    # bf16 only where the CPU has bf16 units: emulated (AVX2) it ran at ~20 images/s against 225-260 in float32
     precision = resolve_precision("auto", device)
     attrs = {"kind": "gan", "model": "dcgan (untrained, seed 0)", "precision": precision,
              "config": {"source": str(PARQUET)}}
