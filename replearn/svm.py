@@ -449,7 +449,8 @@ def prepare(X, y, fit_intercept: bool = True, intercept_scaling: float = 1.0, de
         return Problem(X, _GramDesign(L, preconditioner), L, Y, classes, fit_intercept, intercept_scaling, jitter)
     # auto, primal: per class from the first Newton step. Measured (benchmarks/results/svm.json, part
     # 'preconditioner'): a 12,000 x 28672 trained-critic fit at a full-setting C took 5 Newton steps and 15 CG
-    # iterations against the shared M's 10 and 93 (57 s against 187 s); its CG steps are not long, so the
+    # iterations against the shared M's 10 and 93 (57 s against 187 s; 27.7 s against 76.5 s after the
+    # product layout change); its CG steps are not long, so the
     # Gram designs' switch on CG length would never fire there
     sketched = d > DENSE_PRECONDITIONER_MAX_DIM
     mode = ("class" if preconditioner == "auto" else preconditioner) if sketched else "shared"
