@@ -23,8 +23,9 @@ residual of eta_k ||g_k|| with Eisenstat & Walker's forcing term eta_k = sqrt(||
 clipped to [1e-3, 0.1], then takes the exact minimiser along d_k of the piecewise quadratic
 (safeguarded 1-D Newton). It stops when ||g_k|| <= tol * ||g_k(w=0)|| for every k, tol = 1e-6
 (liblinear's primal rule is 1e-4 * min(#pos, #neg) / N, about 1e-5 here, and can stop far from the
-optimum for large C), or when an iteration no longer lowers the objective (the precision of float32
-products).
+optimum for large C); when every class is past liblinear's rule and its last step lowered its
+objective by under STALL_DECREASE = 1e-7 (relative: large-C fits near a degenerate optimum, see the
+constant); or when an iteration no longer lowers the objective (the precision of float32 products).
 
 The preconditioner is M = I + mu S with S = [A | s]^T [A | s] and mu = 2C * (mean active fraction):
 one dense stand-in for all K Hessians, which captures what makes them ill-conditioned (features
@@ -56,7 +57,7 @@ There the preconditioner is always the Nystrom one (two products with an N x 384
 nothing per mu). A tiny relative jitter keeps Cholesky defined when G is numerically singular.
 
 Solver record: every replearn fit sets `LinearModel.info` (None for liblinear) = {converged, stop
-('gradient' | 'no-progress' | 'max_iter'), iterations (Newton steps), cg_iterations (their CG steps),
+('gradient' | 'stalled' | 'no-progress' | 'max_iter'), iterations (Newton steps), cg_iterations (their CG steps),
 rel_grad (max over classes of ||g_k|| / ||g_k(0)|| at the returned point), jitter (the Gram factor's
 relative Cholesky jitter, 0 in the primal), hessian (the dtype of the Hessian products), preconditioner
 ('shared', 'class' or 'shared, then class')}. A
@@ -531,6 +532,15 @@ MAX_ITER = 100      # Newton steps; warm-started fits take a few, cold ones at m
 # rule scikit-learn's LinearSVC itself stops at (liblinear's primal TRON at its default tol = 1e-4):
 # ||g_k|| <= 1e-4 * max(min(#pos_k, #neg_k), 1) / N * ||g_k(0)||, about 1e-5 for ten balanced classes
 LIBLINEAR_TOL = 1e-4
+# past that rule a class whose last Newton step lowered its objective by at most this (relative) is done
+# (stop 'stalled', converged). Near a degenerate optimum (tens of thousands of rows on the margin of a
+# 28672-dim problem) the generalised Newton direction crosses kinks of the loss and its steps shrink
+# (line search t 0.3 ... 0.02) while the gradient falls ~1.3x a step: 40,000 x 28672 trained-critic rows
+# at C = 0.00147 (cold) met the rule after 6 Newton steps and ground on to 13 (320 s, the last 7 at
+# a relative decrease of 6e-9 ... 4e-13); at 0.0147 (warm) after 5, of 27 to the 1e-12 rule (about
+# 50 min); the validation accuracy had stopped moving at step 4-5 (61.27%, 64.31%). A float64 gradient
+# at the stalled point equals the float32 one to 3e-7 of ||g(0)||: the method stalls, not rounding
+STALL_DECREASE = 1e-7
 
 
 def solve(problem: Problem, C: float, V0: torch.Tensor | None = None, tol: float = TOL,
@@ -557,10 +567,17 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float,
     apply_m, mu_m = None, 0.0
     per_class, switched = design.preconditioning == "class", False
     stop, steps, cg_steps = "max_iter", 0, 0
+    rule = _liblinear_rule(Y) * g0_norm                       # K: LinearSVC's own stopping point
+    decrease = torch.full_like(g0_norm, float("inf"))           # K: the last step's relative decrease
     for _ in range(max_iter):
         G, active = _gradient(design, Y, V, scores, C)
-        if bool((G.norm(dim=0) <= target).all()):
+        g_norm = G.norm(dim=0)
+        if bool((g_norm <= target).all()):
             stop = "gradient"
+            break
+        # a class is done at tol, or once it is past LinearSVC's rule and its last step barely moved it
+        if bool(((g_norm <= target) | ((g_norm <= rule) & (decrease <= STALL_DECREASE))).all()):
+            stop = "stalled"
             break
         # the preconditioner is rebuilt only when the active fraction has moved by over 1.5x: a dense
         # build is a factorisation (Nystrom ones reuse their cached eigenpairs), and a slightly stale
@@ -583,8 +600,9 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float,
         scores = scores + t * Ad
         steps += 1
         current = _objectives(V, scores, Y, C)
+        decrease = (previous - current) / current.abs().clamp_min(1e-300)
         # stop when rounding, not the method, limits progress (fp32 products in the primal design)
-        if bool(((previous - current) <= 1e-12 * current.abs()).all()):
+        if bool((decrease <= 1e-12).all()):
             stop = "no-progress"
             break
         previous = current
@@ -597,17 +615,21 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float,
 
 def _solver_record(problem: Problem, rel_grad: torch.Tensor, stop: str, steps: int, cg_steps: int = 0,
                    preconditioner: str = "shared") -> dict:
-    """converged, stop ('gradient' | 'no-progress' | 'max_iter'), Newton iterations, their CG iterations,
+    """converged, stop ('gradient' | 'stalled' | 'no-progress' | 'max_iter'), Newton iterations, their CG iterations,
     rel_grad (max over classes of ||g_k|| / ||g_k(0)|| at the returned point), the Gram factor's relative
     jitter, the dtype of the Hessian products and the preconditioner used."""
-    positives = (problem.Y > 0).sum(0).double()                                   # K
-    n = problem.Y.shape[0]
-    liblinear_rule = LIBLINEAR_TOL * torch.minimum(positives, n - positives).clamp_min(1.0) / n
-    converged = stop == "gradient" or (stop == "no-progress" and bool((rel_grad <= liblinear_rule).all()))
+    liblinear_rule = _liblinear_rule(problem.Y)
+    converged = stop in ("gradient", "stalled") or (stop == "no-progress" and bool((rel_grad <= liblinear_rule).all()))
     return {"converged": converged, "stop": stop, "iterations": steps, "cg_iterations": cg_steps,
             "rel_grad": float(rel_grad.max()),
             "jitter": problem.jitter, "hessian": str(problem.design.H.dtype).removeprefix("torch."),
             "preconditioner": preconditioner}
+
+
+def _liblinear_rule(Y: torch.Tensor) -> torch.Tensor:
+    """K: the relative gradient LinearSVC stops at, LIBLINEAR_TOL * max(min(#pos_k, #neg_k), 1) / N."""
+    positives = (Y > 0).sum(0).double()
+    return LIBLINEAR_TOL * torch.minimum(positives, Y.shape[0] - positives).clamp_min(1.0) / Y.shape[0]
 
 
 def _objectives(V, scores, Y, C: float) -> torch.Tensor:

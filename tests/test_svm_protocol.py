@@ -220,6 +220,19 @@ def test_no_progress_counts_as_converged_only_under_liblinears_rule():
     assert not svm._solver_record(problem, torch.tensor([1e-9] * 3), "max_iter", 100)["converged"]
 
 
+def test_a_stalled_stop_needs_liblinears_rule_and_a_small_last_step(monkeypatch):
+    X, y = blobs(600, d=40, seed=6)                # 3 balanced classes, N > D: primal design
+    rule = svm.LIBLINEAR_TOL * 200 / 600
+    monkeypatch.setattr(svm, "STALL_DECREASE", 1e300)  # any step counts as small: only the gradient rule holds it
+    loose = svm.fit(X, y, 10.0, tol=1e-14, device="cpu")
+    assert loose.info["stop"] == "stalled" and loose.info["converged"]
+    assert loose.info["rel_grad"] <= rule and loose.info["iterations"] >= 1
+    monkeypatch.setattr(svm, "STALL_DECREASE", 0.0)    # never small: the fit goes on to its other rules
+    tight = svm.fit(X, y, 10.0, tol=1e-14, device="cpu")
+    assert tight.info["stop"] != "stalled" and tight.info["iterations"] > loose.info["iterations"]
+    assert tight.info["rel_grad"] < loose.info["rel_grad"]
+
+
 def test_results_summarise_every_fit(tmp_path):
     record = json.loads(svm.run(config(write_h5(tmp_path / "f.h5"), tmp_path / "r.json")).read_text())
     full, few = record["settings"]["full"], record["settings"]["400"]
