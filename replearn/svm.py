@@ -608,7 +608,7 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float,
             stop = "no-progress"
             break
         previous = current
-    if stop != "gradient":      # G is from before the last step: the record needs the returned point's
+    if stop not in ("gradient", "stalled"):   # G is from before the last step: the record needs the returned point's
         G, _ = _gradient(design, Y, V, scores, C)
     record = _solver_record(problem, G.norm(dim=0) / g0_norm.clamp_min(1e-300), stop, steps, cg_steps,
                             "shared, then class" if switched else "class" if per_class else "shared")
