@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import types
 import typing
 from typing import Any, Callable, Iterable
 
@@ -34,7 +35,9 @@ def _coerce(cls, key: str, raw: Any) -> Any:
     if isinstance(raw, str):
         if hint is str:
             return raw
-        if hint is bool:
+        # `bool | None` (a recipe's default unless given) reads the same words as bool
+        if hint is bool or (origin in (typing.Union, types.UnionType)
+                            and bool in typing.get_args(hint) and raw.lower() != "none"):
             low = raw.lower()
             if low in ("1", "true", "yes", "on"):
                 return True

@@ -58,6 +58,14 @@ def test_unknown_key_and_model_list_the_choices():
         pretrain.resolve(pretrain.Config(model="nope"))
 
 
+def test_optional_bool_keys_read_the_words_a_bool_key_reads():
+    # spectral_norm is `bool | None` (None: the recipe's value); `spectral_norm=true` once failed as a type error
+    for word, value in (("true", True), ("1", True), ("off", False), ("None", None)):
+        assert build(pretrain.Config, "pretrain", [f"spectral_norm={word}"]).spectral_norm is value
+    with pytest.raises(ConfigError, match="spectral_norm expects true/false"):
+        build(pretrain.Config, "pretrain", ["spectral_norm=maybe"])
+
+
 @pytest.mark.parametrize("model", ["dcgan", "wgan-gp"])
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, image_cache, model):
     whole = pretrain.run(tiny_config(tmp_path / "a", image_cache, model=model, steps=4))
