@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from .config import ConfigError
 from .penalty import piecewise_linear
@@ -70,12 +71,19 @@ def maybe_sn(module: nn.Module, spectral: bool) -> nn.Module:
 
 def init_dcgan(module: nn.Module) -> None:
     """N(0, 0.02) weights and N(1, 0.02) norm gains, as the DCGAN reference code."""
-    for m in module.modules():
+    for m in list(module.modules()):          # a list: spectral norm is re-registered below
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            weight = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            spectral = hasattr(m, "parametrizations")
+            weight = m.parametrizations.weight.original if spectral else m.weight
             nn.init.normal_(weight, 0.0, 0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+            if spectral:
+                # spectral norm power-iterated its u, v on the weights it was registered on, not these:
+                # in eval mode (feature extraction of the step-0 control) the stale u^T W v made the
+                # weights W / sigma ~1e10 times too large. Registering it again iterates on these
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+                nn.utils.parametrizations.spectral_norm(m)
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)

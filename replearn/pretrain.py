@@ -170,8 +170,11 @@ def data_identity(cfg: Config) -> str:
 
 def run_key(cfg: Config, data_id: str) -> str:
     """What the run is: its resolved config less RESUMABLE_KEYS, the data's identity, the trainer."""
+    # spectral-norm runs made before nets.init_dcgan re-registered spectral norm started from stale u, v
+    # (a ~1e10x too large step-0 critic): they get another key, the other runs keep theirs
+    fixed_init = {"spectral_norm_init": 2} if cfg.spectral_norm else {}
     return runs.artifact_key("pretrain", runs.keyed(to_dict(cfg), ADDED_KEYS), ignore=RESUMABLE_KEYS, data=data_id,
-                             trainer=TRAINER_VERSION)
+                             trainer=TRAINER_VERSION, **fixed_init)
 
 
 def default_run_dir(cfg: Config, key: str) -> str:

@@ -42,6 +42,20 @@ def test_pooled_features_are_per_layer_maxpools_in_order():
     assert offset == feats.shape[1]
 
 
+@pytest.mark.parametrize("arch", ["dcgan", "resnet", "dense", "mlp"])
+def test_spectral_norm_at_initialisation_divides_by_the_initialised_weights_norm(arch):
+    # the step-0 control is extracted in eval mode, where spectral norm uses its stored u, v: they must
+    # belong to the DCGAN-initialised weights (once they were the constructor's: layers gained 9-104x)
+    torch.manual_seed(0)
+    _, critic = nets.build_models(arch, norm="none", spectral_norm=True, width=0.25)
+    critic.eval()
+    normed = [m for m in critic.modules() if hasattr(m, "parametrizations")]
+    assert normed
+    for m in normed:
+        top = float(torch.linalg.svdvals(m.weight.detach().flatten(1))[0])     # the reference: an SVD
+        assert 0.99 < top < 1.1, (type(m).__name__, top)
+
+
 def test_to_unit_maps_uint8_to_minus_one_one():
     img = torch.tensor([[[[0, 255, 127]]]], dtype=torch.uint8)   # 1 x 1 x 1 x 3
     x = nets.to_unit(img, "cpu")
