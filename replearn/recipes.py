@@ -31,6 +31,11 @@ recipe("wgan-gp-ttur", arch="dcgan", loss="wgan-gp", n_critic=1, lr_d=4e-4)
 # Measured to 500 steps: no collapse of the probe (-0.2 points against its own control, where the
 # unnormalised TTUR critic was at -7.3), but no gain yet either, and blob samples; not a preset model
 recipe("wgan-gp-ln-ttur", arch="dcgan", loss="wgan-gp", n_critic=1, lr_d=4e-4, norm="layer")
+# the same with spectral norm on every critic layer instead (SAGAN's pairing of SN with TTUR): no
+# per-sample normalisation, so the exact cheap penalty pass (penalty.py) still applies, ~1.6 s a step
+# on 2 AVX512-BF16 cores. Measured (benchmarks/results/cpu_preset): WORSE with steps under the unscaled
+# probe, 57.3% (control) -> 55.5 (500) -> 54.3 (1000) -> 52.2% (2000 steps, -5.0); not a preset model
+recipe("wgan-gp-sn-ttur", arch="dcgan", loss="wgan-gp", n_critic=1, lr_d=4e-4, spectral_norm=True)
 
 # -- other families the seeds ask for
 # vanilla GAN of fully connected layers (3 x 512, LeakyReLU D, ReLU/BN G, tanh), no critic norm
