@@ -36,8 +36,7 @@ def _coerce(cls, key: str, raw: Any) -> Any:
         if hint is str:
             return raw
         # `bool | None` (a recipe's default unless given) reads the same words as bool
-        if hint is bool or (origin in (typing.Union, types.UnionType)
-                            and bool in typing.get_args(hint) and raw.lower() != "none"):
+        if hint is bool or (_is_union(origin) and bool in typing.get_args(hint) and raw.lower() != "none"):
             low = raw.lower()
             if low in ("1", "true", "yes", "on"):
                 return True
@@ -53,6 +52,11 @@ def _coerce(cls, key: str, raw: Any) -> Any:
     return _check_type(cls, key, hint, value)
 
 
+def _is_union(origin) -> bool:
+    """`X | Y` and `Optional[X]` hints (their typing.get_origin)."""
+    return origin in (typing.Union, types.UnionType)
+
+
 def _literal(raw: str):
     try:
         return ast.literal_eval(raw)
@@ -63,7 +67,7 @@ def _literal(raw: str):
 def _check_type(cls, key: str, hint, value):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if _is_union(origin):
         if value is None and type(None) in args:
             return None
         for option in (a for a in args if a is not type(None)):

@@ -31,8 +31,8 @@ QUOTED = [
     ("WGAN-GP (2024 paper)", 83.2, 74.1, None, 512, "Tarek et al. 2024"),
 ]
 FAMILY_NAMES = {"dcgan": "DCGAN (BCE)", "wgan-gp": "WGAN-GP", "wgan": "WGAN (weight clipping)",
-                "wgan-gp-sn-resnet": "WGAN-GP",
-                "wgan-gp-sn-ttur": "WGAN-GP (SN critic, TTUR)", "resnet-hinge": "SNGAN, hinge", "sagan": "SAGAN, hinge",
+                "wgan-gp-sn-resnet": "WGAN-GP", "wgan-gp-sn-ttur": "WGAN-GP (SN critic, TTUR)",
+                "resnet-hinge": "SNGAN, hinge", "sagan": "SAGAN, hinge",
                 "mlp-gan": "MLP GAN, BCE", "dense-wgan-gp": "WGAN-GP", "dcgan-rmsprop": "DCGAN (BCE), RMSprop",
                 "dcgan-sgd": "DCGAN (BCE), SGD"}
 COLUMNS = ["model", "full", "400 per class", "gain over untrained control", "max # features units", "status",
