@@ -24,7 +24,8 @@ Usage: python benchmarks/svm.py [--parts compare,large,protocol,preconditioner] 
 feature file (meant for a TRAINED critic's file: 50000 x 28672 at CIFAR scale). `full_setting_seconds`
 is `svm.run_full` (bracketed C search on train-minus-val, then the refit on all of train); beside it
 the exhaustive search over the same bracket: every C the search scored (on the subsample too, with
---presearch) fitted on all train-minus-val rows as one warm-started path and scored, then the refit.
+--presearch) fitted on all train-minus-val rows as one warm-started path and scored, then the refit;
+its fits all stop at svm.TOL, where the search's selection fits stop at --select-stop (default liblinear).
 Records whether both choose the same C and each one's test accuracy, under `full_setting` in the
 results JSON (other keys kept). Feature loading is timed apart. `machine_ceiling` is measured in the same
 run (float32 GEMM rate, a textbook CG pass over X, one read of X), so that runs on different CPU kinds compare:
@@ -239,7 +240,8 @@ def full_setting(args, save: Callable[[dict], None]) -> dict:
     once the timed part is done (the exhaustive reference can take far longer) and again at the end."""
     cfg = build(svm.Config, "svm", {"features": str(args.features), "settings": ("full",), "val_size": args.val_size,
                                     "c_presearch": args.presearch, "c_scale": args.c_scale, "device": args.device,
-                                    "layer_scale": args.layer_scale, "c_refine": not args.no_refine})
+                                    "layer_scale": args.layer_scale, "c_refine": not args.no_refine,
+                                    "select_stop": args.select_stop})
     device = svm.pick_device(cfg.device)
     start = time.perf_counter()
     with store.FeatureFile(cfg.features) as ff:
@@ -257,6 +259,8 @@ def full_setting(args, save: Callable[[dict], None]) -> dict:
     row = {"machine": hardware(), "features": str(args.features), "feature_attrs": attrs, "n": len(X),
            "d": X.shape[1], "n_rest": n_rest, "presearch_rows": args.presearch, "c_refine": cfg.c_refine,
            "c_scale": cfg.c_scale, "layer_scale": cfg.layer_scale, "c_scale_factor": factor,
+           # the bracketed search's selection fits stop here; the exhaustive reference's at svm.TOL
+           "select_stop": cfg.select_stop, "exhaustive_tol": svm.TOL,
            "load_seconds": load_seconds, "full_setting_seconds": seconds, "machine_ceiling": ceiling,
            "full_setting_passes": seconds / ceiling["pass_seconds"],
            "bracketed": {k: v for k, v in bracketed.items() if k != "seconds"},
@@ -346,6 +350,9 @@ def main() -> None:
                         help="--full-setting: c_presearch rows (0: every C of the bracket on all rows)")
     parser.add_argument("--no-refine", action="store_true",
                         help="--full-setting: c_refine=false (the subsample's C is the choice; one fit on all rows)")
+    parser.add_argument("--select-stop", default="liblinear", choices=svm.SELECT_STOPS,
+                        help="--full-setting: where the bracketed search's selection fits stop (the exhaustive "
+                             "reference always stops at svm.TOL)")
     parser.add_argument("--val-size", type=int, default=10000, help="--full-setting: validation rows")
     parser.add_argument("--c-scale", default="none", choices=svm.C_SCALES, help="--full-setting: c_scale")
     parser.add_argument("--reuse-exhaustive", action="store_true",

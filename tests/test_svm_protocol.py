@@ -182,7 +182,8 @@ def test_presearch_fits_the_subsample_in_mean_form_and_refines_only_when_asked(t
     assert fitted[-1] == (300, [full["c"]], True)                        # the warm-started refit
     rest = [cs for n, cs, _ in fitted if n == 240]
     if refine:
-        assert rest and pre["c"] in rest[0]                              # the all-row bracket starts at its optimum
+        at = pre["grid"].index(pre["c"])                                 # the all-row bracket starts at its optimum
+        assert rest and rest[0] == pre["grid"][at:at + 2]                # and the C above it
     else:
         assert rest == [] and full["c_select"] == pre["c"] and full["grid"] == pre["grid"]
         assert full["val_curve"] == pre["val_curve"]
@@ -416,12 +417,14 @@ def test_key_without_a_features_key_uses_path_size_mtime(tmp_path):
 
 
 def test_a_key_added_with_its_old_value_re_keys_nothing():
-    """c_refine came after results were made: at its default the key is the one computed without it."""
-    cfg = build(svm.Config, "svm", {})
-    before = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "c_refine"}
+    """c_refine and select_stop came after results were made: at the value older results had ('tight' for
+    select_stop, whose default is now 'liblinear'), the key is the one computed without them."""
+    cfg = build(svm.Config, "svm", {"select_stop": "tight"})
+    before = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("c_refine", "select_stop")}
     old_key = svm.artifact_key("svm", before, ignore=("out", "device", "gram_cache", "preset"), features="f")
     assert svm.results_key(cfg, "f") == old_key
     assert svm.results_key(dataclasses.replace(cfg, c_refine=False), "f") != old_key
+    assert svm.results_key(build(svm.Config, "svm", {}), "f") != old_key
 
 
 def test_test_split_read_in_blocks_scores_the_same(tmp_path, monkeypatch):
@@ -433,3 +436,54 @@ def test_test_split_read_in_blocks_scores_the_same(tmp_path, monkeypatch):
     streamed = json.loads(svm.run(config(features, tmp_path / "b.json")).read_text())
     assert [len(args[2]) for args in batches] == [1, 5]          # the full setting's refit, then 5 draws at once
     assert settings_without_timing(streamed) == settings_without_timing(in_memory)
+
+
+# ----------------------------------------------------------------------------- selection fits' stop
+def liblinear_gradient_norms(model, X, y, C: float) -> np.ndarray:
+    """||g_k|| / ||g_k(0)|| of LinearSVC's objective at `model`, in float64 numpy (not the solver's code):
+    g_k = [w_k; v_k] + 2C [X | s]^T (active * (scores - y_k)), s = intercept_scaling = 1."""
+    A = np.hstack([X.astype(np.float64), np.ones((len(X), 1))])
+    V = np.vstack([model.W.T.astype(np.float64), model.b[None].astype(np.float64)])      # (D+1) x K
+    Y = np.where(y[:, None] == model.classes[None], 1.0, -1.0)
+    scores = A @ V
+    active = (1.0 - Y * scores) > 0
+    g = V + 2.0 * C * A.T @ (active * (scores - Y))
+    g0 = 2.0 * C * A.T @ (-Y)
+    return np.linalg.norm(g, axis=0) / np.linalg.norm(g0, axis=0)
+
+
+def test_a_liblinear_stop_meets_linearsvcs_rule_and_takes_no_more_steps():
+    X, y = blobs(600, d=40, seed=7)                # 3 balanced classes: liblinear's rule is 1e-4 / 3
+    C = 1.0
+    loose = svm.fit(X, y, C, tol=svm.LIBLINEAR, device="cpu")
+    tight = svm.fit(X, y, C, device="cpu")
+    assert loose.info["tol"] == "liblinear" and tight.info["tol"] == svm.TOL and loose.info["converged"]
+    rel = liblinear_gradient_norms(loose, X, y, C)
+    assert (rel <= 1.5 * svm.LIBLINEAR_TOL / 3).all()          # float32 weights: a little slack on the rule
+    assert (liblinear_gradient_norms(tight, X, y, C) <= 1e-5).all()
+    assert loose.info["iterations"] <= tight.info["iterations"]
+    assert loose.objective(X, y, C) == pytest.approx(tight.objective(X, y, C), rel=1e-4)
+
+
+@pytest.mark.parametrize("stop", ["liblinear", "tight"])
+def test_full_setting_selection_fits_stop_at_select_stop_and_the_refit_at_tol(tmp_path, stop):
+    cfg = config(write_h5(tmp_path / "f.h5"), tmp_path / "r.json", settings=("full",), select_stop=stop,
+                 c_presearch=120, c_grid=(1e-4, 1e-3, 1e-2))
+    rules = json.loads(svm.run(cfg).read_text())["settings"]["full"]["solver"]["stop_rules"]
+    expected = "liblinear" if stop == "liblinear" else svm.TOL
+    assert rules == {"presearch": [expected], "select": [expected], "refit": [svm.TOL]}
+    with pytest.raises(ConfigError, match="select_stop.*liblinear, tight"):
+        config(tmp_path / "f.h5", tmp_path / "r.json", select_stop="loose")
+
+
+def test_the_all_row_bracket_starts_at_the_subsample_optimum_and_steps_down_only_if_it_wins():
+    """The presearch's optimum and the C above it are scored first; the C below only when the optimum
+    still wins on all rows (then it is an edge, and the search never stops at one)."""
+    candidates = [1e-4, 1e-3, 1e-2, 1e-1]
+    start = candidates[1:3]                         # as select_full cuts them around a presearch optimum 1e-3
+    score, calls = peaked(5e-3)                      # all rows want more C: nothing below is fitted
+    svm.bracket(score, start, cap=4, candidates=candidates)
+    assert calls == [[1e-3, 1e-2], [1e-1]]
+    score, calls = peaked(1e-3)                      # the subsample's optimum wins: its lower neighbour follows
+    curve, _ = svm.bracket(score, start, cap=4, candidates=candidates)
+    assert calls == [[1e-3, 1e-2], [1e-4]] and svm._pick(curve) == 1e-3
