@@ -155,7 +155,8 @@ def run(cfg: Config) -> Path:
 # presets: what each scale of the chain builds by default
 register_preset("tiny", "chain", models=("dcgan", "wgan-gp"))
 register_preset("smoke", "chain", models=("dcgan", "wgan-gp", "wgan", "wgan-gp-sn-resnet", "sagan"))
-# cpu: DCGAN ~63 min on 2 cores; WGAN-GP's 2000 steps take ~3.3 h here (its 5 critic steps per generator step).
-# The faster wgan-gp-ttur (1 critic step, ~50 min) was measured and made the features worse (recipes.py)
-register_preset("cpu", "chain", models=("dcgan", "wgan-gp"))
+# cpu: DCGAN ~67 min on 2 AVX512-BF16 cores; WGAN-GP as wgan-gp-bn-ttur (BatchNorm critic, 1 critic step at 4x
+# the generator's rate): 48 min, +5.8 over its control at 2000 steps. The reference wgan-gp's 2000 steps take
+# ~3.3 h here (+3.0); the TTUR critics without BN, or with layer or spectral norm, did not gain (recipes.py)
+register_preset("cpu", "chain", models=("dcgan", "wgan-gp-bn-ttur"))
 register_preset("paper", "chain")

@@ -32,6 +32,7 @@ QUOTED = [
 ]
 FAMILY_NAMES = {"dcgan": "DCGAN (BCE)", "wgan-gp": "WGAN-GP", "wgan": "WGAN (weight clipping)",
                 "wgan-gp-sn-resnet": "WGAN-GP", "wgan-gp-sn-ttur": "WGAN-GP (SN critic, TTUR)",
+                "wgan-gp-bn-ttur": "WGAN-GP (BN critic, TTUR)",
                 "resnet-hinge": "SNGAN, hinge", "sagan": "SAGAN, hinge",
                 "mlp-gan": "MLP GAN, BCE", "dense-wgan-gp": "WGAN-GP", "dcgan-rmsprop": "DCGAN (BCE), RMSprop",
                 "dcgan-sgd": "DCGAN (BCE), SGD"}

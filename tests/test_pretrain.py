@@ -49,6 +49,12 @@ def test_batchnorm_with_gradient_penalty_is_refused():
     with pytest.raises(ConfigError, match="force_batchnorm"):
         pretrain.resolve(pretrain.Config(model="wgan-gp", norm="batch"))
     assert pretrain.resolve(pretrain.Config(model="wgan-gp", norm="batch", force_batchnorm=True)).norm == "batch"
+    # a recipe may force it (wgan-gp-bn-ttur), and a user may still unforce it
+    cfg = pretrain.resolve(pretrain.Config(model="wgan-gp-bn-ttur"))
+    assert (cfg.loss, cfg.norm, cfg.force_batchnorm, cfg.n_critic, cfg.lr_d) == ("wgan-gp", "batch", True, 1, 4e-4)
+    with pytest.raises(ConfigError, match="force_batchnorm"):
+        pretrain.resolve(pretrain.Config(model="wgan-gp-bn-ttur", force_batchnorm=False))
+    assert pretrain.resolve(pretrain.Config(model="dcgan")).force_batchnorm is False
 
 
 def test_unknown_key_and_model_list_the_choices():
