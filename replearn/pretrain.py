@@ -110,7 +110,8 @@ register_preset("smoke", "pretrain", steps=1000, max_minutes=5.0, sample_every=2
 # tiny: the whole chain in a few CPU minutes, for the end-to-end test (numbers mean nothing)
 register_preset("tiny", "pretrain", steps=40, width=0.25, sample_every=20, ckpt_every=20, log_every=5)
 # cpu: 2000 generator steps per model, where the gain over the untrained control is real: DCGAN +7.2 (67 min
-# on 2 AVX512-BF16 cores), wgan-gp-bn-ttur +5.8 (48 min), reference wgan-gp +3.0 (~3.3 h; benchmarks/results/cpu_preset).
+# on 2 AVX512-BF16 cores), wgan-gp-bn-ttur +5.8 (48 min), reference wgan-gp +3.0 (~3.3 h)
+# (benchmarks/results/cpu_preset).
 # A fixed step count, not a time budget, so that every machine trains the same nets
 register_preset("cpu", "pretrain", steps=2000, max_minutes=0.0, sample_every=100, ckpt_every=1000, log_every=10)
 register_preset("paper", "pretrain")

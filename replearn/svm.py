@@ -1118,7 +1118,8 @@ def solver_summary(fits: list) -> dict:
         if "tol" in info and info["tol"] not in stops.setdefault(kind, []):
             stops[kind].append(info["tol"])
     return {"fits": len(fits), "recorded": len(infos), "converged_fits": len(infos) - len(failed),
-            "fit_seconds": seconds, "stop_rules": stops, "cg_iterations": sum(info.get("cg_iterations", 0) for _, _, info in infos),
+            "fit_seconds": seconds, "stop_rules": stops,
+            "cg_iterations": sum(info.get("cg_iterations", 0) for _, _, info in infos),
             "not_converged": failed,
             "max_rel_grad": max((i["rel_grad"] for _, _, i in infos), default=None),
             "max_iterations": max((i["iterations"] for _, _, i in infos), default=None),
