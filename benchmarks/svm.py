@@ -254,7 +254,7 @@ def full_setting(args, save: Callable[[dict], None]) -> dict:
     ceiling = machine_ceiling(X)
     # read before this run's first save replaces the record
     earlier = earlier_record(args) if args.reuse_exhaustive else {}
-    bar = tqdm(total=0, disable=True)
+    bar = tqdm(total=0, desc="full setting fits", unit="fit", file=sys.stderr)   # a long run shows its progress
     bracketed, seconds = timed(svm.run_full, X, y, n_rest, test, cfg, factor, device, bar)
     row = {"machine": hardware(), "features": str(args.features), "feature_attrs": attrs, "n": len(X),
            "d": X.shape[1], "n_rest": n_rest, "presearch_rows": args.presearch, "c_refine": cfg.c_refine,
