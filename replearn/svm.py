@@ -20,7 +20,7 @@ TRON uses the same generalised Hessian). With a = augmented design, D_k = {i: 1 
     Hessian   H_k = I + 2C A_Dk^T A_Dk            (generalised: the loss is only C^1)
 Each Newton step solves H_k d_k = -g_k by preconditioned CG, batched over the K columns, to a
 residual of eta_k ||g_k|| with Eisenstat & Walker's forcing term eta_k = sqrt(||g_k|| / ||g_k(0)||)
-clipped to [1e-3, 0.1], then takes the exact minimiser along d_k of the piecewise quadratic
+(no smaller than half the stopping target over ||g_k||) clipped to [1e-3, 0.1], then takes the exact minimiser along d_k of the piecewise quadratic
 (safeguarded 1-D Newton). It stops when ||g_k|| <= tol * ||g_k(w=0)|| for every k, tol = 1e-6
 (liblinear's primal rule is 1e-4 * min(#pos, #neg) / N, about 1e-5 here, and can stop far from the
 optimum for large C); when every class is past liblinear's rule and its last step lowered its
@@ -41,6 +41,16 @@ sketch's span U each class gets its own exact block T_k = U^T H_k U = I + 2C B^T
 one extra pass, cached), rebuilt every Newton step; outside U a constant. One scatter cannot stand in
 for K active sets of positives and hard negatives: on 12,000 x 28672 trained-critic rows at a
 full-setting C this took 5 Newton steps and 15 CG iterations against 10 and 93 (3.3x less time).
+Sampled (`preconditioner='rows'`, opt-in):
+M_k = I + 2C (N/m) S_mk^T S_mk, class k's Hessian estimated from the active rows of a seeded sample
+of m = ROW_SAMPLE rows (subsampled Newton), inverted by Woodbury through one m_k x m_k Cholesky
+factor per class and Newton step. Where the rank-384 sketch keeps only the top of the spectrum, the
+sample spans 4096 directions of the whole spectrum, tail included. Measured on trained BN-critic rows
+(1000 steps): 40,000 rows at C = 6.98e-5, 40 CG iterations (120 s) where the per-class sketch took 25
+(56 s); 20,000 rows at C = 0.0014, 87 (99 s) against 73 (62 s). The per-class sketch stays the default.
+The sketch and its scores B are taken on the float32 design: built on the bf16 copy H (products
+rounded to 3 digits, an error that T_k amplifies by 2C lam in the top directions), the same 40,000-row
+fit's CG took 41-52 iterations a Newton step and did not finish in 4 steps (113 s).
 Primal designs of BF16_HESSIAN_MIN_ELEMENTS or more (40,000 x 28672) take CG's Hessian products and
 the Nystrom sketch on a bfloat16 copy where the hardware has bf16 units; the gradient, line search
 and stopping rule keep the float32 design, so the optimum is the float32 problem's.
@@ -208,6 +218,7 @@ def _sign_targets(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
 # ============================================================================ designs
 DENSE_PRECONDITIONER_MAX_DIM = 8192   # [A | s]^T [A | s] ((P+1)^2 float64) is formed and factorised up to this width
 NYSTROM_RANK = 384                    # rank of the randomized preconditioner of wider designs
+ROW_SAMPLE = 4096                     # rows of the sampled preconditioner (`_Design.sampled_preconditioner`)
 
 
 class _Design:
@@ -275,8 +286,11 @@ class _Design:
         g = torch.Generator(device="cpu").manual_seed(0)
         Q, _ = torch.linalg.qr(torch.randn(p1, min(NYSTROM_RANK, p1), generator=g, dtype=torch.float64)
                                .to(self.A.device))                                           # (P+1) x l
-        Y = self.backward(self.forward(Q, self.H), self.H)                                   # S Q
-        shift = float(torch.finfo(self.H.dtype).eps * Y.norm())                              # H's products
+        # on A, not on H's bf16 copy: a bf16 product rounds its output to 3 digits, and T_k amplifies an
+        # error in the top directions by 2C lam (~1e5): sketched on H, the 40,000-row fits' CG took 41-52
+        # iterations a Newton step at the bracket's smallest C (three fp32 passes of l columns instead)
+        Y = self.backward(self.forward(Q))                                                   # S Q
+        shift = float(torch.finfo(self.A.dtype).eps * Y.norm())                              # A's products
         Y = Y + shift * Q
         B = torch.linalg.cholesky(Q.T @ Y)                                                   # l x l
         F = torch.linalg.solve_triangular(B, Y.T, upper=False).T                             # Y B^-T
@@ -293,7 +307,7 @@ class _Design:
     def _sketch_scores(self) -> torch.Tensor:
         """[A | s] U (N x l, float32, on H): the rows' coordinates in the sketch's span, one pass."""
         U, _ = self._eigen
-        return self.forward(U, self.H).float()
+        return self.forward(U).float()
 
     def class_preconditioner(self, C: float, active: torch.Tensor):
         """z_k = M_k^-1 r_k, one M_k per class: exact on the sketch's span U, a constant outside it,
@@ -315,6 +329,55 @@ class _Design:
             inner = torch.cholesky_solve(c.T.unsqueeze(-1), R).squeeze(-1).T           # l x K
             return U @ inner + (r - U @ c) / floor
         return apply
+
+
+    @functools.cached_property
+    def _row_sample(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, S_m, G_m): a seeded uniform sample of min(ROW_SAMPLE, N) rows, their augmented
+        features [A | s] (m x (P+1) float32) and Gram matrix S_m S_m^T (m x m float64), formed once."""
+        n = self.A.shape[0]
+        g = torch.Generator(device="cpu").manual_seed(0)
+        rows = torch.randperm(n, generator=g)[:min(ROW_SAMPLE, n)].sort().values.to(self.A.device)
+        Sm = torch.cat([self.A[rows], torch.full((len(rows), 1), self.scale, device=self.A.device)], 1)
+        return rows, Sm, (Sm @ Sm.T).double()
+
+    def sampled_preconditioner(self, C: float, active: torch.Tensor):
+        """z_k = M_k^-1 r_k, M_k = I + 2C (N/m) S_mk^T S_mk: class k's Hessian with its active rows
+        estimated from the row sample's active rows S_mk (subsampled Newton: every direction the sample
+        spans, the whole spectrum's tail included, where a rank-l sketch of the dimensions keeps only
+        the top l). Inverted by Woodbury, M_k^-1 = I - S_mk^T (I / c + S_mk S_mk^T)^-1 S_mk with
+        c = 2C N/m: one Cholesky factor per class and Newton step (m_k x m_k), two thin products with
+        S_m per CG step. Opt-in: measured against the per-class sketch in the module docstring."""
+        rows, Sm, G = self._row_sample
+        c = 2.0 * C * self.A.shape[0] / len(rows)
+        on = active[rows] > 0                                                          # m x K
+        factors = []
+        for k in range(active.shape[1]):
+            idx = on[:, k].nonzero().squeeze(1)
+            factors.append((idx, _jittered_cholesky(G[idx[:, None], idx[None, :]], 1.0 / c)))
+
+        def apply(r):                                                                  # (P+1) x K
+            Z = (Sm @ r.float()).double()                                              # m x K
+            Q = torch.zeros_like(Z)
+            for k, (idx, R) in enumerate(factors):
+                z = Z[idx, k:k + 1]
+                Q[idx, k:k + 1] = torch.linalg.solve_triangular(
+                    R.T, torch.linalg.solve_triangular(R, z, upper=False), upper=True)
+            return r - (Q.float().T.contiguous() @ Sm).T.double()                      # row-major product
+        return apply
+
+
+def _jittered_cholesky(G: torch.Tensor, shift: float) -> torch.Tensor:
+    """Row-major lower factor of G + shift * I, the shift raised 10x at a time while rounding in G
+    (float32 products) leaves it indefinite: a preconditioner only needs to be SPD."""
+    if len(G) == 0:
+        return G
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(G + shift * torch.eye(len(G), dtype=G.dtype, device=G.device))
+        if int(info) == 0:
+            return L.contiguous()
+        shift *= 10.0
+    raise RuntimeError("the sampled preconditioner could not be factorised (are the features finite?)")
 
 
 def _cholesky_solver(M: torch.Tensor):
@@ -430,17 +493,17 @@ def _hessian_dtype(X: torch.Tensor) -> torch.dtype:
     return torch.bfloat16
 
 
-PRECONDITIONERS = ("shared", "class", "auto")
+PRECONDITIONERS = ("shared", "class", "rows", "auto")
 
 
 def prepare(X, y, fit_intercept: bool = True, intercept_scaling: float = 1.0, device=None,
             method: str = "auto", gram: torch.Tensor | None = None, preconditioner: str = "auto") -> Problem:
     """method: 'gram' (N <= D), 'primal' (N > D) or 'auto'; `gram`: X X^T already computed (the
     protocol cuts each draw's block out of the whole train split's Gram matrix); preconditioner:
-    'shared' (one M = I + mu S for all classes), 'class' (`_Design.class_preconditioner`) or 'auto'
-    (primal designs: class; Gram designs: shared, per class once a CG solve gets long); the per-class
-    ones need a Nystrom sketch (Gram designs and primal ones wider than the dense limit), other
-    designs stay shared."""
+    'shared' (one M = I + mu S for all classes), 'class' (`_Design.class_preconditioner`), 'rows'
+    (`_Design.sampled_preconditioner`) or 'auto' (primal designs wider than the dense limit: class;
+    Gram designs: shared, per class once a CG solve gets long); 'class' needs a Nystrom sketch (Gram
+    designs and primal ones wider than the dense limit), other narrow primal designs stay shared."""
     if preconditioner not in PRECONDITIONERS:
         raise ConfigError(f"unknown preconditioner {preconditioner!r}; choose from: {', '.join(PRECONDITIONERS)}")
     device = pick_device("auto") if device is None else torch.device(device)
@@ -462,8 +525,13 @@ def prepare(X, y, fit_intercept: bool = True, intercept_scaling: float = 1.0, de
     # product layout change; 31.3 s against 42.4 s once the shared fit's stall past LinearSVC's rule was
     # cut short, STALL_DECREASE); its CG steps are not long, so the
     # Gram designs' switch on CG length would never fire there
+    # 'rows' is opt-in: on 20,000 x 28672 trained BN-critic rows at C = 0.0014 it took 87 CG iterations
+    # (99 s) where the per-class sketch took 73 (62 s)
     sketched = d > DENSE_PRECONDITIONER_MAX_DIM
-    mode = ("class" if preconditioner == "auto" else preconditioner) if sketched else "shared"
+    if preconditioner == "rows":
+        mode = "rows"
+    else:
+        mode = ("class" if preconditioner == "auto" else preconditioner) if sketched else "shared"
     return Problem(X, _Design(X, scale, _hessian_dtype(X), mode), None, Y, classes, fit_intercept, intercept_scaling)
 
 
@@ -577,9 +645,10 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float | st
     scores = design.forward(V)
     previous = _objectives(V, scores, Y, C)
     apply_m, mu_m = None, 0.0
-    per_class, switched = design.preconditioning == "class", False
+    per_class, switched = design.preconditioning in ("class", "rows"), False
     stop, steps, cg_steps = "max_iter", 0, 0
     decrease = torch.full_like(g0_norm, float("inf"))           # K: the last step's relative decrease
+    history = []        # per Newton step: [seconds so far, its CG iterations, max relative gradient before it]
     for _ in range(max_iter):
         G, active = _gradient(design, Y, V, scores, C)
         g_norm = G.norm(dim=0)
@@ -594,13 +663,20 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float | st
         # build is a factorisation (Nystrom ones reuse their cached eigenpairs), and a slightly stale
         # M costs a few CG steps at most
         mu = 2.0 * C * max(float(active.mean()), 1e-3)
-        if per_class:
+        if design.preconditioning == "rows":
+            apply_m = design.sampled_preconditioner(C, active)
+        elif per_class:
             apply_m = design.class_preconditioner(C, active)
         elif apply_m is None or not 1 / 1.5 < mu / mu_m < 1.5:
             apply_m, mu_m = design.preconditioner(mu), mu
         # inexact Newton (Eisenstat & Walker's forcing term): loose directions while far from the
         # optimum, tight (down to 1e-3) near it, where the fast local convergence pays
-        forcing = (G.norm(dim=0) / g0_norm.clamp_min(1e-300)).sqrt().clamp(1e-3, 0.1)
+        forcing = (g_norm / g0_norm.clamp_min(1e-300)).sqrt()
+        # ... but no tighter than the stopping point needs: a step solved to eta ||g|| leaves a gradient of
+        # about eta ||g||, so eta = target / (2 ||g||) lands past it. Near a liblinear-rule stop the
+        # sqrt term alone asked for 1e-3 and CG spent 40-44 iterations on a step from 4e-5 to 2e-5
+        # (40,000 x 28672 rows; the rule was ~1e-5)
+        forcing = torch.maximum(forcing, 0.5 * target / g_norm.clamp_min(1e-300)).clamp(1e-3, 0.1)
         d, iterations = _cg(design, active, C, G, apply_m, forcing)
         cg_steps += iterations
         if not per_class and design.preconditioning == "auto" and iterations > CLASS_SWITCH_CG:
@@ -610,6 +686,8 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float | st
         V = V + t * d
         scores = scores + t * Ad
         steps += 1
+        history.append([round(time.perf_counter() - started, 2), iterations,
+                        float((g_norm / g0_norm.clamp_min(1e-300)).max())])
         current = _objectives(V, scores, Y, C)
         decrease = (previous - current) / current.abs().clamp_min(1e-300)
         # stop when rounding, not the method, limits progress (fp32 products in the primal design)
@@ -620,8 +698,8 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float | st
     if stop not in ("gradient", "stalled"):   # G is from before the last step: the record needs the returned point's
         G, _ = _gradient(design, Y, V, scores, C)
     record = _solver_record(problem, G.norm(dim=0) / g0_norm.clamp_min(1e-300), stop, steps, cg_steps,
-                            "shared, then class" if switched else "class" if per_class else "shared")
-    return V, {**record, "tol": tol, "seconds": time.perf_counter() - started}
+                            "shared, then class" if switched else design.preconditioning if per_class else "shared")
+    return V, {**record, "tol": tol, "seconds": time.perf_counter() - started, "history": history}
 
 
 def _solver_record(problem: Problem, rel_grad: torch.Tensor, stop: str, steps: int, cg_steps: int = 0,
@@ -1160,7 +1238,7 @@ def _select_tol(cfg: Config) -> float | str:
 def select_full(X, y, n_rest: int, cfg: Config, factor: float, device, bar, fits: list) -> dict:
     """The bracketed search on train-minus-val: {c, model (at c), curve, added, presearch}. Every C
     is fitted on the same problem: upward extensions warm-start from the largest C's solution."""
-    grid, candidates, presearch = _grid(cfg, n_rest, factor), (), None
+    grid, candidates, presearch, sub_model = _grid(cfg, n_rest, factor), (), None, None
     start = grid
     if 0 < cfg.c_presearch < n_rest:
         presearch, sub_model = _presearch(X, y, n_rest, cfg, grid, device, bar, fits)
@@ -1179,7 +1257,9 @@ def select_full(X, y, n_rest: int, cfg: Config, factor: float, device, bar, fits
     def score(cs):
         if cs != start:
             _grow(bar, len(cs))
-        for c, model in zip(cs, fitter.path(cs)):
+        # the first path starts from the subsample's model at the same mean-form C: a cold start at a
+        # large C spends its first Newton steps on an active set of every row
+        for c, model in zip(cs, fitter.path(cs, warm=sub_model if cs == start else None)):
             models[c] = model
             fits.append([c, "select", model.info])
             bar.update(1)

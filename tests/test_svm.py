@@ -300,7 +300,7 @@ def test_class_preconditioner_reaches_the_same_optimum(monkeypatch, method):
     ref = svm.fit_liblinear(X, y, C, tol=1e-7, max_iter=200000)
     assert ours.info["preconditioner"] == "class" and ours.info["converged"]
     assert ours.objective(X, y, C) == pytest.approx(ref.objective(X, y, C), rel=1e-4)
-    with pytest.raises(ConfigError, match="choose from: shared, class, auto"):
+    with pytest.raises(ConfigError, match="choose from: shared, class, rows, auto"):
         svm.prepare(X, y, preconditioner="diagonal")
     # auto: a Gram design switches once CG gets long (a large C); a primal one is per class from the start
     switched = svm.fit(X, y, 5.0, method=method, device="cpu", preconditioner="auto")
@@ -309,6 +309,48 @@ def test_class_preconditioner_reaches_the_same_optimum(monkeypatch, method):
     shared = svm.fit(X, y, 5.0, method=method, device="cpu", preconditioner="shared")
     assert shared.info["preconditioner"] == "shared"
     assert switched.objective(X, y, 5.0) == pytest.approx(shared.objective(X, y, 5.0), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["gram", "primal"])
+def test_sampled_preconditioner_inverts_each_class_hessian_when_the_sample_is_every_row(monkeypatch, method):
+    """With ROW_SAMPLE >= N the sample is every row (c = 2C), so M_k is class k's own Hessian
+    I + 2C A^T D_k A, formed here by hand from the augmented design: M_k^-1 H_k v = v for every class."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(svm, "ROW_SAMPLE", 1000)
+    X, y = blobs(60, 80, 3, seed=15)
+    X += 1.5
+    design = svm.prepare(X, y, method=method, device="cpu", preconditioner="rows").design
+    assert design.preconditioning == "rows"
+    A = torch.cat([design.A.double(), torch.full((len(X), 1), float(design.scale), dtype=torch.float64)], 1)
+    active = (torch.rand(len(X), 3, generator=torch.Generator().manual_seed(1)) > 0.4).double()
+    C, v = 0.03, torch.randn(A.shape[1], 3, dtype=torch.float64)
+    Hv = torch.stack([(torch.eye(A.shape[1], dtype=torch.float64) + 2 * C * A.T @ (active[:, k:k + 1] * A)) @ v[:, k]
+                      for k in range(3)], 1)
+    # the products with the sample run in float32 and H_k v is ~400x v here: 1e-3 is its rounding, not a bias
+    assert torch.allclose(design.sampled_preconditioner(C, active)(Hv), v, rtol=1e-3, atol=1e-3)
+
+
+def test_sampled_preconditioner_on_a_subsample_reaches_linearsvc_and_the_shared_optimum(monkeypatch):
+    """A sample of 64 of 400 rows: M_k is only an estimate of H_k, so CG takes more than one step, and the
+    fit still reaches LinearSVC's optimum (the preconditioner changes the path, not the point)."""
+    monkeypatch.setattr(svm, "ROW_SAMPLE", 64)
+    monkeypatch.setattr(svm, "DENSE_PRECONDITIONER_MAX_DIM", 16)
+    X, y = blobs(400, 60, 4, seed=16)
+    X += 2.0
+    for C in (0.05, 2.0):
+        ours = svm.fit(X, y, C, device="cpu", preconditioner="rows")
+        ref = svm.fit_liblinear(X, y, C, tol=1e-7, max_iter=200000)
+        assert ours.info["preconditioner"] == "rows" and ours.info["converged"]
+        assert ours.info["cg_iterations"] > ours.info["iterations"]
+        assert ours.objective(X, y, C) == pytest.approx(ref.objective(X, y, C), rel=1e-4)
+
+
+def test_jittered_cholesky_raises_the_shift_until_the_matrix_is_positive_definite():
+    torch = pytest.importorskip("torch")
+    G = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)        # eigenvalues 3 and -1
+    L = svm._jittered_cholesky(G, 0.5)                                      # 0.5 fails, 5.0 works
+    assert torch.allclose(L @ L.T, G + 5.0 * torch.eye(2, dtype=torch.float64))
+    assert L.is_contiguous()
 
 
 def test_gram_space_model_is_combined_in_float64():

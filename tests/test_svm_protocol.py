@@ -183,7 +183,8 @@ def test_presearch_fits_the_subsample_in_mean_form_and_refines_only_when_asked(t
     rest = [cs for n, cs, _ in fitted if n == 240]
     if refine:
         at = pre["grid"].index(pre["c"])                                 # the all-row bracket starts at its optimum
-        assert rest and rest[0] == pre["grid"][at:at + 2]                # and the C above it
+        assert rest and rest[0] == pre["grid"][at:at + 2]                # and the C above it,
+        assert [w for n, _, w in fitted if n == 240][0]                  # from the subsample's model
     else:
         assert rest == [] and full["c_select"] == pre["c"] and full["grid"] == pre["grid"]
         assert full["val_curve"] == pre["val_curve"]
