@@ -20,7 +20,8 @@ TRON uses the same generalised Hessian). With a = augmented design, D_k = {i: 1 
     Hessian   H_k = I + 2C A_Dk^T A_Dk            (generalised: the loss is only C^1)
 Each Newton step solves H_k d_k = -g_k by preconditioned CG, batched over the K columns, to a
 residual of eta_k ||g_k|| with Eisenstat & Walker's forcing term eta_k = sqrt(||g_k|| / ||g_k(0)||)
-(no smaller than half the stopping target over ||g_k||) clipped to [1e-3, 0.1], then takes the exact minimiser along d_k of the piecewise quadratic
+(no smaller than half the stopping target over ||g_k||) clipped to [1e-3, 0.1], then takes the exact
+minimiser along d_k of the piecewise quadratic
 (safeguarded 1-D Newton). It stops when ||g_k|| <= tol * ||g_k(w=0)|| for every k, tol = 1e-6
 (liblinear's primal rule is 1e-4 * min(#pos, #neg) / N, about 1e-5 here, and can stop far from the
 optimum for large C); when every class is past liblinear's rule and its last step lowered its
