@@ -311,6 +311,53 @@ def test_class_preconditioner_reaches_the_same_optimum(monkeypatch, method):
     assert switched.objective(X, y, 5.0) == pytest.approx(shared.objective(X, y, 5.0), rel=1e-4)
 
 
+def test_blocked_backward_product_matches_a_float64_reference(monkeypatch):
+    """[A | s]^T R summed over row blocks (a ragged last block included) against a float64 product."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(svm, "BACKWARD_ROWS", 7)
+    X, y = blobs(60, 20, 3, seed=17)
+    design = svm.prepare(X, y, method="primal", device="cpu").design
+    R = torch.randn(60, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    A = torch.cat([torch.as_tensor(X, dtype=torch.float64), torch.full((60, 1), float(design.scale), dtype=torch.float64)], 1)
+    assert torch.allclose(design.backward(R), A.T @ R, rtol=1e-5, atol=1e-5)
+    bf16 = design.backward(R, design.A.to(torch.bfloat16))       # the Hessian products' copy: its rounding
+    assert float((bf16 - A.T @ R).norm() / (A.T @ R).norm()) < 1e-2
+
+
+def test_adopted_sketch_serves_a_design_over_more_rows(monkeypatch):
+    """The refit's design (train-minus-val rows, then val) adopts the selection design's sketch: its scores
+    B are [A | s] U for every row, hand-formed; at full rank its M_k is still each class's own Hessian
+    over all rows; the refit reaches LinearSVC's optimum; a sketch of other dims is refused."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(svm, "DENSE_PRECONDITIONER_MAX_DIM", 8)
+    X, y = blobs(120, 20, 3, seed=18)
+    X += 1.5
+    monkeypatch.setattr(svm, "NYSTROM_RANK", 21)                          # full rank: P + 1
+    first = svm.prepare(X[:90], y[:90], method="primal", device="cpu").design
+    assert first.sketch_state() is None                                  # nothing built yet
+    first.class_preconditioner(0.03, torch.ones(90, 3, dtype=torch.float64))
+    state = first.sketch_state()
+    design = svm.prepare(X, y, method="primal", device="cpu", sketch=state).design
+    U, lam = design._eigen
+    A = torch.cat([torch.as_tensor(X, dtype=torch.float64), torch.full((120, 1), float(design.scale), dtype=torch.float64)], 1)
+    assert torch.allclose(design._sketch_scores.double(), A @ U, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(lam, state[1] * 120 / 90)
+    active = (torch.rand(120, 3, generator=torch.Generator().manual_seed(3)) > 0.4).double()
+    C, v = 0.03, torch.randn(21, 3, dtype=torch.float64)
+    Hv = torch.stack([(torch.eye(21, dtype=torch.float64) + 2 * C * A.T @ (active[:, k:k + 1] * A)) @ v[:, k]
+                      for k in range(3)], 1)
+    assert torch.allclose(design.class_preconditioner(C, active)(Hv), v, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(svm, "NYSTROM_RANK", 6)                           # a low-rank sketch, as at scale
+    small = svm.prepare(X[:90], y[:90], method="primal", device="cpu").design
+    small.class_preconditioner(0.03, torch.ones(90, 3, dtype=torch.float64))
+    problem = svm.prepare(X, y, method="primal", device="cpu", sketch=small.sketch_state())
+    V, info = svm._newton(problem, 0.05, None, svm.TOL, svm.MAX_ITER)
+    ours, ref = problem.to_model(V, info), svm.fit_liblinear(X, y, 0.05, tol=1e-7, max_iter=200000)
+    assert info["converged"] and ours.objective(X, y, 0.05) == pytest.approx(ref.objective(X, y, 0.05), rel=1e-4)
+    with pytest.raises(ValueError, match="does not fit"):
+        svm.prepare(X[:, :10], y, method="primal", device="cpu", sketch=state)
+
+
 @pytest.mark.parametrize("method", ["gram", "primal"])
 def test_sampled_preconditioner_inverts_each_class_hessian_when_the_sample_is_every_row(monkeypatch, method):
     """With ROW_SAMPLE >= N the sample is every row (c = 2C), so M_k is class k's own Hessian

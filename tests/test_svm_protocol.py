@@ -191,6 +191,25 @@ def test_presearch_fits_the_subsample_in_mean_form_and_refines_only_when_asked(t
     assert full["test_acc"] > 0.9 and not full["c_at_edge"]
 
 
+def test_refit_adopts_the_selection_designs_sketch(tmp_path, monkeypatch):
+    """A sketched primal design (d = 12 > the dense limit, n > d): the refit on all 300 rows is prepared
+    with the 240-row selection design's sketch, and still reaches the same point as a cold refit."""
+    monkeypatch.setattr(svm, "DENSE_PRECONDITIONER_MAX_DIM", 4)
+    monkeypatch.setattr(svm, "NYSTROM_RANK", 6)
+    prepared, prepare = [], svm.prepare
+    monkeypatch.setattr(svm, "prepare", lambda X, y, *a, **kw: prepared.append((len(X), kw.get("sketch")))
+                        or prepare(X, y, *a, **kw))
+    cfg = config(write_h5(tmp_path / "f.h5"), tmp_path / "r.json", settings=("full",), c_grid=(1e-4, 1e-3, 1e-2))
+    full = json.loads(svm.run(cfg).read_text())["settings"]["full"]
+    (n_select, none), (n_refit, sketch) = prepared[0], prepared[-1]
+    assert (n_select, n_refit, none) == (240, 300, None)
+    assert sketch is not None and sketch[3] == 240 and sketch[0].shape == (13, 6)
+    X, y = blobs(300, seed=1)
+    order = np.concatenate(svm.split_validation(y, 60, cfg.seed))
+    cold = svm.fit(X[order], y[order], full["c"], device="cpu")
+    assert full["test_acc"] == pytest.approx(svm.accuracy(cold, *blobs(150, seed=2)), abs=1 / 150)
+
+
 # ----------------------------------------------------------------------------- solver record
 def test_fit_records_convergence_iterations_and_jitter(monkeypatch):
     X, y = blobs(200, seed=3)
