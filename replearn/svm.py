@@ -313,7 +313,8 @@ class _Design:
 
     @functools.cached_property
     def _sketch_scores(self) -> torch.Tensor:
-        """[A | s] U (N x l, float32, on H): the rows' coordinates in the sketch's span, one pass."""
+        """[A | s] U (N x l, stored float32, the product on A like the sketch): the rows' coordinates in the
+        sketch's span, one pass."""
         U, _ = self._eigen
         return self.forward(U).float()
 
@@ -337,7 +338,6 @@ class _Design:
             inner = torch.cholesky_solve(c.T.unsqueeze(-1), R).squeeze(-1).T           # l x K
             return U @ inner + (r - U @ c) / floor
         return apply
-
 
     def sketch_state(self) -> tuple | None:
         """(U, lam, B, N) once this design has built its sketch (else None), for a design over these rows
