@@ -122,6 +122,7 @@ def main() -> None:
         result = recorded[args.key]
     else:
         result = bench(args.k, args.precision, not args.no_compile, args.seed)
+        result["measured"] = provenance()   # per key: the file-level provenance is only the last write's
     if args.learning_curve:
         result["learning_curve"] = {**learning_curve(Path(result["config"]["out"])), "40000": result["accuracy"]}
     print(json.dumps(result, indent=2, default=str))
