@@ -200,9 +200,13 @@ class FeatureWriter:
 
     def write(self, split: str, start: int, features: np.ndarray, labels: np.ndarray) -> None:
         stop = start + len(features)
+        stored = features.astype(self.dtype, copy=False)
+        if self.dtype == np.float16 and not np.isfinite(stored).all() and np.isfinite(features).all():
+            raise ConfigError(f"{self.path}: feature values beyond float16's range (max |x| "
+                              f"{float(np.abs(features).max()):.3g} > 65504); extract with dtype=float32")
         with self._writing():
             feature_set, label_set = self._sets[split]
-            feature_set[start:stop] = features.astype(self.dtype, copy=False)
+            feature_set[start:stop] = stored
             label_set[start:stop] = labels
 
     def _finish(self) -> None:

@@ -143,6 +143,7 @@ A PNG of validation accuracy against C is written beside it (`<out stem>.png`).
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import json
@@ -1088,6 +1089,27 @@ class SplitScorer:
             return score_on_split(self.ff, "test", models, self.cfg, self.stats)
         return [accuracy(model, self.X, self.labels) for model in models]
 
+    def correct(self, model: LinearModel) -> str:
+        """Which test images `model` gets right, packed (`pack_correct`): two models scored on the same
+        images are compared image by image (McNemar's test in the tables), not only by their means."""
+        right = np.zeros(len(self.labels), bool)
+        if self.X is not None:
+            right[:] = model.predict(self.X) == self.labels
+        else:
+            for idx, block in self.ff.iter_blocks("test", layers=self.cfg.layers):
+                _preprocess_inplace(block, self.cfg, self.stats)
+                right[idx] = model.predict(block) == self.labels[idx]
+        return pack_correct(right)
+
+
+def pack_correct(right: np.ndarray) -> str:
+    """A boolean vector as base64 of its packed bits (10,000 test images: 1,668 characters)."""
+    return base64.b64encode(np.packbits(right.astype(bool)).tobytes()).decode()
+
+
+def unpack_correct(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8))[:n].astype(bool)
+
 
 def _available_memory() -> int:
     """Bytes of memory available now (Linux MemAvailable: free plus reclaimable page cache; a large
@@ -1264,7 +1286,8 @@ def run_full(X: np.ndarray, y: np.ndarray, n_rest: int, test: SplitScorer, cfg: 
     bar.update(1)
     return {"c": chosen, "c_select": search["c"], "refit_c_rule": REFIT_C_RULE[cfg.c_form],
             **_search_fields(search["curve"], search["added"], factor), "presearch": search["presearch"],
-            "test_acc": test.score([model])[0], "solver": solver_summary(fits), "seconds": time.time() - start}
+            "test_acc": test.score([model])[0], "test_correct": test.correct(model), "test_size": len(test.labels),
+            "solver": solver_summary(fits), "seconds": time.time() - start}
 
 
 def _select_tol(cfg: Config) -> float | str:
@@ -1379,6 +1402,7 @@ class Setting400:
                 "ci95": float(1.96 * np.std(draws)), "seconds": seconds,
                 "selection_seconds": self.state["selection_seconds"],
                 "final_seconds": seconds - self.state["selection_seconds"],
+                "draw0_correct": self.state.get("draw0_correct"), "test_size": len(self.test.labels),
                 "gram_cache": self.gram_all is not None, "solver": solver_summary(self.state.get("fits", []))}
 
     # ------------------------------------------------------------------ selection
@@ -1432,7 +1456,9 @@ class Setting400:
             if first is None and draw > 0:
                 first = self.fitter(3, 0).path([chosen])[0]
             model = self.fitter(3, draw).path([chosen], first)[0]
-            first = model if draw == 0 else first
+            if draw == 0:   # draw 0's per-image record: the paired test of a gain on the same images
+                first = model
+                self.state["draw0_correct"] = self.test.correct(model)
             pending.append((draw, model))
             self.bar.update(1)
             if len(pending) == self.test.batch or draw == self.cfg.final_draws - 1:
@@ -1511,9 +1537,16 @@ def _float_keys(result: dict) -> dict:
             for k, value in result.items()}
 
 
-def _up_to_date(out: Path, key: str) -> bool:
+def up_to_date(out: Path, key: str) -> bool:
+    """A complete results file at `out` made with exactly this key."""
     record = read_json(out) if out.exists() else None
     return bool(record) and record.get("complete") is True and record.get("key") == key
+
+
+def planned_out(cfg: Config, features_key: str) -> Path:
+    """Where `run` writes the results for a feature file whose key is `features_key` (features.plan): the
+    file need not exist, so a chain finds finished results without extracting their features again."""
+    return default_out(cfg, results_key(cfg, features_key))
 
 
 # ============================================================================ the stage
@@ -1551,7 +1584,7 @@ def run(cfg: Config) -> Path:
         key = results_key(cfg, features_id)
         out = default_out(cfg, key)
         check_writable(out.parent)
-        if _up_to_date(out, key):
+        if up_to_date(out, key):
             print(f"svm: {out} is up to date (key {key}); delete it to recompute", file=sys.stderr)
             return out
         record = evaluate(ff, cfg, out, features_id)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .config import ConfigError
@@ -36,8 +38,6 @@ FAMILY_NAMES = {"dcgan": "DCGAN (BCE)", "wgan-gp": "WGAN-GP", "wgan": "WGAN (wei
                 "resnet-hinge": "SNGAN, hinge", "sagan": "SAGAN, hinge",
                 "mlp-gan": "MLP GAN, BCE", "dense-wgan-gp": "WGAN-GP", "dcgan-rmsprop": "DCGAN (BCE), RMSprop",
                 "dcgan-sgd": "DCGAN (BCE), SGD"}
-COLUMNS = ["model", "full", "400 per class", "gain over untrained control", "max # features units", "status",
-           "samples", "how produced"]
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,13 @@ def read_results(path: Path) -> dict:
 def percent(value: float | None, spread: float | None = None) -> str:
     if value is None:
         return "-"
-    return f"{100 * value:.1f}%" + (f" (+-{100 * spread:.1f})" if spread is not None else "")
+    return f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
 
 
 def quoted_rows() -> list[dict[str, Any]]:
-    return [{"model": m, "full": f"{full:.1f}%", "400 per class": f"{k400:.1f}%" + (f" (+-{pm})" if pm else ""),
-             "gain over untrained control": "", "max # features units": units, "status": "quoted", "samples": "",
-             "how produced": src} for m, full, k400, pm, units, src in QUOTED]
+    return [{"model": m, "status": "quoted", "scale": "paper (quoted)", "full_acc": full / 100, "k_acc": k400 / 100,
+             "k_per_class": 400, "k_ci95_draws": None if pm is None else pm / 100, "max_units": units,
+             "how_produced": src, "flags": []} for m, full, k400, pm, units, src in QUOTED]
 
 
 def split_name(spec: str) -> str:
@@ -154,7 +154,7 @@ def row_name(feat: dict, scale: str) -> str:
         if cfg.get("arch") not in (None, "dcgan"):
             extras.insert(0, str(cfg.get("arch")))
         name += (", " + ", ".join(extras) if extras else "") + ")"
-    return name + (f" [{scale} scale]" if scale not in ("", "paper") else "")
+    return name
 
 
 def preprocessing_label(res: dict) -> str:
@@ -258,34 +258,152 @@ def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
+
+
+# ============================================================================ noise
+Z95 = 1.96
+
+
+def test_ci95(acc: float | None, n: int | None) -> float | None:
+    """Half-width of the 95% interval that sampling the test images alone puts on an accuracy (binomial)."""
+    if acc is None or not n:
+        return None
+    return Z95 * math.sqrt(max(acc * (1 - acc), 0.0) / n)
+
+
+def mcnemar(a_text: str | None, b_text: str | None, n: int | None) -> dict | None:
+    """Paired comparison of two models scored on the same test images: the accuracy difference a - b,
+    its 95% half-width from the discordant pairs, and McNemar's exact p-value."""
+    if not a_text or not b_text or not n:
+        return None
+    from scipy.stats import binomtest
+    from .svm import unpack_correct
+    a, b = unpack_correct(a_text, n), unpack_correct(b_text, n)
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    se = math.sqrt(max(only_a + only_b - (only_a - only_b) ** 2 / n, 0.0)) / n
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"diff": (only_a - only_b) / n, "ci95": Z95 * se, "p": float(p), "only_a": only_a, "only_b": only_b}
+
+
+def gain_full(row: dict, control: dict) -> dict:
+    """Full setting: one model each, scored on the same test images: McNemar."""
+    test = mcnemar(row["_full_correct"], control["_full_correct"], row["_test_size"])
+    if row["full_acc"] is None or control["full_acc"] is None:
+        return {}
+    out = {"gain": row["full_acc"] - control["full_acc"], "ci95": None, "p": None, "beyond_noise": None}
+    if test:
+        out.update(ci95=test["ci95"], p=test["p"], beyond_noise=test["p"] < 0.05)
+    return out
+
+
+def gain_k(row: dict, control: dict) -> dict:
+    """N per class: the mean over draws, paired draw by draw (the same labelled subsets), plus the test
+    images' own sampling noise (McNemar's discordant pairs of draw 0), added in quadrature."""
+    a, b = row["_k_draws"], control["_k_draws"]
+    if not a or not b:
+        return {}
+    n = min(len(a), len(b))
+    diffs = np.asarray(a[:n]) - np.asarray(b[:n])
+    draw_se = float(np.std(diffs, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    test = mcnemar(row["_k_correct"], control["_k_correct"], row["_test_size"])
+    test_se = test["ci95"] / Z95 if test else None
+    se = math.sqrt(draw_se ** 2 + (test_se or 0.0) ** 2)
+    gain = float(np.mean(diffs))
+    return {"gain": gain, "ci95": Z95 * se, "p": None, "beyond_noise": abs(gain) > Z95 * se if se > 0 else None,
+            "covers": "draws" + (" + test sampling" if test else "")}
+
+
+def gain_text(g: dict) -> str:
+    if not g:
+        return "-"
+    text = f"{100 * g['gain']:+.1f}"
+    if g.get("ci95") is not None:
+        text += f" ± {100 * g['ci95']:.1f}"
+    if g.get("beyond_noise") is not None:
+        text += " *" if g["beyond_noise"] else " (n.s.)"
+    return text
+
+
+# ============================================================================ scale
+def scale_of(res: dict, feat: dict) -> str:
+    """The scale that ran: the preset's name when every pretraining key the preset sets has that value,
+    else 'custom (<preset> preset, key=value ...)' listing where the run departs from it."""
+    from . import chain, curve, features, kmeans, pretrain, svm  # noqa: F401  (their presets)
+    from .config import PRESETS
+    if feat.get("kind") == "kmeans":
+        stage, cfg = "kmeans", feat.get("config") or {}
+    else:
+        stage, cfg = "pretrain", (feat.get("pretrain") or {}).get("config") or {}
+    if feat.get("kind") == "supervised":
+        stage, cfg = "supervised", feat.get("config") or {}
+    preset = str(cfg.get("preset") or (res.get("config") or {}).get("preset") or "")
+    if not preset:
+        return "custom"
+    wanted = PRESETS.get(preset, {}).get(stage, {})
+    off = [f"{k}={cfg.get(k)}" for k, v in wanted.items()
+           if k in cfg and json.dumps(cfg.get(k), default=str) != json.dumps(list(v) if isinstance(v, tuple) else v)]
+    return preset if not off else f"custom ({preset} preset, {' '.join(off)})"
+
+
+# ============================================================================ rows
 def reproduced_row(path: Path, out_dir: Path) -> dict[str, Any]:
     res = read_results(path)
     feat = (res.get("features") or {}).get("attrs", {})
     settings = res.get("settings", {})
     full, k400 = settings.get("full") or {}, settings.get("400") or {}
-    scale = str(((feat.get("pretrain") or {}).get("config") or {}).get("preset")
-                or (feat.get("config") or {}).get("preset") or (res.get("config") or {}).get("preset") or "")
+    scale = scale_of(res, feat)
     how = {"kmeans": kmeans_text, "supervised": supervised_text}.get(str(feat.get("kind")), pretrain_text)(feat)
     how += "; " + eval_text(res, feat) + ("" if is_control(feat) else curve_text(res))
-    kind = {"supervised": "upper reference"}.get(str(feat.get("kind")), "control" if is_control(feat) else "reproduced")
-    status = f"{kind} ({scale or 'custom'} scale)"
-    return {"model": row_name(feat, scale) + preprocessing_label(res), "full": percent(full.get("test_acc")),
-            "400 per class": percent(k400.get("mean"), k400.get("ci95")), "gain over untrained control": "",
-            "max # features units": feat.get("max_units", (feat.get("config") or {}).get("k", "-")),
-            "status": "; ".join([status] + flags(res, feat)),
+    kind = {"supervised": "upper reference", "kmeans": "reproduced"}.get(str(feat.get("kind")),
+                                                                         "control" if is_control(feat) else "reproduced")
+    pre = feat.get("pretrain") or {}
+    pre_cfg = pre.get("config") or {}
+    n_test = full.get("test_size") or k400.get("test_size")
+    per_class = int((res.get("config") or {}).get("per_class", 400))
+    draws = k400.get("draws") or []
+    return {"model": row_name(feat, scale) + preprocessing_label(res), "status": kind, "scale": scale,
+            "seed": pre_cfg.get("seed"), "pretrain_steps": feat.get("checkpoint_step"),
+            "pretrain_data": split_name(str((pre.get("data") or {}).get("spec", ""))) if pre else "",
+            "eval_train": split_name(str(feat.get("source_train") or (feat.get("config") or {}).get("train"))),
+            "eval_test": split_name(str(feat.get("source_test") or (feat.get("config") or {}).get("test"))),
+            "hardware": (res.get("provenance") or {}).get("hardware"),
+            "pretrain_hardware": (pre.get("provenance") or {}).get("hardware"),
+            "commit": commit_of(res), "pretrain_commit": commit_of(pre) if pre else "",
+            "full_acc": full.get("test_acc"), "full_ci95_test": test_ci95(full.get("test_acc"), full.get("test_size")),
+            "full_c": full.get("c"), "full_c_at_edge": full.get("c_at_edge"),
+            "k_per_class": per_class, "k_acc": k400.get("mean"), "k_ci95_draws": k400.get("ci95"),
+            "k_ci95_test": test_ci95(k400.get("mean"), n_test), "k_draws": len(draws) or None,
+            "k_c": k400.get("c"), "k_c_at_edge": k400.get("c_at_edge"),
+            "max_units": feat.get("max_units", (feat.get("config") or {}).get("k", "-")),
+            "flags": flags(res, feat), "how_produced": how,
             "samples": "" if is_control(feat) else samples_link(res, out_dir, path.name.split(".")[0] + "-" + path.parent.name),
-            "how produced": how,
-            # for pairing rows with their controls, dropped before writing
-            "_pair": ((feat.get("pretrain") or {}).get("key"), json.dumps(svm_pairing_config(res), sort_keys=True)),
-            "_control": is_control(feat), "_acc": (full.get("test_acc"), k400.get("mean")), "_run_dir": run_dir_of(res)}
+            "seconds": stage_seconds(res, feat),
+            # for pairing rows with their controls and seeds, dropped before writing
+            "_pair": (pre.get("key"), json.dumps(svm_pairing_config(res), sort_keys=True)),
+            "_group": (str(feat.get("model")), feat.get("kind"), feat.get("checkpoint_step") == 0,
+                       json.dumps({k: v for k, v in pre_cfg.items() if k not in ("seed", "run_dir")}, sort_keys=True,
+                                  default=str), json.dumps(svm_pairing_config(res), sort_keys=True)),
+            "_control": is_control(feat), "_test_size": n_test, "_k_draws": draws,
+            "_full_correct": full.get("test_correct"), "_k_correct": k400.get("draw0_correct"),
+            "_run_dir": run_dir_of(res), "_run_key": pre.get("key"), "_features": (res.get("features") or {}).get("identity")}
+
+
+def stage_seconds(res: dict, feat: dict) -> dict[str, float]:
+    """Compute seconds each stage spent on this row's artifacts (as recorded in them)."""
+    settings = res.get("settings") or {}
+    feat_seconds = feat.get("seconds")
+    if isinstance(feat_seconds, dict):   # K-means: by part
+        feat_seconds = feat_seconds.get("total")
+    out = {"features": float(feat_seconds or 0.0)}
+    if feat.get("pretrain"):
+        out["pretrain"] = float((feat["pretrain"] or {}).get("seconds") or 0.0)
+    for name, setting in settings.items():
+        out[f"svm {name}"] = float(setting.get("seconds") or 0.0)
+    return out
 
 
 def svm_pairing_config(res: dict) -> dict:
     return {k: v for k, v in (res.get("config") or {}).items() if k not in ("features", "out", "device")}
-
-
-def gain(trained: float | None, control: float | None) -> str:
-    return "-" if trained is None or control is None else f"{100 * (trained - control):+.1f}"
 
 
 def attach_gains(rows: list[dict]) -> None:
@@ -295,8 +413,37 @@ def attach_gains(rows: list[dict]) -> None:
         if row["_control"] or row["_pair"][0] is None:
             continue
         control = controls.get(row["_pair"])
-        row["gain over untrained control"] = "no control" if control is None else \
-            f"full {gain(row['_acc'][0], control['_acc'][0])}, 400 {gain(row['_acc'][1], control['_acc'][1])} points"
+        if control is None:
+            row["gain_note"] = "no control"
+            continue
+        row["control_full_acc"], row["control_k_acc"] = control["full_acc"], control["k_acc"]
+        for name, g in (("full", gain_full(row, control)), ("k", gain_k(row, control))):
+            row[f"gain_{name}"] = g.get("gain")
+            row[f"gain_{name}_ci95"] = g.get("ci95")
+            row[f"gain_{name}_p"] = g.get("p")
+            row[f"gain_{name}_beyond_noise"] = g.get("beyond_noise")
+            row[f"_gain_{name}_text"] = gain_text(g)
+
+
+def seed_groups(rows: list[dict]) -> list[list[dict]]:
+    """Trained rows that differ only in the pretraining seed (same model, config, SVM protocol)."""
+    groups: dict = {}
+    for row in rows:
+        if row["status"] == "reproduced" and row["_run_key"]:
+            groups.setdefault(row["_group"], []).append(row)
+    return [sorted(g, key=lambda r: r["seed"] or 0) for g in groups.values() if len(g) > 1]
+
+
+def attach_seed_spread(rows: list[dict]) -> list[list[dict]]:
+    groups = seed_groups(rows)
+    for group in groups:
+        for key in ("full_acc", "k_acc", "gain_full", "gain_k"):
+            values = [r.get(key) for r in group if r.get(key) is not None]
+            if len(values) > 1:
+                for r in group:
+                    r[f"{key}_seed_std"] = float(np.std(values, ddof=1))
+                    r["seeds"] = ",".join(str(x["seed"]) for x in group)
+    return groups
 
 
 def reproduced_rows(cfg: Config) -> list[dict[str, Any]]:
@@ -304,19 +451,173 @@ def reproduced_rows(cfg: Config) -> list[dict[str, Any]]:
     attach_gains(rows)
     if cfg.data_note:
         for row in rows:
-            row["how produced"] += f"; data: {cfg.data_note}"
+            row["how_produced"] += f"; data: {cfg.data_note}"
+            row["data_note"] = cfg.data_note
     return rows
 
 
-def build_table(cfg: Config, rows: list[dict[str, Any]] | None = None) -> pd.DataFrame:
-    rows = reproduced_rows(cfg) if rows is None else rows
-    return pd.DataFrame((quoted_rows() if cfg.quoted else []) + rows, columns=COLUMNS)
+def main_rows(rows: list[dict]) -> list[dict]:
+    """One row per seed group (its lowest seed) and its control: the seed repeats go to their own section."""
+    groups = seed_groups(rows)
+    extra = {id(r) for g in groups for r in g[1:]}
+    extra_keys = {r["_run_key"] for g in groups for r in g[1:]}
+    return [r for r in rows if id(r) not in extra and not (r["_control"] and r["_run_key"] in extra_keys)]
+
+
+# ============================================================================ writers
+def k_header(rows: list[dict]) -> str:
+    counts = sorted({r["k_per_class"] for r in rows if r.get("k_acc") is not None and r["status"] != "quoted"})
+    return f"{'/'.join(map(str, counts or [400]))} per class"
+
+
+def md_cells(row: dict, note: int | None, k_name: str) -> dict[str, str]:
+    full = percent(row.get("full_acc"), row.get("full_ci95_test"))
+    k = percent(row.get("k_acc"), row.get("k_ci95_draws"))
+    if row["status"] == "quoted":
+        full, k = percent(row.get("full_acc")), percent(row.get("k_acc"), row.get("k_ci95_draws"))
+    edge = [s for s, key in (("full", "full_c_at_edge"), ("k", "k_c_at_edge")) if row.get(key)]
+    return {"model": row["model"], "scale": row["scale"], "full": full + (" †" if "full" in edge else ""),
+            k_name: k + (" †" if "k" in edge else ""),
+            "gain full": row.get("_gain_full_text", ""), f"gain {k_name.split()[0]}": row.get("_gain_k_text", ""),
+            "notes": f"[{note}]" if note else row.get("how_produced", ""),
+            "": row.get("samples", "")}
+
+
+def cost_text(rows: list[dict], curves: list[dict]) -> str:
+    """What the table cost, summed over its distinct artifacts, by stage."""
+    totals: dict[str, float] = {}
+    seen_runs, seen_feats = set(), set()
+    for row in rows:
+        if row["status"] == "quoted":
+            continue
+        sec = row["seconds"]
+        if row["_run_key"] and row["_run_key"] not in seen_runs and not row["_control"]:
+            seen_runs.add(row["_run_key"])
+            totals["pretraining"] = totals.get("pretraining", 0) + sec.get("pretrain", 0)
+        if row["_features"] not in seen_feats:
+            seen_feats.add(row["_features"])
+            key = "K-means" if "K-means" in row["model"] else "features"
+            totals[key] = totals.get(key, 0) + sec.get("features", 0)
+        for name in ("svm full", "svm 400"):
+            label = "SVM full" if name == "svm full" else f"SVM {row['k_per_class']} per class"
+            totals[label] = totals.get(label, 0) + sec.get(name, 0)
+    curve_seconds = sum(p.get("seconds") or 0 for c in curves for p in c.get("points", []))
+    if curve_seconds:
+        totals["curve"] = curve_seconds
+    hardware = sorted({str(r.get("hardware")) for r in rows if r["status"] != "quoted" and r.get("hardware")})
+    parts = ", ".join(f"{k} {duration(v)}" for k, v in totals.items() if v)
+    return (f"Compute recorded in the artifacts: {parts}; in all {duration(sum(totals.values()))}"
+            f" on {'; '.join(hardware) or '?'}.")
+
+
+def seed_section(groups: list[list[dict]], k_name: str) -> str:
+    if not groups:
+        return ("**Spread over pretraining seeds: not measured here** (the chain's `seed_repeats` was empty): the ± "
+                "above cover the SVM draws and the test images, not the GAN's own seed.\n")
+    out = []
+    for group in groups:
+        name = group[0]["model"]
+        lines = [f"| seed | full | {k_name} | gain full | gain {k_name.split()[0]} |", "|---|---|---|---|---|"]
+        for r in group:
+            lines.append(f"| {r['seed']} | {percent(r.get('full_acc'))} | {percent(r.get('k_acc'))} | "
+                         f"{r.get('_gain_full_text', '-')} | {r.get('_gain_k_text', '-')} |")
+
+        def stat(key):
+            vals = [r[key] for r in group if r.get(key) is not None]
+            return f"{100 * np.mean(vals):+.1f} ± {100 * np.std(vals, ddof=1):.1f}" if len(vals) > 1 else "-"
+        mean_acc = lambda key: stat(key).lstrip("+")   # noqa: E731
+        lines.append(f"| mean ± std over {len(group)} seeds | {mean_acc('full_acc')} | {mean_acc('k_acc')} | "
+                     f"{stat('gain_full')} | {stat('gain_k')} |")
+        out.append(f"**Spread over pretraining seeds: {name}**, seeds {', '.join(str(r['seed']) for r in group)} "
+                   f"(each with its own untrained control, the same features and SVM protocol). The std over seeds "
+                   f"is the noise a second run of this table would see; a gain smaller than it is not a finding.\n\n"
+                   + "\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
+def header(cfg: Config, rows: list[dict], k_name: str, cost: str) -> str:
+    made_by = f"`{cfg.command}`" if cfg.command else "`replearn table`"
+    scales = sorted({r["scale"] for r in rows if r["status"] != "quoted"})
+    quoted = ("Rows marked *quoted* are the literature's numbers on the real CIFAR-10 test split "
+              "(docs/protocol.md s.4), not comparable with rows scored elsewhere. " if cfg.quoted else "")
+    return (f"# {DATASET_TITLES.get(cfg.dataset, cfg.dataset)} linear L2-SVM accuracy on frozen features "
+            f"({', '.join(scales) or 'no'} scale)\n\n"
+            f"Generated by {made_by} at commit {git_commit()}. {quoted}"
+            f"Each reproduced critic stands beside its *untrained control*: the same network at initialisation "
+            f"(step 0, BatchNorm statistics recomputed the same way) through the same features and SVM protocol; "
+            f"*gain* is the trained row minus its control, in points.\n\n"
+            f"Noise: **full** ± is the 95% interval from sampling the test images alone (binomial); **{k_name}** ± "
+            f"is 1.96 std over the draws of labelled images, as the paper reports it (the test images' own ± is in "
+            f"the csv). **gain full** ± and p: McNemar's test on the same test images; **gain {k_name.split()[0]}** ±: "
+            f"draws (paired) and test images in quadrature. `*` marks a gain beyond that noise (p < 0.05), "
+            f"`(n.s.)` one that is not distinguishable from zero. † marks a C at the edge of its capped search. "
+            f"None of these cover the GAN's own seed: see the seed spread below the table.\n\n"
+            f"Rows marked *[SVM input: layers equalised]* fit the same features with every layer rescaled to an "
+            f"equal share of the mean squared norm (svm layer_scale=equal); the unmarked rows follow the paper. "
+            f"Scale *tiny* and *smoke* rows only check that the chain runs; *cpu* rows come from 2000 generator "
+            f"steps on a 30k-image ImageNet stand-in, not the paper's 300k steps on ImageNet-1k.\n\n{cost}\n\n")
+
+
+def latex_escape(text: str) -> str:
+    out = str(text)
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
+                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}"),
+                 ("±", r"$\pm$"), ("†", r"$^\dagger$"), ("*", r"$^*$")):
+        if a in ("{", "}"):
+            continue
+        out = out.replace(a, b)
+    return out
+
+
+def latex_table(rows: list[dict], k_name: str) -> str:
+    cols = ["model", "scale", "full", k_name, "gain full", f"gain {k_name.split()[0]}", "how produced (short)"]
+    lines = [r"\begin{tabular}{lllllll}", r"\hline", " & ".join(latex_escape(c) for c in cols) + r" \\", r"\hline"]
+    for row in rows:
+        cells = md_cells(row, None, k_name)
+        short = row.get("how_produced", "") if row["status"] == "quoted" else \
+            (f"{row.get('pretrain_steps', '')} G steps; {row.get('hardware', '')}; commit {row.get('commit', '')}"
+             if row.get("pretrain_steps") is not None else f"{row.get('hardware', '')}; commit {row.get('commit', '')}")
+        values = [cells["model"], cells["scale"], cells["full"], cells[k_name], cells["gain full"],
+                  cells[f"gain {k_name.split()[0]}"], short]
+        lines.append(" & ".join(latex_escape(v) for v in values) + r" \\")
+    lines += [r"\hline", r"\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+CSV_DROP = ("samples", "seconds")
+
+
+def csv_frame(rows: list[dict], k_name: str) -> pd.DataFrame:
+    records = []
+    for row in rows:
+        cells = md_cells(row, None, k_name)
+        rec = {k: v for k, v in row.items() if not k.startswith("_") and k not in CSV_DROP}
+        rec["flags"] = "; ".join(row.get("flags") or [])
+        rec.update({"full_display": cells["full"], "k_display": cells[k_name],
+                    "gain_full_display": cells["gain full"], "gain_k_display": cells[f"gain {k_name.split()[0]}"]})
+        for key, value in (row.get("seconds") or {}).items():
+            rec[f"seconds_{key.replace(' ', '_')}"] = value
+        records.append(rec)
+    frame = pd.DataFrame(records)
+    first = ["model", "status", "scale", "seed", "pretrain_steps", "full_acc", "full_ci95_test", "k_per_class", "k_acc",
+             "k_ci95_draws", "k_ci95_test", "gain_full", "gain_full_ci95", "gain_full_p", "gain_full_beyond_noise",
+             "gain_k", "gain_k_ci95", "gain_k_beyond_noise"]
+    return frame[[c for c in first if c in frame] + [c for c in frame if c not in first]]
+
+
+def curves_of(rows: list[dict]) -> list[dict]:
+    found = []
+    for run_dir in sorted({r["_run_dir"] for r in rows if r.get("_run_dir")}):
+        curve = latest_curve(run_dir)
+        if curve is not None:
+            found.append(json.loads(curve.read_text()))
+    return found
 
 
 def compare_samples(cfg: Config, rows: list[dict[str, Any]]) -> Path | None:
     """All reproduced GAN rows' sample grids side by side in one PNG."""
     from .report import report_compare
-    runs = sorted({r["_run_dir"] for r in rows if r["_run_dir"]})
+    runs = sorted({r["_run_dir"] for r in rows if r["_run_dir"] and not r["_control"]})
     if not runs:
         return None
     return report_compare(runs, Path(cfg.out_dir) / f"{cfg.name}_samples.png", "samples of each reproduced GAN")
@@ -325,32 +626,36 @@ def compare_samples(cfg: Config, rows: list[dict[str, Any]]) -> Path | None:
 DATASET_TITLES = {"cifar10": "CIFAR-10", "mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "digits": "digits"}
 
 
-def header(cfg: Config, n_reproduced: int) -> str:
-    made_by = f" by `{cfg.command}`" if cfg.command else ""
-    quoted = ("Quoted rows are the literature's numbers on the CIFAR-10 test split (PROTOCOL s.4); "
-              if cfg.quoted else "")
-    return (f"# {DATASET_TITLES.get(cfg.dataset, cfg.dataset)} linear L2-SVM accuracy on frozen features\n\n"
-            f"Generated{made_by} with `replearn table` at commit {git_commit()}. {quoted}"
-            f"{n_reproduced} reproduced row(s) were computed by this code, and each says how, including "
-            f"which split it was scored on. Each reproduced critic has an *untrained control* row: the same "
-            f"network at initialisation (step 0, BatchNorm statistics recomputed the same way) through the same "
-            f"features and SVM protocol; the gain over it is what pretraining bought. \"+-x\" is 1.96 std over "
-            f"the 400-per-class draws, as the paper reports it. Rows marked *[SVM input: layers equalised]* fit "
-            f"the same features with every layer rescaled to an equal share of the mean squared norm (svm "
-            f"layer_scale=equal); the unmarked rows follow the paper (features as extracted). Rows marked *smoke*, *tiny* or *cpu scale* come "
-            f"from minutes of CPU pretraining and are not comparable with the quoted numbers.\n\n")
+def build_markdown(cfg: Config, rows: list[dict], shown: list[dict], groups, k_name: str, footer: str) -> str:
+    table_rows, notes = [], []
+    for row in (quoted_rows() if cfg.quoted else []) + shown:
+        note = None
+        if row["status"] != "quoted":
+            notes.append(row)
+            note = len(notes)
+        table_rows.append(md_cells(row, note, k_name))
+    frame = pd.DataFrame(table_rows)
+    text = header(cfg, rows, k_name, cost_text(rows, curves_of(rows))) + frame.to_markdown(index=False) + "\n\n"
+    text += seed_section(groups, k_name) + "\n**How each row was produced**\n\n"
+    for i, row in enumerate(notes, 1):
+        flag = f" **Flags: {'; '.join(row['flags'])}.**" if row.get("flags") else ""
+        text += f"{i}. *{row['model']}* ({row['status']}, {row['scale']} scale): {row['how_produced']}.{flag}\n"
+    return text + footer
 
 
 def run(cfg: Config) -> Path:
     """Write <out_dir>/<name>.md, .csv and .tex from the svm results."""
     rows = reproduced_rows(cfg)
-    table = build_table(cfg, rows)
+    groups = attach_seed_spread(rows)
+    shown = main_rows(rows)
+    k_name = k_header(rows)
     out = Path(cfg.out_dir)
-    n_rep = int((table["status"] != "quoted").sum())
     compared = compare_samples(cfg, rows)
     footer = f"\n![samples]({compared.name})\n" if compared else ""
-    atomic_write_text(out / f"{cfg.name}.md", header(cfg, n_rep) + table.to_markdown(index=False) + "\n" + footer)
-    atomic_write_text(out / f"{cfg.name}.csv", table.to_csv(index=False))
-    atomic_write_text(out / f"{cfg.name}.tex", table.drop(columns=["how produced", "samples"]).to_latex(index=False))
-    print(table.drop(columns=["how produced", "samples"]).to_markdown(index=False))
+    every = (quoted_rows() if cfg.quoted else []) + rows
+    atomic_write_text(out / f"{cfg.name}.md", build_markdown(cfg, rows, shown, groups, k_name, footer))
+    atomic_write_text(out / f"{cfg.name}.csv", csv_frame(every, k_name).to_csv(index=False))
+    atomic_write_text(out / f"{cfg.name}.tex", latex_table((quoted_rows() if cfg.quoted else []) + shown, k_name))
+    frame = pd.DataFrame([md_cells(r, None, k_name) for r in every]).drop(columns=["notes", ""])
+    print(frame.to_markdown(index=False))
     return out / f"{cfg.name}.md"

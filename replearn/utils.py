@@ -50,14 +50,17 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha or "unknown") + ("-dirty" if dirty else "")
+        sha, dirty = "", ""
+    if not sha:
+        # a copy of the tree without .git (e.g. sent to a GPU machine): the sender checked every file
+        # against its commit's blobs and says so here (benchmarks/gpu_chain.sh); else unknown
+        return os.environ.get("REPLEARN_SOURCE_COMMIT", "unknown")
+    return sha + ("-dirty" if dirty else "")
 
 
 def hardware() -> str:
     import torch
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    gpu = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)} with " if torch.cuda.is_available() else ""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -67,7 +70,7 @@ def hardware() -> str:
     except OSError:
         pass
     isa = cpu_vector_units()
-    return f"CPU {cpu} ({os.cpu_count()} cores{', ' + isa if isa else ''})"
+    return f"{gpu}CPU {cpu} ({os.cpu_count()} cores{', ' + isa if isa else ''})"
 
 
 # the vector units that decide CPU timings here: the same "AMD EPYC" model name has come as a Zen 4 with
