@@ -80,14 +80,21 @@ case "$STEP" in
   *) echo "unknown step $STEP" >&2; exit 2 ;;
 esac
 start=$(date +%s)
+# the chain's disk use, sampled every 5 s: its peak is what the README states
+( while sleep 5; do echo "$(( $(date +%s) - start )) $(du -sb build cache 2>/dev/null | awk '{s+=$1} END {print s}')"; done ) \
+  > "$OUT/disk-$STEP.log" &
+sampler=$!
 set +e
 timeout "${CHAIN_TIMEOUT:-540}" "${MAKE[@]}" "$target" > "$OUT/chain-$STEP.log" 2>&1
 rc=$?
 set -e
+kill $sampler 2>/dev/null || true
+echo "peak disk (build + cache): $(sort -k2 -n "$OUT/disk-$STEP.log" | tail -1 | awk '{printf "%.2f GB at %d s", $2/1e9, $1}')"
 echo "chain $STEP: rc=$rc in $(( $(date +%s) - start )) s"
 df -h /work | tail -1
 du -sh build cache 2>/dev/null || true
 # what comes back: the table, its figures, and every small artifact (no features, no checkpoints)
-tar czf "$OUT/artifacts.tar.gz" --exclude='*.h5' --exclude='*.pt' tables build 2>/dev/null || true
+tar czf "$OUT/artifacts.tar.gz" --exclude='*.h5' --exclude='*.pt' --exclude='*/samples/step_*' tables build \
+  2>/dev/null || true
 tail -c 4000 "$OUT/chain-$STEP.log"
 exit $rc
