@@ -15,7 +15,7 @@ Any spec may end in a python slice `[a:b]` over a fixed seed-0 shuffle of the ro
 (so `[:40000]` / `[40000:]` are a random, disjoint carve-out even of class-sorted files):
 `train.parquet[:40000]` and `train.parquet[40000:]` carve a validation split out of train.
 
-Geometry (PROTOCOL section 1): min-side resize to `size`, then center crop `size` x `size`.
+Geometry (docs/protocol.md s.1): min-side resize to `size`, then center crop `size` x `size`.
 Both happen in one PIL bicubic resampling of the centred square (`resize(box=...)`), which is
 the same as resize-then-crop in continuous coordinates without rounding the intermediate size;
 PIL's bicubic widens its kernel when shrinking, so it is antialiased. Images already
@@ -58,7 +58,7 @@ from .utils import check_writable
 @dataclass(frozen=True)
 class Config:
     source: str = "hf:uoft-cs/cifar10:train"   # the real CIFAR-10 on the Hub; pass a local path offline
-    size: int = 32             # PROTOCOL section 1: every image becomes 32 x 32
+    size: int = 32             # docs/protocol.md s.1: every image becomes 32 x 32
     cache_dir: str = "cache"   # caches are rebuilt from sources, so they live apart from results
     workers: int = 2           # decoding processes; this machine has 2 cores
     out: str = ""              # explicit output path; "" = cache_path(source, size, cache_dir)

@@ -37,7 +37,7 @@ class Config:
     checkpoint: str = "last.pt"      # a checkpoint in the run folder, or `all` (every ckpt_*.pt and last.pt)
     real: str = ""                   # FID reference images; '' = the run's training data (FID's usual reference)
     heldout: str = ""                # real images for E[D(real)] - E[D(fake)]; '' = `real` (then not held out: flagged)
-    num_samples: int = 5000          # generated and real images for FID: PROTOCOL s.6's lower end (paper preset: 50k)
+    num_samples: int = 5000          # generated and real images for FID: docs/protocol.md s.6's lower end (paper preset: 50k)
     critic_samples: int = 2000       # per side for the Wasserstein estimate: std error ~ std(D) / 45
     diversity_samples: int = 1000    # pairwise distances cost n^2: 1000 gives ~500k pairs, plenty for a mean
     nn_queries: int = 16             # generated images (grid rows) searched for nearest training images

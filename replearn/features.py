@@ -36,7 +36,7 @@ class Config:
     test: str = "hf:uoft-cs/cifar10:test"    # the split it is scored on
     out: str = ""                           # default <run>/features-<hash of inputs>.h5
     batch: int = 256                        # large enough to keep the CPU's matmul units busy
-    grid: int = 4                           # PROTOCOL s.2: each layer max-pooled to 4x4
+    grid: int = 4                           # docs/protocol.md s.2: each layer max-pooled to 4x4
     precision: str = "auto"                 # auto: bf16 where the hardware has bf16 units
     channels_last: bool = True
     # float16 halves the file (60k x 28672 x 2 B = 3.4 GB, against 6.9 GB) and loses nothing the SVM sees:

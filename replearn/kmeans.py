@@ -1,6 +1,6 @@
 """The single-layer K-means baseline of Coates, Lee and Ng (2011), written to the feature layout.
 
-Pipeline (PROTOCOL section 5, following Coates's `kmeans_demo.m`, `run_kmeans.m`, `extract_features.m`):
+Pipeline (docs/protocol.md s.5, following Coates's `kmeans_demo.m`, `run_kmeans.m`, `extract_features.m`):
   1. patches    `patches` random 6x6x3 patches from the training images (seeded; every image is
                 visited in a shuffled order, as Coates cycles through his images). With `channels=1`
                 (grayscale data such as MNIST) the patches are 6x6x1 of the luminance and everything

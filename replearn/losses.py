@@ -3,7 +3,7 @@
 A loss knows how many critic steps to take before each generator step, computes the critic and
 generator losses, and what to do after a critic step (weight clipping for WGAN). Each returns
 `(loss, stats)` where stats are floats for the log. `defaults` carries the reference code's
-hyperparameters (PROTOCOL s.1), applied where the user did not set a key.
+hyperparameters (docs/protocol.md s.1), applied where the user did not set a key.
 """
 from __future__ import annotations
 

@@ -142,7 +142,7 @@ class Critic(nn.Module):
 
 @piecewise_linear
 class ConvCritic(Critic):
-    """The DCGAN ImageNet critic of PROTOCOL s.1: 3x3 convs, conv -> norm -> LeakyReLU(0.2)."""
+    """The DCGAN ImageNet critic of docs/protocol.md s.1: 3x3 convs, conv -> norm -> LeakyReLU(0.2)."""
 
     def __init__(self, channels=(128, 128, 256, 256, 512, 512), strides=(1, 2, 1, 2, 1, 2), norm: str = "batch",
                  spectral_norm: bool = False, attention_res: int = 0, image_size: int = 32, slope: float = 0.2,

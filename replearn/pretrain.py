@@ -49,7 +49,7 @@ TRAINER_VERSION = 3
 class Config:
     model: str = "dcgan"          # a recipe: arch + loss + options (see RECIPES); explicit keys override it
     run_dir: str = ""             # default runs/<model>
-    data: str = "hf:benjamin-paine/imagenet-1k-32x32:train"  # ImageNet-1k at 32x32 (PROTOCOL s.1)
+    data: str = "hf:benjamin-paine/imagenet-1k-32x32:train"  # ImageNet-1k at 32x32 (docs/protocol.md s.1)
     image_size: int = 32          # 28, 32, 64 for dcgan (stride-2 stages follow the size), any for mlp
     channels: int = 3             # 1: grayscale nets (the critic reads the luminance; MNIST-style data)
     cache_dir: str = "cache"
@@ -64,7 +64,7 @@ class Config:
     width: float = 1.0            # channel multiplier (tests use small nets; 1.0 is the paper's)
     # BN breaks the per-sample gradient penalty: refused unless forced (None: the recipe's value, else false)
     force_batchnorm: bool | None = None
-    # -- optimisation (None: the loss's reference default, PROTOCOL s.1)
+    # -- optimisation (None: the loss's reference default, docs/protocol.md s.1)
     steps: int = 300000           # generator steps: 30 epochs of ImageNet-1k (1.28M images) at batch 128, as the
                                   # released DCGAN model (named for epoch 30); GPU-sized
     batch_size: int | None = None

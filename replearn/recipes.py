@@ -15,7 +15,7 @@ def recipe(name: str, **values):
     register_recipe(name)(lambda: dict(values))
 
 
-# -- the two papers (PROTOCOL s.1)
+# -- the two papers (docs/protocol.md s.1)
 recipe("dcgan", arch="dcgan", loss="dcgan")        # Radford et al.: the ImageNet critic, BCE
 recipe("wgan-gp", arch="dcgan", loss="wgan-gp")    # the same widths, no BN, gradient penalty
 recipe("wgan", arch="dcgan", loss="wgan")          # weight clipping, RMSprop
@@ -59,7 +59,7 @@ recipe("sagan", arch="dcgan", loss="hinge", norm="none", spectral_norm=True, att
 # DenseNet-style blocks in G and D, WGAN-GP (unnormalised critic, the WGAN-GP default)
 recipe("dense-wgan-gp", arch="dense", loss="wgan-gp")
 
-# -- optimizer comparison on the same model (PROTOCOL s.1: RMSprop, Adam and SGD); `dcgan` is the
+# -- optimizer comparison on the same model (docs/protocol.md s.1: RMSprop, Adam and SGD); `dcgan` is the
 # Adam row. Learning rates are common starting points, not tuned: RMSprop at DCGAN's Adam rate,
 # SGD with momentum 0.9 at 10x that rate (its effective step is ~ lr / (1 - momentum)).
 recipe("dcgan-rmsprop", arch="dcgan", loss="dcgan", optimizer="rmsprop", lr_g=2e-4, lr_d=2e-4)

@@ -87,7 +87,7 @@ class Study:
     probe_args: str = ""           # extra key=value words for the curve stage (train_rows=, per_class=, ...)
     quality_samples: int = 2000    # generated and held-out real images per checkpoint (W estimate, diversity)
     inception_weights: str = ""    # a local pt_inception-2015-12-05 file: FID (never downloaded); '' = no FID
-    fid_samples: int = 5000        # PROTOCOL s.6's lower end
+    fid_samples: int = 5000        # docs/protocol.md s.6's lower end
     build_dir: str = "build"
     tables_dir: str = "tables"
     cache_dir: str = "cache"

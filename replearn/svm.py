@@ -76,8 +76,8 @@ every class at `_liblinear_rule`, LinearSVC's own stopping point)}. A
 'no-progress' stop counts as converged only when every class also meets the rule LinearSVC itself
 stops at (liblinear's primal: rel_grad_k <= 1e-4 * min(#pos_k, #neg_k) / N).
 
-The protocol (`run`, PROTOCOL.md section 3)
--------------------------------------------
+The protocol (`run`, docs/protocol.md s.3)
+------------------------------------------
 - validation: a seeded class-balanced `val_size` subset of the feature file's `train` split
   (the `test` split is a different HDF5 group, so the two never overlap);
 - `400`: each C scored as the mean validation accuracy over `select_draws` class-balanced draws of

@@ -2,7 +2,7 @@
 
     python -m replearn table results='runs/**/*.svm.json'
 
-Quoted rows (PROTOCOL s.4) are marked `quoted`; every reproduced row says how it was produced:
+Quoted rows (docs/protocol.md s.4) are marked `quoted`; every reproduced row says how it was produced:
 pretraining data and steps, hardware, precision, the SVM's C and draws, the evaluation split,
 commit and date, and its scale (smoke runs are labelled as such).
 """
@@ -23,7 +23,7 @@ import pandas as pd
 from .config import ConfigError
 from .utils import atomic_write_text, git_commit
 
-# PROTOCOL s.4: (model, full %, 400-per-class %, +-, max # feature units, source)
+# docs/protocol.md s.4: (model, full %, 400-per-class %, +-, max # feature units, source)
 QUOTED = [
     ("1 Layer K-means", 80.6, 63.7, 0.7, 4800, "Coates & Ng 2011, quoted by Radford et al. 2016"),
     ("3 Layer K-means Learned RF", 82.0, 70.7, 0.7, 3200, "Coates & Ng 2011, quoted by Radford et al. 2016"),
@@ -46,7 +46,7 @@ class Config:
     out_dir: str = "tables"
     name: str = "cifar10"
     dataset: str = "cifar10"              # the evaluation data set the header names (its train/test pair)
-    quoted: bool = True                   # include the literature rows of PROTOCOL s.4 (CIFAR-10 only)
+    quoted: bool = True                   # include the literature rows of docs/protocol.md s.4 (CIFAR-10 only)
     data_note: str = ""                   # said in every reproduced row about the evaluation data
     command: str = ""                     # the command that built the results (named in the header)
     preset: str = ""
