@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -229,3 +228,13 @@ def test_a_flat_folder_of_pngs_pretrains_with_the_tiny_preset(capsys, tmp_path):
     assert code == 0, err
     assert (tmp_path / "run" / "ckpt_0000002.pt").exists() and (tmp_path / "run" / "finished.json").exists()
     assert "8 images 32x32" in out
+
+
+@pytest.mark.shared_data
+def test_a_bad_slice_of_the_real_cifar_file_names_train_data(capsys, shared_data, tmp_path):
+    """The README's command with a typo in the slice: refused before any pretraining, path as typed."""
+    (tmp_path / "data").symlink_to(shared_data)
+    typed = f"{tmp_path}/data/cifar10/train.parquet[:4O000]"   # the letter O for a zero
+    err = mistake(capsys, "chain", "preset=tiny", f"pretrain_data={tmp_path}/data/tinyimagenet/train.parquet",
+                  f"train={typed}", f"test={tmp_path}/data/cifar10/train.parquet[40000:]")
+    assert f"bad slice [:4O000] in {typed}" in err and "TRAIN_DATA=" in err
