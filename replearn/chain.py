@@ -23,7 +23,7 @@ UPTO = ("pretrain", "features", "svm", "curve", "table")
 
 @dataclass(frozen=True)
 class Config:
-    preset: str = "paper"
+    preset: str = ""               # tiny | smoke | cpu | paper: required, as the scales differ by hours
     models: tuple[str, ...] = ("dcgan", "wgan-gp")    # recipes (replearn.recipes); one table row each
     pretrain_data: str = "hf:benjamin-paine/imagenet-1k-32x32:train"
     train: str = "hf:uoft-cs/cifar10:train"          # the labelled split the SVMs fit
@@ -164,6 +164,12 @@ def command_line(cfg: Config) -> str:
 
 def run(cfg: Config) -> Path:
     """Run the whole chain (or up to `upto`) with keyed, reused artifacts; publish the table."""
+    if not cfg.preset:   # no silent default: `paper` is GPU-sized and downloads ImageNet
+        from .config import PRESETS
+        presets = sorted((p for p, stages in PRESETS.items() if "chain" in stages),
+                         key=lambda p: ("tiny", "smoke", "cpu", "paper", p).index(p))   # smallest first
+        raise ConfigError(f"no preset given: choose one of {', '.join(presets)} (preset=tiny; through make: "
+                          f"make svm-table PRESET=tiny ...)")
     if cfg.upto not in UPTO:
         raise ConfigError(f"unknown upto {cfg.upto!r}; choose from: {', '.join(UPTO)}")
     stop = UPTO.index(cfg.upto)

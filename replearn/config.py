@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from typing import Any, Callable, Iterable
@@ -26,6 +32,55 @@ def register_preset(preset: str, stage: str, **values: Any) -> None:
 
 def field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'steps'?)' for a near miss such as `stpes` or `PRESET`, else ''."""
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+
+
+# what keys without a comment of their own mean, wherever they appear
+COMMON_HELP = {"preset": "a named scale (e.g. tiny, smoke, cpu, paper) whose values this stage starts from",
+               "cache_dir": "where decoded image caches live (rebuilt from the sources when missing)",
+               "pretrain_data": "unlabelled images the GANs train on: any data source (a folder of JPEG/PNG files, "
+                                "parquet, hf:<id>[:split], ...)"}
+
+
+@functools.lru_cache(maxsize=None)
+def field_help(cls) -> dict[str, str]:
+    """Field name -> the comment beside it in the class source (with its indented continuation lines), else
+    the comment block just above it, so `replearn <stage> --help` says what each key means without a second
+    copy of the text to keep in step. Section banners (`# -- speed`) name groups, not keys: skipped."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))   # a class defined inside a function is indented
+    except (OSError, TypeError):
+        return {}
+    comments = {tok.start[0]: (tok.start[1], tok.string.lstrip("#").strip())
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+
+    def alone(row: int) -> bool:   # 1-based row holding nothing but a comment
+        return row in comments and lines[row - 1].strip().startswith("#")
+
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        parts, row = [], node.end_lineno
+        if row in comments and not alone(row):
+            parts.append(comments[row][1])
+            while alone(row + 1) and comments[row + 1][0] > node.col_offset:   # the comment wraps
+                row += 1
+                parts.append(comments[row][1])
+        else:
+            row = node.lineno - 1
+            while alone(row) and comments[row][0] == node.col_offset and not comments[row][1].startswith("--"):
+                parts.insert(0, comments[row][1])
+                row -= 1
+        out[node.target.id] = " ".join(parts) or COMMON_HELP.get(node.target.id, "")
+    return out
 
 
 def _coerce(cls, key: str, raw: Any) -> Any:
@@ -112,12 +167,15 @@ def build(cls, stage: str, overrides: dict[str, Any] | list[str] | None = None):
     valid = field_names(cls)
     unknown = sorted(k for k in overrides if k not in valid)
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} for stage {stage!r}; valid keys: {', '.join(valid)}")
+        named = ", ".join(f"{k!r}{did_you_mean(k, valid)}" for k in unknown)
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {named} for stage {stage!r}; "
+                          f"valid keys: {', '.join(valid)}")
     values: dict[str, Any] = {}
     preset = overrides.get("preset")
     if preset and "preset" in valid:   # '' (every stage's default) and None mean no preset
         if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}{did_you_mean(str(preset), PRESETS)}; "
+                              f"choose from {sorted(PRESETS)}")
         values.update(PRESETS[preset].get(stage, {}))
     values.update(overrides)
     return validate(cls(**{k: _coerce(cls, k, v) for k, v in values.items()}))

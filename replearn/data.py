@@ -9,6 +9,7 @@ A *source spec* is one string, accepted wherever a stage takes data:
     path/to/imagenet32[:val]        Imagenet32 batches (Chrabaszcz et al.): train_data_batch_*; `:val`
     path/to/mnist[:test]            MNIST / Fashion-MNIST idx files (train-*-ubyte[.gz]; `:test` = t10k-*)
     path/to/root[:split]            a JPEG tree root/<class>/<file> (`:train` = root/train)
+    path/to/folder[:split]          a folder of image files, flat or nested without class meaning: unlabelled
     path/to/cache.h5                an image cache written by `prepare`
 
 Any spec may end in a python slice `[a:b]` over a fixed seed-0 shuffle of the rows, read in file order
@@ -68,8 +69,9 @@ class Config:
 register_check(Config, lambda cfg: require(cfg, at_least={"size": 1}, non_negative=("workers",), stage="prepare"))
 
 ACCEPTED = ("a parquet file or folder (HF layout), hf:<dataset id>[:split], a CIFAR-10 batches folder[:test], "
-            "an Imagenet32 batches folder[:val], an MNIST-style idx folder[:test], a JPEG tree root/<class>/<file>, or an .h5 image cache; "
-            "optionally followed by a row slice [a:b]")
+            "an Imagenet32 batches folder[:val], an MNIST-style idx folder[:test], a JPEG tree root/<class>/<file>, "
+            "a folder of JPEG/PNG files (unlabelled), or an .h5 image cache; optionally followed by a row slice [a:b]")
+CLASS_LAYOUT = "the class-folder layout root/<class>/<file> (one folder of images per class)"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 PARQUET_BATCH = 1024     # rows decoded per step: bounds memory, keeps the progress bar moving
 FILE_BATCH = 512         # files handed to the worker pool per step
@@ -114,14 +116,28 @@ def fit_array(images: np.ndarray, size: int) -> np.ndarray:
 
 
 # ============================================================================ source specs
+class DataError(ConfigError):
+    """A source spec that cannot be read. `spec` is the spec as the user typed it, so the CLI can say which
+    key (or make variable) to set; `hint` is that advice, put before the long list of accepted forms."""
+
+    def __init__(self, message: str, spec: str = "", accepted: bool = False):
+        super().__init__(message)
+        self.message, self.spec, self.accepted, self.hint = message, spec, accepted, ""
+
+    def __str__(self) -> str:
+        hint = f"; {self.hint}" if self.hint else ""
+        return f"{self.message}{hint}" + (f" (accepted: {ACCEPTED})" if self.accepted else "")
+
+
 @dataclass(frozen=True)
 class Spec:
     text: str                # the spec as given
-    kind: str                # parquet | hf | cifar | imagenet32 | jpeg-tree | cache
+    kind: str                # parquet | hf | cifar | imagenet32 | idx | jpeg-tree | images | cache
     location: str            # an absolute path, or the dataset id for hf
     split: str | None
     start: int | None        # the [a:b] slice, None where omitted
     stop: int | None
+    typed: str = ""          # the path as typed: messages echo it (location has symlinks resolved)
 
 
 SLICE = re.compile(r"^(?P<base>.*)\[(?P<start>[+-]?\d*):(?P<stop>[+-]?\d*)\]$")
@@ -130,8 +146,21 @@ SPLITS = {"cifar": ("train", "test"), "imagenet32": ("train", "val"), "idx": ("t
 
 
 def parse_spec(text: str) -> Spec:
-    text = text.strip()
+    try:
+        return _parse_spec(text.strip())
+    except DataError:
+        raise
+    except ConfigError as err:   # e.g. a folder's bad split: the CLI still names the key that gave it
+        raise DataError(str(err), text.strip()) from None
+
+
+def _parse_spec(text: str) -> Spec:
     match = SLICE.match(text)
+    if not match and re.search(r"\[[^\[\]]*\]$", text) and not Path(text).expanduser().exists():
+        # `train.parquet[:abc]` would otherwise be reported as a missing file named with its slice
+        bad = text[text.rindex("["):]
+        raise DataError(f"bad slice {bad} in {text}: a row slice is [a:b] with whole numbers, either one may be "
+                        f"left out (e.g. [:40000] or [40000:])", text)
     base = match["base"] if match else text
     start, stop = (_int_or_none(match["start"]), _int_or_none(match["stop"])) if match else (None, None)
     if base.startswith("hf:"):
@@ -142,11 +171,11 @@ def parse_spec(text: str) -> Spec:
     if not path.exists() and split_match and Path(split_match["path"]).expanduser().exists():
         path, split = Path(split_match["path"]).expanduser(), split_match["split"]
     if not path.exists():
-        raise ConfigError(f"data source not found: {base} (accepted: {ACCEPTED})")
+        raise DataError(f"data source not found: {base}", text, accepted=True)
     kind = detect_kind(path, split)
     if kind in SPLITS and split is not None and split not in SPLITS[kind]:
         raise ConfigError(f"{kind} folder {path} has no split {split!r}; choose from: {', '.join(SPLITS[kind])}")
-    return Spec(text, kind, str(path.resolve()), split, start, stop)
+    return Spec(text, kind, str(path.resolve()), split, start, stop, typed=str(path))
 
 
 def absolute_spec(text: str) -> str:
@@ -174,7 +203,7 @@ def detect_kind(path: Path, split: str | None = None) -> str:
         kinds = {".parquet": "parquet", ".h5": "cache", ".hdf5": "cache"}
         if path.suffix.lower() in kinds:
             return kinds[path.suffix.lower()]
-        raise ConfigError(f"unrecognised data file {path} (accepted: {ACCEPTED})")
+        raise DataError(f"unrecognised data file {path}", accepted=True)
     names = {p.name for p in path.iterdir()}
     if names & {"data_batch_1", "test_batch"} or "cifar-10-batches-py" in names:
         return "cifar"
@@ -184,14 +213,38 @@ def detect_kind(path: Path, split: str | None = None) -> str:
         return "idx"
     root = path / split if split and (path / split).is_dir() else path   # imagenet:train = imagenet/train
     if any(_has_images(sub) for sub in root.iterdir() if sub.is_dir()):
-        return "jpeg-tree"   # checked before parquet: walking a 1.28M-file tree for *.parquet takes long
+        # checked before parquet: walking a 1.28M-file tree for *.parquet takes long. Images beside the
+        # folders mean the folders are no classes (a class tree keeps every image in a class folder)
+        return "images" if _has_images(root) else "jpeg-tree"
     if next(path.rglob("*.parquet"), None) is not None:
         return "parquet"
-    raise ConfigError(f"unrecognised data folder {path} (accepted: {ACCEPTED})")
+    if next(_image_files(root), None) is not None:
+        return "images"      # flat, or nested without a class per folder: unlabelled (`require_labelled`)
+    raise DataError(f"unrecognised data folder {path}", accepted=True)
 
 
 def _has_images(folder: Path) -> bool:
     return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
+def _image_files(root: Path) -> Iterator[str]:
+    """Every image file under root, in sorted path order; hidden files and folders (.git, .cache) skipped."""
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                yield os.path.join(folder, name)
+
+
+def require_labelled(spec: str) -> None:
+    """Refuse a folder of images without classes where labelled data is needed (the SVM's train and test)."""
+    parsed = parse_spec(spec) if spec else None
+    if parsed is not None and parsed.kind == "images":
+        root = Path(parsed.location) / parsed.split if parsed.split else Path(parsed.location)
+        folders = any(p.is_dir() for p in root.iterdir())
+        loose = " (it holds image files outside any class folder)" if folders and _has_images(root) else ""
+        raise DataError(f"{spec} is a folder of images without classes{loose}; labelled data needs {CLASS_LAYOUT}; "
+                        f"as unlabelled pretraining data it is fine", spec)
 
 
 SLICE_SEED = 0   # the fixed shuffle that slices index (see `_resolve_rows`)
@@ -213,7 +266,7 @@ def _resolve_rows(spec: Spec, num_rows: int) -> np.ndarray:
         rows = np.sort(order[slice(spec.start, spec.stop)])
     if len(rows) == 0:
         where = f" (slice [{spec.start}:{spec.stop}] of {num_rows} rows)" if num_rows else ""
-        raise ConfigError(f"data source {spec.text} holds no images{where}; check the path and slice")
+        raise DataError(f"data source {spec.text} holds no images{where}; check the path and slice", spec.text)
     return rows
 
 
@@ -370,8 +423,8 @@ def read_hf(spec: Spec, label_column: str = "") -> RawSource:
             ds = datasets.load_dataset(spec.location, split=spec.split)
     except Exception as err:   # offline, unknown id, unknown split: all need the same advice
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"cannot load Hugging Face dataset {spec.location!r} split {spec.split!r} ({reason}); "
-                          f"offline, pass a local path instead: {ACCEPTED}") from None
+        raise DataError(f"cannot load Hugging Face dataset {spec.location!r} split {spec.split!r} ({reason}); "
+                        f"offline, pass a local path instead", spec.text, accepted=True) from None
     image_col = next((n for n, f in ds.features.items() if isinstance(f, datasets.Image)), None)
     if image_col is None:
         raise ConfigError(f"dataset {spec.location!r} has no Image column (features: {', '.join(ds.features)})")
@@ -528,6 +581,23 @@ def read_jpeg_tree(spec: Spec) -> RawSource:
     return RawSource(len(files), classes, batches, lambda i: os.path.relpath(files[i], root))
 
 
+def read_image_folder(spec: Spec) -> RawSource:
+    """A folder of image files, flat or nested (folders carry no class): every file, in sorted path order,
+    unlabelled (-1). A user's own photos for pretraining; labelled data needs the class-folder tree."""
+    root = Path(spec.location) / spec.split if spec.split else Path(spec.location)
+    if not root.is_dir():
+        raise ConfigError(f"image folder {spec.typed or spec.location} has no folder {spec.split!r}")
+    files = list(_image_files(root))
+    labels = np.full(len(files), -1, dtype=np.int64)
+
+    def batches(start: int, stop: int):
+        for lo in range(start, stop, FILE_BATCH):
+            hi = min(lo + FILE_BATCH, stop)
+            yield files[lo:hi], labels[lo:hi]
+
+    return RawSource(len(files), [], batches, lambda i: os.path.relpath(files[i], root))
+
+
 # ---------------------------------------------------------------------------- idx (MNIST, Fashion-MNIST)
 IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -581,7 +651,7 @@ def read_idx(spec: Spec) -> RawSource:
 
 READERS: dict[str, Callable[[Spec], RawSource]] = {
     "parquet": read_parquet, "hf": read_hf, "cifar": read_cifar,
-    "imagenet32": read_imagenet32, "jpeg-tree": read_jpeg_tree, "idx": read_idx,
+    "imagenet32": read_imagenet32, "jpeg-tree": read_jpeg_tree, "idx": read_idx, "images": read_image_folder,
 }
 
 
@@ -687,9 +757,16 @@ def open_raw(parsed: Spec, label_column: str = "") -> RawSource:
     if label_column and parsed.kind not in ("parquet", "hf"):
         raise ConfigError(f"label_column={label_column!r} applies to parquet and hf: sources only; {parsed.text} is "
                           f"a {parsed.kind} source: leave label_column empty")
-    if parsed.kind in ("parquet", "hf"):
-        return READERS[parsed.kind](parsed, label_column)
-    return READERS[parsed.kind](parsed)
+    try:
+        if parsed.kind in ("parquet", "hf"):
+            return READERS[parsed.kind](parsed, label_column)
+        return READERS[parsed.kind](parsed)
+    except DataError:
+        raise
+    except ConfigError as err:
+        # readers name the resolved location; the user knows the path as typed (symlinks and all)
+        text = str(err).replace(parsed.location, parsed.typed) if parsed.typed else str(err)
+        raise DataError(text, parsed.text) from None
 
 
 def load_source(spec: str, size: int = 32, workers: int = 2, progress: bool = True, label_column: str = "",
@@ -716,7 +793,7 @@ def load_source(spec: str, size: int = 32, workers: int = 2, progress: bool = Tr
     with contextlib.closing(bar):
         images, labels, skipped = _decode_rows(spec, raw, rows, size, workers, bar)
     if len(images) == 0:
-        raise ConfigError(f"no readable images in {spec} ({len(skipped)} unreadable, e.g. {skipped[0]})")
+        raise DataError(f"no readable images in {spec} ({len(skipped)} unreadable, e.g. {skipped[0]})", spec)
     if skipped:
         print(f"prepare: skipped {len(skipped)} unreadable image(s) in {spec}, e.g. "
               f"{', '.join(skipped[:3])}", file=sys.stderr)
@@ -761,6 +838,10 @@ def _fingerprint(spec: Spec) -> list:
     if spec.kind == "hf":
         return []
     path = Path(spec.location)
+    if spec.kind == "images":   # every file: a nested folder's mtime misses files that come or go deeper down
+        root = path / spec.split if spec.split else path
+        stats = [(f, os.stat(f)) for f in _image_files(root)]
+        return [(os.path.relpath(f, root), st.st_size, st.st_mtime_ns) for f, st in stats]
     if spec.kind == "parquet":
         entries = _parquet_files(path, spec.split)
     else:   # batch files, or a tree's class folders (whose mtime changes when files come or go)

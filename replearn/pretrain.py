@@ -49,7 +49,7 @@ TRAINER_VERSION = 3
 class Config:
     model: str = "dcgan"          # a recipe: arch + loss + options (see RECIPES); explicit keys override it
     run_dir: str = ""             # default runs/<model>
-    data: str = "hf:benjamin-paine/imagenet-1k-32x32:train"  # ImageNet-1k at 32x32 (docs/protocol.md s.1)
+    data: str = "hf:benjamin-paine/imagenet-1k-32x32:train"  # unlabelled images, any source; ImageNet-1k 32x32 (docs/protocol.md s.1)
     image_size: int = 32          # 28, 32, 64 for dcgan (stride-2 stages follow the size), any for mlp
     channels: int = 3             # 1: grayscale nets (the critic reads the luminance; MNIST-style data)
     cache_dir: str = "cache"
@@ -484,6 +484,7 @@ def plan(cfg: Config) -> tuple[Config, str]:
     """(the resolved config with its run folder, the run's key), without loading any images."""
     from . import data
     cfg = resolve(cfg)
+    data.parse_spec(cfg.data)   # a bad spec fails here, as typed (the absolute one has its symlinks resolved)
     cfg = dataclasses.replace(cfg, data=data.absolute_spec(cfg.data))   # later stages read it from anywhere
     key = run_key(cfg, data_identity(cfg))
     return dataclasses.replace(cfg, run_dir=default_run_dir(cfg, key)), key

@@ -16,6 +16,7 @@ Run folder (written by `pretrain`):
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -101,12 +102,22 @@ def finished_record(run_dir: str | Path) -> dict | None:
 
 
 def checkpoint_path(run: str | Path, which: str = LAST) -> Path:
+    if not Path(run).exists() and Path(run).suffix != ".pt":   # the folder itself is missing, not a checkpoint in it
+        raise ConfigError(f"run folder not found: {run}{_near_folder(Path(run))}; set run= to a folder that "
+                          f"`replearn pretrain` wrote (runs/<model>-<key>; under make, build/<preset>/<model>-<key>)")
     path = Path(run) / which if Path(run).is_dir() else Path(run)
     if not path.exists():
         found = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
         raise ConfigError(f"checkpoint not found: {path} (found: {', '.join(found) or 'none'}; run "
                           f"`replearn pretrain run_dir={path.parent}` first)")
     return path
+
+
+def _near_folder(run: Path) -> str:
+    """' (did you mean 'runs/dcgan-1a2b'?)' for a mistyped run folder beside existing ones."""
+    siblings = [p.name for p in run.parent.iterdir() if p.is_dir()] if run.parent.is_dir() else []
+    close = difflib.get_close_matches(run.name, siblings, n=1)
+    return f" (did you mean {str(run.parent / close[0])!r}?)" if close else ""
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu", mmap: bool = False) -> dict:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import ConfigError
+from .config import ConfigError, did_you_mean
 
 
 # ----------------------------------------------------------------------------- registries
@@ -36,7 +36,8 @@ def make_registry(kind: str) -> tuple[dict[str, Callable], Callable]:
 
 def lookup(table: dict[str, Any], name: str, kind: str):
     if name not in table:
-        raise ConfigError(f"unknown {kind} {name!r}; choose from: {', '.join(sorted(table))}")
+        raise ConfigError(f"unknown {kind} {name!r}{did_you_mean(str(name), table)}; "
+                          f"choose from: {', '.join(sorted(table))}")
     return table[name]
 
 
