@@ -616,8 +616,9 @@ def curves_of(rows: list[dict]) -> list[dict]:
 
 def compare_samples(cfg: Config, rows: list[dict[str, Any]]) -> Path | None:
     """All reproduced GAN rows' sample grids side by side in one PNG."""
-    from .report import report_compare
-    runs = sorted({r["_run_dir"] for r in rows if r["_run_dir"] and not r["_control"]})
+    from .report import latest_sample_grid, report_compare
+    runs = sorted({r["_run_dir"] for r in rows if r["_run_dir"] and not r["_control"]
+                   and latest_sample_grid(r["_run_dir"]) is not None})   # results kept without their run's grids
     if not runs:
         return None
     return report_compare(runs, Path(cfg.out_dir) / f"{cfg.name}_samples.png", "samples of each reproduced GAN")
