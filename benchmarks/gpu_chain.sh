@@ -8,18 +8,30 @@
 #     put at /work/shared/data with their mtimes, and the tree at /work/main, so that `../shared/data`
 #     resolves to the same path, size and mtime that the data identities hash;
 #   - the small artifacts (results, curves, logs, sample grids, the table) come back as one tarball.
-# usage here:   benchmarks/gpu_chain.sh --pack            (writes .devdata/manifest, .devdata/*.mtime)
-# usage there:  bash benchmarks/gpu_chain.sh STEP          (STEP: kmeans | table; $OUT receives the logs)
+#   - the chain's independent parts run side by side (one GPU, 16 cores: the nets are small), each a
+#     `replearn chain` / `replearn curve` call whose artifacts carry the keys the whole chain asks for;
+#     the last step is the README's `make svm-table PRESET=cpu`, which reuses them all and writes the table.
+# Measured at c6cc4927f40e, one after the other: pretraining 56+79+44+35 s, one critic's features and
+# both SVM settings ~75 s, a curve point ~20 s, K-means 188 s: ~18 min in all, more than a session's
+# 15 device minutes (benchmarks/results/gpu_cpu_chain/README.md). Side by side it is ~7 min.
+# usage here:   benchmarks/gpu_chain.sh --pack DATA       (DATA: cifar10 | tinyimagenet: the one file
+#                                                          this call carries; writes .devdata/)
+# usage there:  bash benchmarks/gpu_chain.sh STEP          (STEP: data: put the file in place and build
+#               its caches | table: everything else; $OUT receives the logs and a tarball)
 set -euo pipefail
 
-DATA_VARS=(PRETRAIN_DATA=../shared/data/tinyimagenet/train.parquet
-           "CIFAR_TRAIN=../shared/data/cifar10/train.parquet[:40000]"
-           "CIFAR_TEST=../shared/data/cifar10/train.parquet[40000:]"
+# PRESET, PRE, TRAIN, TEST: overridable only to rehearse the script here at the tiny preset
+PRESET=${PRESET:-cpu}
+PRE=${PRE:-../shared/data/tinyimagenet/train.parquet}
+TRAIN=${TRAIN:-"../shared/data/cifar10/train.parquet[:40000]"}
+TEST=${TEST:-"../shared/data/cifar10/train.parquet[40000:]"}
+DATA_VARS=("PRETRAIN_DATA=$PRE" "TRAIN_DATA=$TRAIN" "TEST_DATA=$TEST"
            "DATA_NOTE=shared CIFAR-10 copy, JPEG q75")
 
 if [ "${1:-}" = "--pack" ]; then
   test -z "$(git status --porcelain --untracked-files=no)" || { echo "commit first: the tree is dirty" >&2; exit 2; }
-  mkdir -p .devdata
+  rm -rf .devdata && mkdir -p .devdata
+  cp "../shared/data/${2:?cifar10 or tinyimagenet}/train.parquet" ".devdata/$2.parquet"
   git rev-parse --short=12 HEAD > .devdata/commit
   git ls-files -s > .devdata/manifest
   for f in cifar10 tinyimagenet; do
@@ -29,7 +41,7 @@ if [ "${1:-}" = "--pack" ]; then
   exit 0
 fi
 
-STEP=${1:?kmeans or table}
+STEP=${1:?data or table}
 OUT=${OUT:-/tmp/gpu-chain-out}
 mkdir -p "$OUT"
 SRC=$(pwd)
@@ -73,28 +85,76 @@ cd /work/main
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 
-MAKE=(make PRESET=cpu PY=python3 STAMP= "${DATA_VARS[@]}")
-case "$STEP" in
-  kmeans) target=kmeans ;;
-  table)  target=svm-table ;;
-  *) echo "unknown step $STEP" >&2; exit 2 ;;
-esac
+PY="${PYTHON_BIN:-python3} -m replearn"
+DATA=("pretrain_data=$PRE" "train=$TRAIN" "test=$TEST")
 start=$(date +%s)
-# the chain's disk use, sampled every 5 s: its peak is what the README states
 ( while sleep 5; do echo "$(( $(date +%s) - start )) $(du -sb build cache 2>/dev/null | awk '{s+=$1} END {print s}')"; done ) \
   > "$OUT/disk-$STEP.log" &
 sampler=$!
+stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
+# wait for this shell's background jobs, killing what still runs after $1 seconds
+wait_all() {
+  local deadline=$(( $(date +%s) + $1 ))
+  for p in $(jobs -p); do
+    [ "$p" = "$sampler" ] && continue
+    while kill -0 "$p" 2>/dev/null; do
+      if [ "$(date +%s)" -ge "$deadline" ]; then kill "$p"; break; fi
+      sleep 2
+    done
+  done
+}
+
 set +e
-timeout "${CHAIN_TIMEOUT:-540}" "${MAKE[@]}" "$target" > "$OUT/chain-$STEP.log" 2>&1
-rc=$?
+rc=0
+if [ "$STEP" = data ]; then
+  # the caches every later process reads, built once (side-by-side processes would each build them)
+  for spec in "${DATA[@]}"; do
+    src=${spec#*=}
+    [ -f "${src%%\[*}" ] && $PY prepare "source=$src" workers=16 >> "$OUT/chain-data.log" 2>&1
+  done
+  rc=$?
+else
+  CH=(chain "preset=$PRESET" "${DATA[@]}" "data_note=shared CIFAR-10 copy, JPEG q75" seed_repeats= curve=0 kmeans=0)
+  # 1. the four pretraining runs side by side (each keyed as the chain's own: seed_repeats add seed=N)
+  $PY "${CH[@]}" models=dcgan upto=pretrain > "$OUT/p-dcgan.log" 2>&1 &
+  $PY "${CH[@]}" models=wgan-gp-bn-ttur upto=pretrain > "$OUT/p-wgan.log" 2>&1 &
+  $PY "${CH[@]}" models=dcgan pretrain_args=seed=1 upto=pretrain > "$OUT/p-seed1.log" 2>&1 &
+  $PY "${CH[@]}" models=dcgan pretrain_args=seed=2 upto=pretrain > "$OUT/p-seed2.log" 2>&1 &
+  wait_all "${PRETRAIN_TIMEOUT:-300}"
+  stamp "pretraining done"
+  # 2. probes (both SVM inputs for the two models, the unscaled protocol for the seed repeats), the two
+  #    curves and K-means, side by side
+  $PY "${CH[@]}" models=dcgan upto=svm > "$OUT/s-dcgan.log" 2>&1 &
+  $PY "${CH[@]}" models=wgan-gp-bn-ttur upto=svm > "$OUT/s-wgan.log" 2>&1 &
+  $PY "${CH[@]}" models=dcgan pretrain_args=seed=1 layer_rows=0 upto=svm > "$OUT/s-seed1.log" 2>&1 &
+  $PY "${CH[@]}" models=dcgan pretrain_args=seed=2 layer_rows=0 upto=svm > "$OUT/s-seed2.log" 2>&1 &
+  for model in dcgan wgan-gp-bn-ttur; do
+    run=$(${PYTHON_BIN:-python3} - "$model" "$PRESET" "$PRE" <<'PYEOF'
+import sys
+from replearn import pretrain
+from replearn.config import build
+cfg, key = pretrain.plan(build(pretrain.Config, "pretrain", {"preset": sys.argv[2], "model": sys.argv[1],
+                                                              "data": sys.argv[3]}))
+print(f"build/{sys.argv[2]}/{sys.argv[1]}-{key}")
+PYEOF
+)
+    $PY curve "preset=$PRESET" "run=$run" "${DATA[@]:1}" > "$OUT/c-$model.log" 2>&1 &
+  done
+  $PY chain "preset=$PRESET" "${DATA[@]}" models= controls=0 curve=0 kmeans=1 upto=svm > "$OUT/k.log" 2>&1 &
+  wait_all "${PROBE_TIMEOUT:-420}"
+  stamp "probes, curves and K-means done"
+  # 3. the README's command: every artifact reused by key, the table written
+  timeout 240 make svm-table "PRESET=$PRESET" PY="${PYTHON_BIN:-python3}" STAMP= "${DATA_VARS[@]}" > "$OUT/chain-table.log" 2>&1
+  rc=$?
+  stamp "table: rc=$rc"
+fi
 set -e
 kill $sampler 2>/dev/null || true
 echo "peak disk (build + cache): $(sort -k2 -n "$OUT/disk-$STEP.log" | tail -1 | awk '{printf "%.2f GB at %d s", $2/1e9, $1}')"
-echo "chain $STEP: rc=$rc in $(( $(date +%s) - start )) s"
 df -h /work | tail -1
 du -sh build cache 2>/dev/null || true
 # what comes back: the table, its figures, and every small artifact (no features, no checkpoints)
 tar czf "$OUT/artifacts.tar.gz" --exclude='*.h5' --exclude='*.pt' --exclude='*/samples/step_*' tables build \
   2>/dev/null || true
-tail -c 4000 "$OUT/chain-$STEP.log"
+tail -n 30 "$OUT/chain-$STEP.log" 2>/dev/null
 exit $rc

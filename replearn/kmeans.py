@@ -224,6 +224,11 @@ class Encoder:
         self.cross = torch.empty(positions, centroids.shape[0], dtype=self.low)
         self.prepare, self.pool = whitened_patches, triangle_pool
         if cfg.compile:
+            import logging
+            # inductor's C++ toolchain lookup warns "No CUDA runtime is found, using CUDA_HOME=..." on every
+            # CPU-only machine, in the middle of the progress bar: nothing is wrong, so it is not shown
+            if not torch.cuda.is_available():
+                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             self.prepare = torch.compile(whitened_patches, dynamic=False)
             self.pool = torch.compile(triangle_pool, dynamic=False)
 

@@ -40,7 +40,8 @@ def plot_losses(log_path: str | Path, out_png: str | Path) -> Path | None:
     plt = _pyplot()
     steps = np.array([r["step"] for r in records])
     panels = [k for k in ("d_loss", "g_loss", "wasserstein", "gp") if k in records[-1]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    # constrained layout leaves room for the figure title above the panels' own titles
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, layout="constrained")
     for ax, key in zip(axes[0], panels):
         values = np.array([r.get(key, np.nan) for r in records], dtype=float)
         ax.plot(steps, values, alpha=0.3, lw=0.8, label="raw")
@@ -89,7 +90,8 @@ def plot_metrics_vs_step(records: list[dict], out_png: str | Path, title: str) -
                    [d["generated"]["mean_pairwise_distance"] for d in div],
                    [d["real"]["mean_pairwise_distance"] for d in div]))
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    # constrained layout leaves room for the figure title above the panels' own titles
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, layout="constrained")
     for ax, (label, values, reference) in zip(axes[0], panels):
         ax.plot(steps, [np.nan if v is None else v for v in values], marker="o", label="generated")
         if reference is not None:

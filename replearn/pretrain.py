@@ -418,6 +418,18 @@ def save_samples(run: Runner, path: Path) -> None:
     run.gen.train()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, path, nrow=8, normalize=True, value_range=(-1, 1))
+    title_image(path, f"{run.cfg.model}, generator step {run.state.step} (fixed noise)")
+
+
+def title_image(path: Path, title: str) -> None:
+    """A white strip with `title` above a saved sample grid, so the grid says what it shows on its own."""
+    from PIL import Image, ImageDraw
+    with Image.open(path) as grid:
+        grid = grid.convert("RGB")
+    out = Image.new("RGB", (grid.width, grid.height + 16), "white")
+    out.paste(grid, (0, 16))
+    ImageDraw.Draw(out).text((4, 2), title, fill="black")
+    out.save(path)
 
 
 def write_run_files(cfg: Config, data_info: dict, precision: str) -> None:

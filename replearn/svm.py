@@ -1550,26 +1550,46 @@ def planned_out(cfg: Config, features_key: str) -> Path:
 
 
 # ============================================================================ the stage
+def variant_label(cfg: Config) -> str:
+    """What a results file holds, for its name: settings (400 per class as '400pc'), then the SVM input
+    when it is not the paper's (layers equalised, standardised, L2-normalised) and a fixed C."""
+    label = "+".join("full" if s == "full" else f"{cfg.per_class}pc" for s in cfg.settings)
+    label += "-layers-equal" if cfg.layer_scale == "equal" else ""
+    label += "-standardized" if cfg.standardize else ""
+    label += "-l2" if cfg.l2_normalize else ""
+    return label + ("-fixed-c" if cfg.fixed_c > 0 else "")
+
+
 def default_out(cfg: Config, key: str) -> Path:
-    """<features stem>.svm-<key>.json: another config or features file never overwrites a result."""
-    return Path(cfg.out) if cfg.out else Path(cfg.features).with_name(f"{Path(cfg.features).stem}.svm-{key}.json")
+    """<features stem>.svm-<variant>-<key>.json (e.g. features-step0002000-<k>.svm-full+400pc-<k>.json): another
+    config or features file never overwrites a result. A result made before the variant was in the name
+    (<stem>.svm-<key>.json) is still found and reused."""
+    if cfg.out:
+        return Path(cfg.out)
+    legacy = Path(cfg.features).with_name(f"{Path(cfg.features).stem}.svm-{key}.json")
+    if legacy.exists():
+        return legacy
+    return Path(cfg.features).with_name(f"{Path(cfg.features).stem}.svm-{variant_label(cfg)}-{key}.json")
 
 
-def plot_curves(results: dict, path: Path) -> None:
+def plot_curves(results: dict, path: Path, per_class: int = 400) -> None:
+    import textwrap
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4))
     for name, res in results.items():
         if res.get("val_curve"):
             cs = sorted(res["val_curve"])
-            ax.plot(cs, [100 * res["val_curve"][c] for c in cs], marker="o", label=f"{name} (C={res['c']:.3g})")
+            setting = "full" if name == "full" else f"{per_class} per class"
+            ax.plot(cs, [100 * res["val_curve"][c] for c in cs], marker="o", label=f"{setting} (C={res['c']:.3g})")
     if ax.lines:
-        ax.legend()
+        ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("C (LinearSVC sum form)")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"L2-SVM C selection: {path.stem}")
+    # the file name is long (step, keys): wrapped under a short title, so that neither is cut off
+    ax.set_title("L2-SVM C selection\n" + "\n".join(textwrap.wrap(path.stem, 60)), fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -1590,7 +1610,7 @@ def run(cfg: Config) -> Path:
         record = evaluate(ff, cfg, out, features_id)
     record["key"] = key
     atomic_write_json(out, _json_keys(record))
-    plot_curves(record["settings"], out.with_suffix(".png"))
+    plot_curves(record["settings"], out.with_suffix(".png"), cfg.per_class)
     progress_path(out).unlink(missing_ok=True)
     return out
 

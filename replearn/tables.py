@@ -325,6 +325,10 @@ def gain_text(g: dict) -> str:
 
 
 # ============================================================================ scale
+# preset keys that say how often to log or save, not what is trained
+BOOKKEEPING = ("sample_every", "ckpt_every", "log_every", "fid_every")
+
+
 def scale_of(res: dict, feat: dict) -> str:
     """The scale that ran: the preset's name when every pretraining key the preset sets has that value,
     else 'custom (<preset> preset, key=value ...)' listing where the run departs from it."""
@@ -341,7 +345,7 @@ def scale_of(res: dict, feat: dict) -> str:
         return "custom"
     wanted = PRESETS.get(preset, {}).get(stage, {})
     off = [f"{k}={cfg.get(k)}" for k, v in wanted.items()
-           if k in cfg and json.dumps(cfg.get(k), default=str) != json.dumps(list(v) if isinstance(v, tuple) else v)]
+           if k in cfg and k not in BOOKKEEPING and json.dumps(cfg.get(k), default=str) != json.dumps(list(v) if isinstance(v, tuple) else v)]
     return preset if not off else f"custom ({preset} preset, {' '.join(off)})"
 
 

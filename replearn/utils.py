@@ -44,6 +44,11 @@ def lookup(table: dict[str, Any], name: str, kind: str):
 # ----------------------------------------------------------------------------- provenance
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
+    # a copy of the tree sent elsewhere (a lent GPU machine) may carry a stale .git, or none: the sender
+    # checked every file against its commit's blobs and says so here (benchmarks/gpu_chain.sh)
+    vouched = os.environ.get("REPLEARN_SOURCE_COMMIT")
+    if vouched:
+        return vouched
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
@@ -51,12 +56,8 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        sha, dirty = "", ""
-    if not sha:
-        # a copy of the tree without .git (e.g. sent to a GPU machine): the sender checked every file
-        # against its commit's blobs and says so here (benchmarks/gpu_chain.sh); else unknown
-        return os.environ.get("REPLEARN_SOURCE_COMMIT", "unknown")
-    return sha + ("-dirty" if dirty else "")
+        return "unknown"
+    return (sha or "unknown") + ("-dirty" if dirty else "")
 
 
 def hardware() -> str:

@@ -72,8 +72,12 @@ def test_chain_builds_every_row_then_reuses_everything(sources):
         assert name in text, name
     for name in ("DCGAN (BCE) (reproduced)", "DCGAN (BCE) untrained control (step 0)"):   # the same features,
         assert re.search(re.escape(name) + r"[^|]*\[SVM input: layers equalised\]", text), name  # layers equalised
-    # each trained row's gain over its own control: unscaled and layers equalised, per model
-    assert len(re.findall(r"full [+-]\d+\.\d, 400 [+-]\d+\.\d points", text)) == 4
+    # each trained row's gain over its own control in both settings, with its noise: unscaled and layers
+    # equalised, per model
+    gain = r"[+-]\d+\.\d ± \d+\.\d(?: \*| \(n\.s\.\))?"
+    assert len(re.findall(rf"\| {gain} +\| {gain} +\|", text)) == 4
+    # the scale says what ran: the tiny preset with 3 steps is not "tiny"
+    assert "**How each row was produced**" in text and "custom (tiny preset, steps=3" in text
     assert "[curve](curves/" in text and "1.96 std" in text
     build_dir = sources["root"] / "build"
     before = artifact_times(build_dir)
@@ -159,6 +163,21 @@ def test_the_paper_preset_chain_runs_on_local_files(sources):
     assert all(r["config"]["select_draws"] == 10 for r in res)
 
 
+def test_results_outlive_their_features_and_seed_repeats_give_a_spread(sources, capsys):
+    """keep_features=false: every critic's file is gone once its SVM results are written, and a rerun
+    reuses the results by key without extracting again; seed_repeats add a seed-spread section."""
+    root = sources["root"] / "lean-build"
+    cfg = chain_config(sources, models="dcgan", curve=False, kmeans=False, layer_rows=False, keep_features=False,
+                       seed_repeats="1", build_dir=str(root))
+    text = chain.run(cfg).read_text()
+    assert not list(root.rglob("features-*.h5"))
+    assert len(list(root.rglob("*.svm-full+10pc-*.json"))) == 4       # seeds 0 and 1, each with its control
+    assert "Spread over pretraining seeds: DCGAN (BCE) (reproduced)" in text and "mean ± std over 2 seeds" in text
+    capsys.readouterr()
+    chain.run(cfg)
+    assert "svm result(s) of" in capsys.readouterr().out and not list(root.rglob("features-*.h5"))
+
+
 @pytest.mark.shared_data
 @pytest.mark.slow
 def test_readme_command_on_a_fresh_clone(tmp_path, shared_data):
@@ -180,7 +199,7 @@ def test_readme_command_on_a_fresh_clone(tmp_path, shared_data):
         assert name in table, name
     head = subprocess.run(["git", "-C", str(clone), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
-    assert f"commit {head}" in table and "-dirty" not in table and "[tiny scale]" in table
+    assert f"commit {head}" in table and "-dirty" not in table and "| tiny " in table
     built = {p: p.stat().st_mtime_ns for p in (clone / "build").rglob("*") if p.suffix in (".pt", ".h5", ".json")}
     again = subprocess.run(make, capture_output=True, text=True, timeout=600)   # a no-op: every key matches
     assert again.returncode == 0 and "is up to date" in again.stdout + again.stderr
