@@ -266,12 +266,11 @@ def summary_line(r: dict) -> str:
 
 def run(cfg: Config) -> Path:
     """FID, Wasserstein estimate, diversity and nearest-neighbour grids for a run's checkpoints -> evaluate.json."""
-    from . import pretrain
     from .config import from_dict
     validate(cfg)   # a Config built in code has not passed `build`
     run_dir = Path(cfg.run)
     names = checkpoint_names(run_dir, cfg.checkpoint)
-    run_cfg = from_dict(pretrain.Config, saved_checkpoint(run_dir / names[-1])["config"])
+    run_cfg = from_dict(runs.Config, saved_checkpoint(run_dir / names[-1])["config"])
     ctx = build_context(cfg, run_dir, run_cfg)
     records = []
     for name in names:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import curve, metrics, nets, pretrain, runs
+from . import curve, metrics, nets, pretrain, runs, zoo
 from .config import ConfigError, build, split_overrides, to_dict
 from .utils import (atomic_write_json, atomic_write_text, git_commit, lookup, make_registry, pick_device,
                     provenance, read_jsonl)
@@ -207,7 +207,7 @@ class QualityContext:
 def fixed_feature_net(device) -> nets.Critic:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FIXED_NET["seed"])
-        _, critic = nets.build_models(FIXED_NET["arch"], norm=FIXED_NET["norm"], width=FIXED_NET["width"])
+        _, critic = zoo.build_models(FIXED_NET["arch"], norm=FIXED_NET["norm"], width=FIXED_NET["width"])
     return critic.to(device).eval()
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import nets, runs
+from . import nets, runs, zoo
 from .features import recompute_bn_stats
 from .config import ConfigError, register_check, register_preset, require, to_dict, validate
 from .utils import (atomic_write_json, autocast, check_writable, pick_device, provenance, resolve_precision,
@@ -107,7 +107,7 @@ def resolved_critic(cfg: Config) -> dict:
 def build_classifier(cfg: Config, num_classes: int) -> tuple[Classifier, dict]:
     torch.manual_seed(cfg.seed)
     spec = resolved_critic(cfg)
-    _, critic = nets.build_models(spec["arch"], **{k: v for k, v in spec.items() if k != "arch"})
+    _, critic = zoo.build_models(spec["arch"], **{k: v for k, v in spec.items() if k != "arch"})
     return Classifier(critic, cfg.image_size, num_classes, cfg.grid), spec
 
 
