@@ -25,6 +25,7 @@ import torch
 
 from . import metrics, runs
 from .config import ConfigError, register_check, register_preset, require, to_dict, validate
+from .lock import building
 from .plots import plot_metrics_vs_step, plot_neighbour_grid
 from .utils import atomic_write_json, pick_device, provenance
 
@@ -277,9 +278,12 @@ def run(cfg: Config) -> Path:
         records.append(evaluate_one(ctx, name))
         print(summary_line(records[-1]))
     out = run_dir / "evaluate.json"
-    merged = merge_records(out, records)
-    atomic_write_json(out, {"run": str(run_dir), "records": merged, "provenance": provenance()})
-    plot_metrics_vs_step(merged, run_dir / "metrics_vs_step.png", f"{run_dir.name}: generator quality over training")
+    # merged under the file's lock, waiting for any other evaluate of this run (pretraining calls this one
+    # at fid_every: refusing would stop the training); the measuring above needs no lock
+    with building(out, wait=True):
+        merged = merge_records(out, records)
+        atomic_write_json(out, {"run": str(run_dir), "records": merged, "provenance": provenance()})
+        plot_metrics_vs_step(merged, run_dir / "metrics_vs_step.png", f"{run_dir.name}: generator quality over training")
     return out
 
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from . import nets, runs, zoo
 from .config import ConfigError, from_dict, register_preset, to_dict
+from .lock import building
 from .losses import LOSSES, build_loss
 from .plots import plot_losses
 from .recipes import RECIPES
@@ -399,8 +400,15 @@ def handle_divergence(run: Runner, stats: dict, rollbacks: int) -> int:
 
 # ============================================================================ the loop
 def run(cfg: Config) -> Path:
-    """Train a GAN on unlabelled images; returns the run folder (rerun to resume)."""
+    """Train a GAN on unlabelled images; returns the run folder (rerun to resume). One process at a time
+    trains a run folder: a second one asking for it refuses in one line naming the first."""
     cfg, key = plan(cfg)
+    with building(cfg.run_dir):   # before last.pt is read: a resume starts from what the holder left
+        return train(cfg, key)
+
+
+def train(cfg: Config, key: str) -> Path:
+    """The run's training, from its last.pt if there is one (the caller holds the run folder's lock)."""
     images, data_info = load_training_images(cfg)
     data_info["key"] = key
     dist_info = init_distributed()

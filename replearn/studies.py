@@ -36,6 +36,7 @@ import torch
 
 from . import curve, metrics, nets, pretrain, runs, zoo
 from .config import ConfigError, build, split_overrides, to_dict
+from .lock import building
 from .utils import (atomic_write_json, atomic_write_text, git_commit, lookup, make_registry, pick_device,
                     provenance, read_jsonl)
 
@@ -269,13 +270,14 @@ def checkpoint_quality(ctx: QualityContext, run_dir: Path, name: str) -> dict[st
 def quality(ctx: QualityContext, cell: Cell) -> list[dict]:
     """One record per interval checkpoint, kept in <run>/quality-<key>.json (only new steps computed)."""
     path = Path(cell.run_dir) / f"quality-{ctx.key}.json"
-    saved = runs.read_json(path) or {}
-    done = {r["step"]: r for r in saved.get("records", [])} if saved.get("key") == ctx.key else {}
-    for step, ckpt in runs.interval_checkpoints(cell.run_dir):
-        if step not in done:
-            done[step] = checkpoint_quality(ctx, Path(cell.run_dir), ckpt.name)
-            atomic_write_json(path, {"key": ctx.key, "run_key": cell.key, "records": sorted(done.values(),
-                                     key=lambda r: r["step"]), "provenance": provenance()})
+    with building(path, wait=True):   # another study measuring this run: wait, then reuse its records
+        saved = runs.read_json(path) or {}
+        done = {r["step"]: r for r in saved.get("records", [])} if saved.get("key") == ctx.key else {}
+        for step, ckpt in runs.interval_checkpoints(cell.run_dir):
+            if step not in done:
+                done[step] = checkpoint_quality(ctx, Path(cell.run_dir), ckpt.name)
+                atomic_write_json(path, {"key": ctx.key, "run_key": cell.key, "records": sorted(done.values(),
+                                         key=lambda r: r["step"]), "provenance": provenance()})
     return sorted(done.values(), key=lambda r: r["step"])
 
 
