@@ -1,7 +1,7 @@
 """Benchmark the L2-SVM stage: replearn's solver against scikit-learn's LinearSVC on real features.
 
 Features: CIFAR-10 train images (../shared/data/cifar10/train.parquet, 50k) through an UNTRAINED
-DCGAN critic (`nets.build_models('dcgan')`, eval mode, 4x4 max-pooled layers -> 28672 dims),
+DCGAN critic (`zoo.build_models('dcgan')`, eval mode, 4x4 max-pooled layers -> 28672 dims),
 cached as a float16 feature file under cache/ (gitignored) so reruns skip extraction.
 The parquet's first 40k images form the feature file's `train` split, the last 10k its `test` split.
 
@@ -51,7 +51,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from replearn import nets, store, svm  # noqa: E402
+from replearn import nets, store, svm, zoo  # noqa: E402
 from replearn.config import build  # noqa: E402
 from replearn.utils import atomic_write_json, autocast, hardware, provenance, resolve_precision  # noqa: E402
 
@@ -87,7 +87,7 @@ def extract_features(path: Path = FEATURES, batch: int = 500) -> Path:
         return path
     images, labels = load_images()
     torch.manual_seed(0)
-    _, critic = nets.build_models("dcgan")
+    _, critic = zoo.build_models("dcgan")
     critic.eval()
     device = torch.device("cpu")
     # bf16 only where the CPU has bf16 units: emulated (AVX2) it ran at ~20 images/s against 225-260 in float32

@@ -6,7 +6,7 @@ DCGAN and WGAN-GP at the papers' widths, 32x32, batch 64 (for both, so that the 
 compared at one batch size). Throughput is real images per second, counted as the protocol counts
 them: every critic step consumes one batch of real images (DCGAN: 1 per generator step; WGAN-GP: 5).
 
-Configurations, each with the same nets (built by `nets.build_models` from the same resolved config):
+Configurations, each with the same nets (built by `zoo.build_models` from the same resolved config):
   reference  the textbook loop written here: float32, contiguous NCHW, a DataLoader over a
              TensorDataset of float images; PyTorch DCGAN example (separate real / fake passes) and
              the usual WGAN-GP loop (three critic passes, autograd.grad(create_graph=True) on
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from replearn import nets, pretrain  # noqa: E402
+from replearn import nets, pretrain, zoo  # noqa: E402
 from replearn.utils import atomic_write_json, hardware, provenance  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "train.json"
@@ -101,7 +101,7 @@ def reference_steps(model: str, images_uint8: torch.Tensor):
     cfg = pretrain.resolve(pretrain.Config(model=model, batch_size=BATCH, device="cpu", precision="fp32",
                                            channels_last=False))
     torch.manual_seed(cfg.seed)
-    gen, critic = nets.build_models(cfg.arch, norm=cfg.norm, spectral_norm=cfg.spectral_norm,
+    gen, critic = zoo.build_models(cfg.arch, norm=cfg.norm, spectral_norm=cfg.spectral_norm,
                                     attention_res=cfg.attention_res, z_dim=cfg.z_dim, image_size=cfg.image_size,
                                     width=cfg.width, g_norm=cfg.g_norm)
     make = pretrain.OPTIMIZERS[cfg.optimizer]

@@ -29,11 +29,11 @@ def _rows(spec: str, size: int, cache_dir: str, limit: int) -> int:
 
 def _critic_dims(cfg, model: str) -> int:
     """Sum of the pooled feature layers' widths of `model`'s critic, read off a freshly built net."""
-    from . import nets, pretrain
+    from . import nets, pretrain, zoo
     values = {"preset": cfg.preset, "model": model, "data": cfg.pretrain_data, "image_size": cfg.image_size,
               "channels": cfg.channels, **words(cfg.pretrain_args)}
     planned = pretrain.resolve(build(pretrain.Config, "pretrain", values))
-    _, critic = nets.build_models(planned.arch, **nets.options(planned))
+    _, critic = zoo.build_models(planned.arch, **nets.options(planned))
     return sum(d for _, d in critic.feature_layers(planned.image_size, 4))
 
 

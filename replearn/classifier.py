@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import nets, runs
 from .config import ConfigError, register_check, register_preset, require, to_dict
+from .lock import building
 from .utils import (atomic_write_json, autocast, lookup, make_registry, pick_device, provenance,
                     resolve_precision)
 
@@ -248,9 +249,15 @@ def run(cfg: Config) -> Path:
     """Train a classifier on the labelled train sources, score it on the test split -> results JSON."""
     key = classify_key(cfg)
     out = Path(cfg.out_dir) / f"classify-{key}.json"
-    if (runs.read_json(out) or {}).get("key") == key:
-        print(f"classify: {out} is up to date (key {key})")
-        return out
+    with building(out):   # one process per results file
+        if (runs.read_json(out) or {}).get("key") == key:
+            print(f"classify: {out} is up to date (key {key})")
+            return out
+        return fit_and_score(cfg, out, key)
+
+
+def fit_and_score(cfg: Config, out: Path, key: str) -> Path:
+    """Train, score the test split, write the results JSON (the caller holds its lock)."""
     from . import data
     x, y, tx, ty, names = load_sets(cfg)
     device = pick_device(cfg.device)

@@ -19,6 +19,7 @@ from typing import Any
 
 from . import features, runs, svm
 from .config import ConfigError, build, register_preset, split_overrides, to_dict
+from .lock import building
 from .utils import atomic_path, atomic_write_json, provenance
 
 
@@ -128,11 +129,17 @@ def run(cfg: Config) -> Path:
     chosen = [(s, p) for s, p in found if not cfg.steps or s in cfg.steps or s == found[-1][0]]
     key = curve_key(cfg)
     out = run_dir / f"curve-{key}.json"
-    done = runs.read_json(out) or {}
-    if done.get("key") == key and [p["step"] for p in done.get("points", [])] == [s for s, _ in chosen] \
-            and all("per_class" in p for p in done["points"]):
-        print(f"curve: {out} is up to date (key {key})")
-        return out
+    with building(out):   # one process per curve; its features and SVM results lock their own files
+        done = runs.read_json(out) or {}
+        if done.get("key") == key and [p["step"] for p in done.get("points", [])] == [s for s, _ in chosen] \
+                and all("per_class" in p for p in done["points"]):
+            print(f"curve: {out} is up to date (key {key})")
+            return out
+        return score_run(cfg, run_dir, key, chosen, out)
+
+
+def score_run(cfg: Config, run_dir: Path, key: str, chosen: list[tuple[int, Path]], out: Path) -> Path:
+    """Score each chosen checkpoint, rewriting the curve after each (the caller holds its lock)."""
     model = runs.run_record(run_dir).get("config", {}).get("model", run_dir.name)
     points: list[dict] = []
     for step, path in chosen:   # each point's features and SVM results are reused by key

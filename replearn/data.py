@@ -52,6 +52,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import ConfigError, register_check, require, to_dict, validate
+from .lock import building
 from .store import ImageSet, _load_attr, read_image_cache, write_image_cache
 from .utils import check_writable
 
@@ -905,6 +906,15 @@ def prepare(cfg: Config) -> tuple[Path, bool]:
     sid = source_id(cfg.source, cfg.size)
     if _is_current(path, sid, cfg.size, cfg.label_column):
         return path, False
+    # a cache any stage builds on its way: while another process builds it, wait, then use it
+    with building(path, wait=True):
+        if _is_current(path, sid, cfg.size, cfg.label_column):
+            return path, False
+        return decode_into(cfg, path, sid), True
+
+
+def decode_into(cfg: Config, path: Path, sid: str) -> Path:
+    """Decode the source and write its cache at `path` (the caller holds the cache's lock)."""
     check_writable(path.parent)   # before reading the source: a bad output location fails at once
     row_bytes = cfg.size * cfg.size * 3 + 8   # pixels + int64 label, uncompressed
 
@@ -919,7 +929,7 @@ def prepare(cfg: Config) -> tuple[Path, bool]:
                        "seconds": round(seconds, 2)})
     print(f"prepare: {len(loaded)} images {cfg.size}x{cfg.size}, {len(loaded.class_names)} classes, "
           f"{loaded.attrs['skipped']} skipped, {seconds:.1f} s -> {path}")
-    return path, True
+    return path
 
 
 def run(cfg: Config) -> Path:

@@ -25,6 +25,7 @@ import torch
 
 from . import metrics, runs
 from .config import ConfigError, register_check, register_preset, require, to_dict, validate
+from .lock import building
 from .plots import plot_metrics_vs_step, plot_neighbour_grid
 from .utils import atomic_write_json, pick_device, provenance
 
@@ -266,21 +267,23 @@ def summary_line(r: dict) -> str:
 
 def run(cfg: Config) -> Path:
     """FID, Wasserstein estimate, diversity and nearest-neighbour grids for a run's checkpoints -> evaluate.json."""
-    from . import pretrain
     from .config import from_dict
     validate(cfg)   # a Config built in code has not passed `build`
     run_dir = Path(cfg.run)
     names = checkpoint_names(run_dir, cfg.checkpoint)
-    run_cfg = from_dict(pretrain.Config, saved_checkpoint(run_dir / names[-1])["config"])
+    run_cfg = from_dict(runs.Config, saved_checkpoint(run_dir / names[-1])["config"])
     ctx = build_context(cfg, run_dir, run_cfg)
     records = []
     for name in names:
         records.append(evaluate_one(ctx, name))
         print(summary_line(records[-1]))
     out = run_dir / "evaluate.json"
-    merged = merge_records(out, records)
-    atomic_write_json(out, {"run": str(run_dir), "records": merged, "provenance": provenance()})
-    plot_metrics_vs_step(merged, run_dir / "metrics_vs_step.png", f"{run_dir.name}: generator quality over training")
+    # merged under the file's lock, waiting for any other evaluate of this run (pretraining calls this one
+    # at fid_every: refusing would stop the training); the measuring above needs no lock
+    with building(out, wait=True):
+        merged = merge_records(out, records)
+        atomic_write_json(out, {"run": str(run_dir), "records": merged, "provenance": provenance()})
+        plot_metrics_vs_step(merged, run_dir / "metrics_vs_step.png", f"{run_dir.name}: generator quality over training")
     return out
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from . import nets, runs
 from .config import ConfigError, register_check, register_preset, require, to_dict
+from .lock import building
 from .pretrain import Dist, init_distributed
 from .store import FeatureFile, FeatureWriter
 from .utils import autocast, check_writable, pick_device, resolve_precision
@@ -229,13 +230,19 @@ def plan(cfg: Config) -> tuple[Path, str]:
 
 def run(cfg: Config) -> Path:
     """Extract 4x4-max-pooled critic features of the train and test splits into one HDF5 file."""
-    from tqdm import tqdm
     if cfg.bn_stats not in ("recompute", "running"):
         raise ConfigError(f"unknown bn_stats {cfg.bn_stats!r}; choose from: recompute, running")
     out, key = plan(cfg)
-    if existing_with_key(out, key):
-        print(f"features: {out} is up to date (key {key})")
-        return out
+    with building(out):   # one process per feature file: a second one refuses, naming the first
+        if existing_with_key(out, key):
+            print(f"features: {out} is up to date (key {key})")
+            return out
+        return extract(cfg, out, key)
+
+
+def extract(cfg: Config, out: Path, key: str) -> Path:
+    """The extraction itself (the caller holds the file's lock and found no current file)."""
+    from tqdm import tqdm
     check_writable(out.parent)
     dist_info = init_distributed()
     device = pick_device(cfg.device)

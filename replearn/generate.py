@@ -23,6 +23,7 @@ import torch
 
 from . import metrics, runs
 from .config import ConfigError, register_check, require, to_dict
+from .lock import building
 from .utils import atomic_path, atomic_write_json, pick_device, provenance
 
 
@@ -95,10 +96,16 @@ def run(cfg: Config) -> Path:
     """Draw per_class images from each class's generator -> a labelled HF-layout parquet file."""
     key = generate_key(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg, key)
+    with building(out):   # the parquet file and its .json sidecar: one process at a time
+        if out.exists() and (runs.read_json(out.with_suffix(".json")) or {}).get("key") == key:
+            print(f"generate: {out} is up to date (key {key})")
+            return out
+        return draw_all(cfg, out, key)
+
+
+def draw_all(cfg: Config, out: Path, key: str) -> Path:
+    """Every class's images -> the parquet file, then its sidecar (the caller holds the lock)."""
     sidecar = out.with_suffix(".json")
-    if out.exists() and (runs.read_json(sidecar) or {}).get("key") == key:
-        print(f"generate: {out} is up to date (key {key})")
-        return out
     device = pick_device(cfg.device)
     names = list(cfg.class_names) or [f"class{i}" for i in range(len(cfg.runs))]
     images = np.concatenate([draw(r, cfg.checkpoint, cfg.per_class, cfg.seed + i, device) for i, r in enumerate(cfg.runs)])

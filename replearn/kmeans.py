@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from . import runs, store
 from .config import ConfigError, register_check, register_preset, require, to_dict, validate
+from .lock import building
 from .utils import (atomic_write_json, check_writable, provenance, resolve_precision, torch_atomic_save,
                     unpickling_reason)
 
@@ -400,9 +401,15 @@ def run(cfg: Config) -> Path:
     out = output_path(cfg)
     sources = source_ids(cfg)
     key = feature_key(cfg, sources)
-    if finished(out, key):
-        print(f"kmeans: {out} is complete for this config and data")
-        return out
+    with building(out):   # the feature file, centroids.pt and kmeans.json beside it: one process at a time
+        if finished(out, key):
+            print(f"kmeans: {out} is complete for this config and data")
+            return out
+        return encode(cfg, out, key, sources)
+
+
+def encode(cfg: Config, out: Path, key: str, sources: dict[str, str]) -> Path:
+    """Centroids (reused when saved for this config), then the encoded splits (the caller holds the lock)."""
     check_writable(out.parent)   # before loading anything
     started = time.perf_counter()
     precision = resolve_precision(cfg.precision, torch.device("cpu"))

@@ -20,6 +20,7 @@ import torch
 
 from . import nets
 from .config import ConfigError
+from .lock import building
 from .utils import atomic_path, unpickling_reason
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"   # the standard FID weights (pytorch-fid / torch-fidelity)
@@ -177,13 +178,15 @@ def real_stats_path(cache_dir: str | Path, source_key: str, weights_key: str, n:
 
 def load_or_compute_stats(path: Path, compute: Callable[[], dict[str, np.ndarray]],
                           meta: dict) -> dict[str, np.ndarray]:
-    """Read cached {'mu', 'sigma'} from `path`, or compute and save them atomically with `meta` inside."""
-    if path.exists():
-        with np.load(path) as saved:
-            return {"mu": saved["mu"], "sigma": saved["sigma"]}
-    stats = compute()
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:   # a file handle: np.savez would add '.npz' to a name
-        np.savez(fh, mu=stats["mu"], sigma=stats["sigma"], meta=json.dumps(meta, default=str))
+    """Read cached {'mu', 'sigma'} from `path`, or compute and save them atomically with `meta` inside.
+    A shared cache: while another process computes them, this one waits and then reads them."""
+    with building(path, wait=True):
+        if path.exists():
+            with np.load(path) as saved:
+                return {"mu": saved["mu"], "sigma": saved["sigma"]}
+        stats = compute()
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:   # a file handle: np.savez would add '.npz' to a name
+            np.savez(fh, mu=stats["mu"], sigma=stats["sigma"], meta=json.dumps(meta, default=str))
     return stats
 
 

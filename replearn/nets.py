@@ -1,4 +1,5 @@
-"""Critics and generators, and the registry of architectures.
+"""Critics and generators: the building blocks and the DCGAN pair (the registry of architectures,
+`ARCHS` and `build_models`, is in zoo.py, which imports this module and never the reverse).
 
 Every critic exposes `features(x) -> list[(name, tensor)]`: the output of each conv layer after
 its normalisation and activation, which the feature stage max-pools to 4x4. Every generator
@@ -11,8 +12,6 @@ replicated); `to_unit(..., channels=1)` takes the luminance, which for a grey im
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,9 +20,7 @@ from torch.nn.utils import parametrize
 from .config import ConfigError
 from .penalty import piecewise_linear
 from .store import LUMA
-from .utils import lookup, make_registry
 
-ARCHS, register_arch = make_registry("architecture")
 NORMS = ("batch", "layer", "none")
 
 
@@ -239,7 +236,6 @@ def critic_resolutions(image_size: int, strides) -> list[int]:
     return res[1:]
 
 
-@register_arch("dcgan")
 def dcgan(norm: str = "batch", spectral_norm: bool = False, attention_res: int = 0, z_dim: int = 256,
           image_size: int = 32, width: float = 1.0, g_norm: str = "batch", channels: int = 3,
           **_) -> tuple[nn.Module, Critic]:
@@ -260,14 +256,6 @@ def options(cfg) -> dict:
                 image_size=cfg.image_size, width=cfg.width, g_norm=cfg.g_norm, channels=getattr(cfg, "channels", 3))
 
 
-def build_models(arch: str, **options) -> tuple[nn.Module, Critic]:
-    builder: Callable = lookup(ARCHS, arch, "architecture")
-    gen, critic = builder(**options)
-    init_dcgan(gen)
-    init_dcgan(critic)
-    return gen, critic
-
-
 def pooled_features(critic: Critic, x: torch.Tensor, grid: int = 4) -> torch.Tensor:
     """Every feature layer max-pooled to grid x grid, flattened (C, H, W order), concatenated.
 
@@ -278,10 +266,3 @@ def pooled_features(critic: Critic, x: torch.Tensor, grid: int = 4) -> torch.Ten
         size = (min(grid, fmap.shape[2]), min(grid, fmap.shape[3]))
         pooled.append(F.adaptive_max_pool2d(fmap, size).flatten(1).float())
     return torch.cat(pooled, dim=1)
-
-
-
-
-
-# the rest of the zoo registers itself into ARCHS
-from . import zoo  # noqa: E402,F401

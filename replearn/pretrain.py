@@ -23,10 +23,12 @@ import torch
 import torch.nn as nn
 
 from . import nets, runs, zoo
-from .config import ConfigError, from_dict, register_check, register_preset, require, to_dict
+from .config import ConfigError, from_dict, register_preset, to_dict
+from .lock import building
 from .losses import LOSSES, build_loss
 from .plots import plot_losses
 from .recipes import RECIPES
+from .runs import Config   # the stage's config, kept beside the run-folder layout it describes
 from .utils import (append_jsonl, atomic_write_json, autocast, lookup, make_registry, pick_device, provenance,
                     atomic_write_text, read_jsonl, resolve_precision, torch_atomic_save)
 
@@ -43,65 +45,6 @@ ADDED_KEYS = {"channels": 3}
 # bumped when the training step itself changes what a run computes (e.g. the generator step reusing the
 # critic step's fakes, the exact penalty pass): runs made by an older loop get another key
 TRAINER_VERSION = 3
-
-
-@dataclass(frozen=True)
-class Config:
-    model: str = "dcgan"          # a recipe: arch + loss + options (see RECIPES); explicit keys override it
-    run_dir: str = ""             # default runs/<model>
-    data: str = "hf:benjamin-paine/imagenet-1k-32x32:train"  # unlabelled images, any source; ImageNet-1k 32x32 (docs/protocol.md s.1)
-    image_size: int = 32          # 28, 32, 64 for dcgan (stride-2 stages follow the size), any for mlp
-    channels: int = 3             # 1: grayscale nets (the critic reads the luminance; MNIST-style data)
-    cache_dir: str = "cache"
-    # -- model (None: the recipe's value, then the loss's reference default)
-    arch: str | None = None
-    loss: str | None = None
-    norm: str | None = None       # critic normalisation: batch | layer | none
-    g_norm: str | None = None     # generator normalisation; default batch (BN as DCGAN; layer/none for exact multi-process)
-    spectral_norm: bool | None = None
-    attention_res: int | None = None  # put a self-attention block at this resolution (default 0: none)
-    z_dim: int = 256              # DCGAN ImageNet model: 256-dim z ~ U(-1, 1)
-    width: float = 1.0            # channel multiplier (tests use small nets; 1.0 is the paper's)
-    # BN breaks the per-sample gradient penalty: refused unless forced (None: the recipe's value, else false)
-    force_batchnorm: bool | None = None
-    # -- optimisation (None: the loss's reference default, docs/protocol.md s.1)
-    steps: int = 300000           # generator steps: 30 epochs of ImageNet-1k (1.28M images) at batch 128, as the
-                                  # released DCGAN model (named for epoch 30); GPU-sized
-    batch_size: int | None = None
-    n_critic: int | None = None
-    gp_lambda: float = 10.0
-    clip: float = 0.01
-    optimizer: str | None = None  # adam | rmsprop | sgd
-    lr_g: float | None = None
-    lr_d: float | None = None
-    beta1: float | None = None
-    beta2: float | None = None
-    momentum: float | None = None  # RMSprop and SGD; default 0
-    weight_decay: float = 0.0     # some DCGAN scripts used 1e-5
-    lr_decay: str | None = None   # none (default) | linear (to 0 at `steps`, as gan_cifar_resnet.py)
-    # -- speed
-    device: str = "auto"
-    precision: str = "auto"       # auto: bf16 autocast where the hardware has bf16 units, else fp32
-    channels_last: bool = True    # 1.1-1.2x on CPU convs, and what tensor cores want
-    compile: bool = False         # torch.compile the nets (first steps pay the compile time)
-    # -- bookkeeping
-    seed: int = 0
-    log_every: int = 10
-    sample_every: int = 500
-    ckpt_every: int = 2000
-    max_minutes: float = 0.0      # training-time budget of the whole run (kept across resumes); 0: none
-    nan_policy: str = "stop"      # stop | rollback (reload last good checkpoint, skip the batch)
-    fid_every: int = 0            # run `evaluate` (FID, ...) every fid_every steps, checkpointed there (0: never)
-    inception_weights: str = ""   # FID weights for fid_every ('' = evaluate's default path; missing: FID skipped)
-    preset: str = ""
-
-
-# out-of-range values fail when the config is built (None: set later by the recipe, checked again then)
-register_check(Config, lambda cfg: require(
-    cfg, stage="pretrain", positive=("steps", "batch_size", "width", "n_critic", "ckpt_every", "log_every",
-                                     "sample_every", "z_dim", "lr_g", "lr_d", "clip"),
-    non_negative=("gp_lambda", "max_minutes", "fid_every", "weight_decay"), at_least={"image_size": 8},
-    choices={"channels": (1, 3)}))
 
 
 # smoke: a fixed CPU budget per model, so the whole chain takes ~30 min on 2 cores; the table reports
@@ -152,7 +95,7 @@ def resolve(cfg: Config) -> Config:
         if values.get(key) is None:
             values[key] = value
     out = from_dict(Config, values)
-    lookup(nets.ARCHS, out.arch, "architecture")
+    lookup(zoo.ARCHS, out.arch, "architecture")
     zoo.check_size(out.arch, out.image_size)
     lookup(OPTIMIZERS, out.optimizer, "optimizer")
     if out.norm not in nets.NORMS or out.g_norm not in nets.NORMS:
@@ -266,7 +209,7 @@ class State:
 
 def build_state(cfg: Config, device: torch.device) -> State:
     torch.manual_seed(cfg.seed)
-    gen, critic = nets.build_models(cfg.arch, **nets.options(cfg))
+    gen, critic = zoo.build_models(cfg.arch, **nets.options(cfg))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     gen, critic = gen.to(device, memory_format=fmt), critic.to(device, memory_format=fmt)
     make = lookup(OPTIMIZERS, cfg.optimizer, "optimizer")
@@ -469,8 +412,15 @@ def handle_divergence(run: Runner, stats: dict, rollbacks: int) -> int:
 
 # ============================================================================ the loop
 def run(cfg: Config) -> Path:
-    """Train a GAN on unlabelled images; returns the run folder (rerun to resume)."""
+    """Train a GAN on unlabelled images; returns the run folder (rerun to resume). One process at a time
+    trains a run folder: a second one asking for it refuses in one line naming the first."""
     cfg, key = plan(cfg)
+    with building(cfg.run_dir):   # before last.pt is read: a resume starts from what the holder left
+        return train(cfg, key)
+
+
+def train(cfg: Config, key: str) -> Path:
+    """The run's training, from its last.pt if there is one (the caller holds the run folder's lock)."""
     images, data_info = load_training_images(cfg)
     data_info["key"] = key
     dist_info = init_distributed()

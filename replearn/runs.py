@@ -1,4 +1,4 @@
-"""Artifact keys and the pretrain run-folder layout: the one module every later stage reads.
+"""Artifact keys, the pretrain run-folder layout and its config: the one module every later stage reads.
 
 Keys. Every artifact (run folder, feature file, results JSON) carries a `key`: a short hash of
 everything that determines it -- the stage's resolved config less the keys that only say where or
@@ -20,10 +20,11 @@ import difflib
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import ConfigError
+from .config import ConfigError, register_check, require
 
 LAST = "last.pt"
 FINISHED = "finished.json"
@@ -53,6 +54,68 @@ def check_key(path: str | Path, recorded: str | None, expected: str | None) -> N
 
 
 # ============================================================================ run folders
+# The pretrain stage's config (`pretrain.Config`): here, beside the folder layout whose config.json and
+# checkpoints carry it, so that the stages reading run folders (load_run, evaluate) need not import the
+# trainer, which itself calls them.
+@dataclass(frozen=True)
+class Config:
+    model: str = "dcgan"          # a recipe: arch + loss + options (see RECIPES); explicit keys override it
+    run_dir: str = ""             # default runs/<model>
+    data: str = "hf:benjamin-paine/imagenet-1k-32x32:train"  # unlabelled images, any source; ImageNet-1k 32x32 (docs/protocol.md s.1)
+    image_size: int = 32          # 28, 32, 64 for dcgan (stride-2 stages follow the size), any for mlp
+    channels: int = 3             # 1: grayscale nets (the critic reads the luminance; MNIST-style data)
+    cache_dir: str = "cache"
+    # -- model (None: the recipe's value, then the loss's reference default)
+    arch: str | None = None
+    loss: str | None = None
+    norm: str | None = None       # critic normalisation: batch | layer | none
+    g_norm: str | None = None     # generator normalisation; default batch (BN as DCGAN; layer/none for exact multi-process)
+    spectral_norm: bool | None = None
+    attention_res: int | None = None  # put a self-attention block at this resolution (default 0: none)
+    z_dim: int = 256              # DCGAN ImageNet model: 256-dim z ~ U(-1, 1)
+    width: float = 1.0            # channel multiplier (tests use small nets; 1.0 is the paper's)
+    # BN breaks the per-sample gradient penalty: refused unless forced (None: the recipe's value, else false)
+    force_batchnorm: bool | None = None
+    # -- optimisation (None: the loss's reference default, docs/protocol.md s.1)
+    steps: int = 300000           # generator steps: 30 epochs of ImageNet-1k (1.28M images) at batch 128, as the
+                                  # released DCGAN model (named for epoch 30); GPU-sized
+    batch_size: int | None = None
+    n_critic: int | None = None
+    gp_lambda: float = 10.0
+    clip: float = 0.01
+    optimizer: str | None = None  # adam | rmsprop | sgd
+    lr_g: float | None = None
+    lr_d: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    momentum: float | None = None  # RMSprop and SGD; default 0
+    weight_decay: float = 0.0     # some DCGAN scripts used 1e-5
+    lr_decay: str | None = None   # none (default) | linear (to 0 at `steps`, as gan_cifar_resnet.py)
+    # -- speed
+    device: str = "auto"
+    precision: str = "auto"       # auto: bf16 autocast where the hardware has bf16 units, else fp32
+    channels_last: bool = True    # 1.1-1.2x on CPU convs, and what tensor cores want
+    compile: bool = False         # torch.compile the nets (first steps pay the compile time)
+    # -- bookkeeping
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 500
+    ckpt_every: int = 2000
+    max_minutes: float = 0.0      # training-time budget of the whole run (kept across resumes); 0: none
+    nan_policy: str = "stop"      # stop | rollback (reload last good checkpoint, skip the batch)
+    fid_every: int = 0            # run `evaluate` (FID, ...) every fid_every steps, checkpointed there (0: never)
+    inception_weights: str = ""   # FID weights for fid_every ('' = evaluate's default path; missing: FID skipped)
+    preset: str = ""
+
+
+# out-of-range values fail when the config is built (None: set later by the recipe, checked again then)
+register_check(Config, lambda cfg: require(
+    cfg, stage="pretrain", positive=("steps", "batch_size", "width", "n_critic", "ckpt_every", "log_every",
+                                     "sample_every", "z_dim", "lr_g", "lr_d", "clip"),
+    non_negative=("gp_lambda", "max_minutes", "fid_every", "weight_decay"), at_least={"image_size": 8},
+    choices={"channels": (1, 3)}))
+
+
 def ckpt_name(step: int) -> str:
     return f"ckpt_{step:07d}.pt"
 
@@ -139,13 +202,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu", mmap: bool = False) -
 
 def load_run(run: str | Path, which: str = LAST, device: str = "cpu"):
     """(resolved pretrain config, generator, critic, checkpoint dict) of a run's checkpoint."""
-    from . import nets
+    from . import nets, zoo
     from .config import from_dict
-    from .pretrain import Config
     path = checkpoint_path(run, which)
     ckpt = load_checkpoint(path, device)
     cfg = from_dict(Config, ckpt["config"])
-    gen, critic = nets.build_models(cfg.arch, **nets.options(cfg))
+    gen, critic = zoo.build_models(cfg.arch, **nets.options(cfg))
     gen.load_state_dict(ckpt["generator"])
     critic.load_state_dict(ckpt["critic"])
     return cfg, gen.to(device).eval(), critic.to(device).eval(), ckpt

@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import curve, metrics, nets, pretrain, runs
+from . import curve, metrics, nets, pretrain, runs, zoo
 from .config import ConfigError, build, split_overrides, to_dict
+from .lock import building
 from .utils import (atomic_write_json, atomic_write_text, git_commit, lookup, make_registry, pick_device,
                     provenance, read_jsonl)
 
@@ -207,7 +208,7 @@ class QualityContext:
 def fixed_feature_net(device) -> nets.Critic:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FIXED_NET["seed"])
-        _, critic = nets.build_models(FIXED_NET["arch"], norm=FIXED_NET["norm"], width=FIXED_NET["width"])
+        _, critic = zoo.build_models(FIXED_NET["arch"], norm=FIXED_NET["norm"], width=FIXED_NET["width"])
     return critic.to(device).eval()
 
 
@@ -269,13 +270,14 @@ def checkpoint_quality(ctx: QualityContext, run_dir: Path, name: str) -> dict[st
 def quality(ctx: QualityContext, cell: Cell) -> list[dict]:
     """One record per interval checkpoint, kept in <run>/quality-<key>.json (only new steps computed)."""
     path = Path(cell.run_dir) / f"quality-{ctx.key}.json"
-    saved = runs.read_json(path) or {}
-    done = {r["step"]: r for r in saved.get("records", [])} if saved.get("key") == ctx.key else {}
-    for step, ckpt in runs.interval_checkpoints(cell.run_dir):
-        if step not in done:
-            done[step] = checkpoint_quality(ctx, Path(cell.run_dir), ckpt.name)
-            atomic_write_json(path, {"key": ctx.key, "run_key": cell.key, "records": sorted(done.values(),
-                                     key=lambda r: r["step"]), "provenance": provenance()})
+    with building(path, wait=True):   # another study measuring this run: wait, then reuse its records
+        saved = runs.read_json(path) or {}
+        done = {r["step"]: r for r in saved.get("records", [])} if saved.get("key") == ctx.key else {}
+        for step, ckpt in runs.interval_checkpoints(cell.run_dir):
+            if step not in done:
+                done[step] = checkpoint_quality(ctx, Path(cell.run_dir), ckpt.name)
+                atomic_write_json(path, {"key": ctx.key, "run_key": cell.key, "records": sorted(done.values(),
+                                         key=lambda r: r["step"]), "provenance": provenance()})
     return sorted(done.values(), key=lambda r: r["step"])
 
 

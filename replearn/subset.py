@@ -21,6 +21,7 @@ import numpy as np
 
 from . import runs
 from .config import ConfigError, register_check, require, to_dict
+from .lock import building
 from .store import write_image_cache
 from .utils import provenance
 
@@ -81,8 +82,15 @@ def run(cfg: Config) -> Path:
     from . import data
     key = subset_key(cfg)
     out = default_out(cfg, key)
-    if out.exists() and data.read_image_cache(out).attrs.get("key") == key:
-        return out
+    with building(out):   # one process per subset cache
+        if out.exists() and data.read_image_cache(out).attrs.get("key") == key:
+            return out
+        return write_subset(cfg, out, key)
+
+
+def write_subset(cfg: Config, out: Path, key: str) -> Path:
+    """The chosen rows of the source -> the subset's image cache (the caller holds its lock)."""
+    from . import data
     source = data.cached(cfg.source, size=32, cache_dir=cfg.cache_dir)
     classes = chosen_classes(cfg, source.labels, source.class_names)
     rows = pick_rows(source.labels, classes, cfg.per_class, cfg.seed)

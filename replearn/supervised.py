@@ -30,9 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import nets, runs
+from . import nets, runs, zoo
 from .features import recompute_bn_stats
 from .config import ConfigError, register_check, register_preset, require, to_dict, validate
+from .lock import building
 from .utils import (atomic_write_json, autocast, check_writable, pick_device, provenance, resolve_precision,
                     torch_atomic_save)
 
@@ -107,7 +108,7 @@ def resolved_critic(cfg: Config) -> dict:
 def build_classifier(cfg: Config, num_classes: int) -> tuple[Classifier, dict]:
     torch.manual_seed(cfg.seed)
     spec = resolved_critic(cfg)
-    _, critic = nets.build_models(spec["arch"], **{k: v for k, v in spec.items() if k != "arch"})
+    _, critic = zoo.build_models(spec["arch"], **{k: v for k, v in spec.items() if k != "arch"})
     return Classifier(critic, cfg.image_size, num_classes, cfg.grid), spec
 
 
@@ -229,9 +230,15 @@ def run(cfg: Config) -> Path:
     validate(cfg)   # a Config built in code has not passed `build`
     key = supervised_key(cfg)
     out = output_dir(cfg, key)
-    if finished(out, key):
-        print(f"supervised: {out / RESULT} is up to date (key {key})")
-        return out / RESULT
+    with building(out):   # the folder (last.pt, supervised.json): one process at a time
+        if finished(out, key):
+            print(f"supervised: {out / RESULT} is up to date (key {key})")
+            return out / RESULT
+        return train_and_score(cfg, out, key)
+
+
+def train_and_score(cfg: Config, out: Path, key: str) -> Path:
+    """Train (resuming from out/last.pt), score, write supervised.json (the caller holds the folder's lock)."""
     check_writable(out)
     train_set, test_set = load(cfg.train, cfg), load(cfg.test, cfg)
     labels = checked_labels(train_set, cfg.train)

@@ -158,6 +158,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, register_check, register_preset, to_dict
+from .lock import building
 from .runs import artifact_key, keyed, read_json
 from .store import FeatureFile
 from .utils import atomic_path, atomic_write_json, bf16_supported, check_writable, pick_device, provenance
@@ -1604,14 +1605,15 @@ def run(cfg: Config) -> Path:
         key = results_key(cfg, features_id)
         out = default_out(cfg, key)
         check_writable(out.parent)
-        if up_to_date(out, key):
-            print(f"svm: {out} is up to date (key {key}); delete it to recompute", file=sys.stderr)
-            return out
-        record = evaluate(ff, cfg, out, features_id)
-    record["key"] = key
-    atomic_write_json(out, _json_keys(record))
-    plot_curves(record["settings"], out.with_suffix(".png"), cfg.per_class)
-    progress_path(out).unlink(missing_ok=True)
+        with building(out):   # the results and their .partial.json: one process at a time
+            if up_to_date(out, key):
+                print(f"svm: {out} is up to date (key {key}); delete it to recompute", file=sys.stderr)
+                return out
+            record = evaluate(ff, cfg, out, features_id)
+            record["key"] = key
+            atomic_write_json(out, _json_keys(record))
+            plot_curves(record["settings"], out.with_suffix(".png"), cfg.per_class)
+            progress_path(out).unlink(missing_ok=True)
     return out
 
 

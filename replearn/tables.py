@@ -332,7 +332,7 @@ BOOKKEEPING = ("sample_every", "ckpt_every", "log_every", "fid_every")
 def scale_of(res: dict, feat: dict) -> str:
     """The scale that ran: the preset's name when every pretraining key the preset sets has that value,
     else 'custom (<preset> preset, key=value ...)' listing where the run departs from it."""
-    from . import chain, curve, features, kmeans, pretrain, svm  # noqa: F401  (their presets)
+    from . import curve, features, kmeans, pretrain, supervised, svm  # noqa: F401  (their presets)
     from .config import PRESETS
     if feat.get("kind") == "kmeans":
         stage, cfg = "kmeans", feat.get("config") or {}

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -145,8 +146,13 @@ def pid_running(pid: int) -> bool:
     return True
 
 
+def temp_name(path: Path) -> Path:
+    """`<name>.tmp-<pid>-<random>`: no other process or thread, here or on another host, shares it."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 def remove_stale_temps(path: Path) -> None:
-    """Delete `<name>.tmp-<pid>` siblings whose process is gone: a killed run never finishes them,
+    """Delete `<name>.tmp-<pid>[-<random>]` siblings whose process is gone: a killed run never finishes them,
     and each would keep its share of the disk until someone noticed. Pids are only meaningful on this
     host: on a folder shared between machines, another machine's live temp file looks stale."""
     prefix = f"{path.name}.tmp-"
@@ -155,7 +161,7 @@ def remove_stale_temps(path: Path) -> None:
     except OSError:
         return
     for entry in entries:
-        pid = entry.name[len(prefix):]
+        pid = entry.name[len(prefix):].split("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not pid_running(int(pid)) \
                 and entry.is_file(follow_symlinks=False):
             with contextlib.suppress(OSError):
@@ -166,7 +172,7 @@ def remove_stale_temps(path: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block finishes.
 
-    A killed run leaves `<name>.tmp-<pid>` behind, never a file later stages would take
+    A killed run leaves `<name>.tmp-<pid>-<random>` behind, never a file later stages would take
     for a finished one; the next atomic write of the same name removes it. A full disk, in the
     block or while syncing, becomes one line naming `path`.
     """
@@ -177,7 +183,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise ConfigError(f"cannot create folder {path.parent} ({err.strerror or type(err).__name__}); fix its "
                           f"permissions or choose another output location") from None
     remove_stale_temps(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     try:
         try:
             yield tmp

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import studies
 from .config import ConfigError, register_check, register_preset, require
 from .pretrain import OPTIMIZERS
-from .nets import ARCHS
+from .zoo import ARCHS
 from .utils import lookup
 
 ARCH_NAMES = {"dcgan": "plain (DCGAN)", "resnet": "residual", "dense": "dense"}

@@ -1,4 +1,5 @@
-"""More GAN families for ARCHS: a vanilla MLP, residual (ResNet) and densely connected nets.
+"""The registry of architectures (`ARCHS`, `build_models`): DCGAN (nets.py) and more GAN families, a
+vanilla MLP, residual (ResNet) and densely connected nets. This module imports nets, never the reverse.
 
 Every builder has the signature of `nets.dcgan` and returns (generator, critic). Each critic is a
 `nets.Critic`: its `blocks` yield the feature layers that the feature stage max-pools to 4x4,
@@ -26,14 +27,20 @@ net does not have is refused), `width` (channel multiplier), `z_dim`, `image_siz
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .nets import (Critic, SelfAttention, check_attention, check_channels, maybe_sn, norm_layer, register_arch,
-                   scaled)
+from .nets import (Critic, SelfAttention, check_attention, check_channels, dcgan, dcgan_stages, init_dcgan, maybe_sn,
+                   norm_layer, scaled)
 from .penalty import piecewise_linear
+from .utils import lookup, make_registry
+
+ARCHS, register_arch = make_registry("architecture")
+register_arch("dcgan")(dcgan)
 
 # (arch, image_size) -> pooled feature dims at width 1, for channels 1 and 3 alike (the docstring's table)
 FEATURE_DIMS = {("dcgan", 28): 28672, ("dcgan", 32): 28672, ("dcgan", 64): 29696,
@@ -50,7 +57,6 @@ def check_size_multiple_of_8(image_size: int, arch: str) -> None:
 
 def check_size(arch: str, image_size: int) -> None:
     """One line, when the config is resolved (before any data is read), if `arch` cannot take the size."""
-    from .nets import dcgan_stages
     if arch == "dcgan":
         dcgan_stages(image_size)
     elif arch in ("resnet", "dense"):
@@ -312,3 +318,12 @@ def dense(norm: str = "batch", spectral_norm: bool = False, attention_res: int =
     g_base, g_growth, *g_outs = scaled((256, 32, 256, 128, 64), width)
     return (DenseGenerator(z_dim, g_base, g_growth, g_outs, g_norm, attention_res, image_size, out_channels=channels),
             DenseCritic(stem, growth, outs, norm, spectral_norm, attention_res, image_size, in_channels=channels))
+
+
+def build_models(arch: str, **options) -> tuple[nn.Module, Critic]:
+    """(generator, critic) of a registered architecture, DCGAN-initialised."""
+    builder: Callable = lookup(ARCHS, arch, "architecture")
+    gen, critic = builder(**options)
+    init_dcgan(gen)
+    init_dcgan(critic)
+    return gen, critic

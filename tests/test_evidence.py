@@ -11,14 +11,14 @@ import torch
 import torch.nn as nn
 
 from conftest import random_images
-from replearn import features, nets, pretrain, runs
+from replearn import features, nets, pretrain, runs, zoo
 from replearn.config import ConfigError, build
 from replearn.store import FeatureFile, write_image_cache
 
 
 def small_critic() -> nets.Critic:
     torch.manual_seed(0)
-    _, critic = nets.build_models("dcgan", norm="batch", spectral_norm=False, attention_res=0, z_dim=16,
+    _, critic = zoo.build_models("dcgan", norm="batch", spectral_norm=False, attention_res=0, z_dim=16,
                                   image_size=32, width=0.125, g_norm="batch")
     return critic.eval()
 
@@ -126,7 +126,7 @@ def test_pretraining_keeps_the_untrained_control_and_log_spaced_checkpoints(tmp_
     assert control["step"] == 0 and control["key"] == runs.run_key(run_dir)
     # the step-0 critic is the seeded initialisation: the same as a fresh build with that seed
     torch.manual_seed(0)
-    _, fresh = nets.build_models("dcgan", norm="batch", spectral_norm=False, attention_res=0, z_dim=256,
+    _, fresh = zoo.build_models("dcgan", norm="batch", spectral_norm=False, attention_res=0, z_dim=256,
                                  image_size=32, width=0.125, g_norm="batch")
     for name, value in fresh.state_dict().items():
         torch.testing.assert_close(control["critic"][name], value)

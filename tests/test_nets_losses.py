@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from replearn import losses, nets
+from replearn import losses, nets, zoo
 from replearn.config import ConfigError
 
 
 def test_dcgan_critic_matches_protocol_layout():
-    _, critic = nets.build_models("dcgan")
+    _, critic = zoo.build_models("dcgan")
     convs = [m for m in critic.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [128, 128, 256, 256, 512, 512]
     assert [c.stride[0] for c in convs] == [1, 2, 1, 2, 1, 2]
@@ -28,7 +28,7 @@ def test_dcgan_critic_matches_protocol_layout():
 
 def test_pooled_features_are_per_layer_maxpools_in_order():
     torch.manual_seed(0)
-    _, critic = nets.build_models("dcgan", width=0.125)
+    _, critic = zoo.build_models("dcgan", width=0.125)
     critic.eval()
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -47,7 +47,7 @@ def test_spectral_norm_at_initialisation_divides_by_the_initialised_weights_norm
     # the step-0 control is extracted in eval mode, where spectral norm uses its stored u, v: they must
     # belong to the DCGAN-initialised weights (once they were the constructor's: layers gained 9-104x)
     torch.manual_seed(0)
-    _, critic = nets.build_models(arch, norm="none", spectral_norm=True, width=0.25)
+    _, critic = zoo.build_models(arch, norm="none", spectral_norm=True, width=0.25)
     critic.eval()
     normed = [m for m in critic.modules() if hasattr(m, "parametrizations")]
     assert normed
@@ -65,7 +65,7 @@ def test_to_unit_maps_uint8_to_minus_one_one():
 
 def test_unknown_names_list_the_choices():
     with pytest.raises(ConfigError, match="choose from: .*dcgan"):
-        nets.build_models("nope")
+        zoo.build_models("nope")
     with pytest.raises(ConfigError, match="wgan-gp"):
         losses.build_loss("nope", 1, 10.0, 0.01)
 
@@ -113,7 +113,7 @@ def test_gradient_penalty_quadratic_critic_uses_per_sample_alpha():
 def test_wgan_gp_single_pass_equals_separate_passes():
     """Without BatchNorm one pass over real|fake|interp gives the same loss as three passes."""
     torch.manual_seed(0)
-    _, critic = nets.build_models("dcgan", norm="layer", width=0.125)
+    _, critic = zoo.build_models("dcgan", norm="layer", width=0.125)
     real, fake = torch.rand(4, 3, 32, 32) * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1
     loss = losses.build_loss("wgan-gp", 5, 10.0, 0.01)
     alpha = torch.rand(4, 1, 1, 1)

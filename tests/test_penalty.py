@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from replearn import losses, nets, penalty
+from replearn import losses, nets, penalty, zoo
 
 
 def penalty_grads(critic: torch.nn.Module, real, fake, alpha, fast: bool, bf16: bool = False) -> dict:
@@ -30,10 +30,10 @@ def draws(seed: int = 0, n: int = 6):
 
 
 @pytest.mark.parametrize("spectral", [False, True], ids=["plain", "sn"])
-@pytest.mark.parametrize("arch", sorted(nets.ARCHS))
+@pytest.mark.parametrize("arch", sorted(zoo.ARCHS))
 def test_fast_penalty_gradients_equal_the_double_backward(arch, spectral):
     torch.manual_seed(0)
-    _, critic = nets.build_models(arch, norm="none", spectral_norm=spectral, width=0.125)
+    _, critic = zoo.build_models(arch, norm="none", spectral_norm=spectral, width=0.125)
     critic = critic.to(memory_format=torch.channels_last)
     assert penalty.supports(critic)
     real, fake, alpha = draws()
@@ -46,7 +46,7 @@ def test_fast_penalty_gradients_equal_the_double_backward(arch, spectral):
 def test_fast_penalty_under_bf16_tracks_the_standard_one():
     """Under autocast both paths round differently but must agree to bf16 precision."""
     torch.manual_seed(0)
-    _, critic = nets.build_models("dcgan", norm="none", width=0.25)
+    _, critic = zoo.build_models("dcgan", norm="none", width=0.25)
     real, fake, alpha = draws(1)
     fast, standard = (torch.cat([g.flatten() for g in penalty_grads(critic, real, fake, alpha, f, True).values()])
                       for f in (True, False))
@@ -58,9 +58,9 @@ def test_fast_penalty_under_bf16_tracks_the_standard_one():
                          ids=["batch", "layer", "attention"])
 def test_critics_whose_backward_reads_activations_keep_the_standard_path(options):
     """Norm layers and self-attention make the input gradient depend on forward values."""
-    _, critic = nets.build_models("dcgan", width=0.125, **options)
+    _, critic = zoo.build_models("dcgan", width=0.125, **options)
     assert not penalty.supports(critic)
-    assert penalty.supports(nets.build_models("dcgan", width=0.125, norm="none")[1])
+    assert penalty.supports(zoo.build_models("dcgan", width=0.125, norm="none")[1])
 
 
 def test_a_subclass_with_its_own_forward_is_not_trusted_by_inheritance():

@@ -20,9 +20,9 @@ from replearn.store import with_channels, write_image_cache
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("arch,size", sorted(zoo.FEATURE_DIMS))
 def test_feature_width_is_the_documented_one(arch, size, channels):
-    _, critic = nets.build_models(arch, image_size=size, channels=channels)
+    _, critic = zoo.build_models(arch, image_size=size, channels=channels)
     assert sum(d for _, d in critic.feature_layers(size)) == zoo.FEATURE_DIMS[arch, size]
-    gen, small = nets.build_models(arch, image_size=size, channels=channels, width=0.125)   # G and D shapes, cheaply
+    gen, small = zoo.build_models(arch, image_size=size, channels=channels, width=0.125)   # G and D shapes, cheaply
     fake = gen(torch.rand(2, 256))
     assert fake.shape == (2, channels, size, size) and small(fake).shape == (2,)
 
@@ -40,10 +40,10 @@ def test_the_readme_family_table_states_the_same_widths():
 @pytest.mark.parametrize("arch", ["resnet", "dense"])
 def test_sizes_an_arch_cannot_take_are_refused_in_one_line(arch):
     with pytest.raises(ConfigError, match="takes image_size 32 or 64") as err:
-        nets.build_models(arch, image_size=28)
+        zoo.build_models(arch, image_size=28)
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="takes image_size 28, 32 or 64"):
-        nets.build_models("dcgan", image_size=30)
+        zoo.build_models("dcgan", image_size=30)
     with pytest.raises(ConfigError, match="channels"):
         build(pretrain.Config, "pretrain", {"channels": "2"})
     with pytest.raises(ConfigError, match=f"arch '{arch}' takes image_size"):   # at resolve time, before any data

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import random_images
-from replearn import losses, nets, pretrain
+from replearn import losses, nets, pretrain, zoo
 from replearn.recipes import RECIPES
 
 # small nets and batches: the whole file runs in well under a minute on 2 cores
@@ -43,7 +43,7 @@ def assert_all_gradients(net: torch.nn.Module, label: str) -> None:
 
 
 def test_the_walk_covers_every_architecture():
-    assert set(ATTENTION_AT) == set(nets.ARCHS) == set(FEATURE_DIMS)
+    assert set(ATTENTION_AT) == set(zoo.ARCHS) == set(FEATURE_DIMS)
 
 
 @pytest.mark.parametrize("options", CASES)
@@ -66,7 +66,7 @@ def test_every_family_takes_a_training_step(options, images):
 
 @pytest.mark.parametrize("arch", sorted(FEATURE_DIMS))
 def test_feature_sizes_match_the_documented_table(arch):
-    _, critic = nets.build_models(arch, norm="layer")            # width 1: the documented size
+    _, critic = zoo.build_models(arch, norm="layer")            # width 1: the documented size
     assert sum(dim for _, dim in critic.feature_layers()) == FEATURE_DIMS[arch]
 
 
