@@ -35,6 +35,8 @@ class Config:
     final_draws: int = 5          # draws for each point's mean +- 1.96 std (the paper: 100)
     val_size: int = 10000         # validation held out of train, as the protocol
     steps: tuple[int, ...] = ()   # checkpoints to score (and always the last); empty = every interval checkpoint
+    through: int = 0              # only checkpoints up to this step (its last is then the "last"); 0 = all.
+                                  # A study measuring every GAN at the same step uses it on runs trained further
     features_args: str = ""       # extra key=value words for the features stage (e.g. 'precision=fp32')
     svm_args: str = ""            # extra key=value words for the svm stage
     # false: a point's feature file is deleted once its SVM result is written (a point is reused by that
@@ -83,7 +85,8 @@ def score_checkpoint(cfg: Config, step: int, checkpoint: str) -> dict[str, Any]:
 
 
 def curve_key(cfg: Config) -> str:
-    return runs.artifact_key("curve", to_dict(cfg), ignore=("run", "device", "cache_dir", "steps", "keep_features"),
+    return runs.artifact_key("curve", to_dict(cfg), ignore=("run", "device", "cache_dir", "steps", "through",
+                                                                      "keep_features"),
                              run=runs.run_key(cfg.run))
 
 
@@ -122,7 +125,7 @@ def write_curve(cfg: Config, run_dir: Path, key: str, points: list[dict], out: P
 def run(cfg: Config) -> Path:
     """Score every interval checkpoint of a run with a cheap 400-per-class protocol -> curve JSON + PNG."""
     run_dir = Path(cfg.run)
-    found = runs.interval_checkpoints(run_dir)
+    found = [(s, p) for s, p in runs.interval_checkpoints(run_dir) if not cfg.through or s <= cfg.through]
     if not found:
         raise ConfigError(f"no ckpt_*.pt in {run_dir}: run `replearn pretrain` first (it keeps log-spaced ones)")
     # the run's last checkpoint is always scored: the curve's end point is the table row's critic

@@ -18,6 +18,12 @@ Measures of one cell, at the end of the run and as curves over training:
 - the linear probe (`curve`): 400-per-class L2-SVM accuracy of the critic's 4x4-pooled features at
   chosen checkpoints, step 0 being the untrained control.
 
+Equal work: every GAN of a study trains `steps` generator steps and is measured at its checkpoint of
+that step (a run trained further before, e.g. under an older time budget, is measured at that
+checkpoint too). `max_minutes` is only a safety cap: a GAN that hits it before `steps` is measured
+where it stopped and its row says it is not comparable. Each study cell trains one GAN per seed in
+`seeds`; the table (study_tables.py) reports the mean and spread over them.
+
 A cell whose pretraining diverges (non-finite loss or weights: `pretrain` raises and names the last
 good checkpoint) is recorded in `<run>/diverged.json` and measured on the checkpoints it kept; its
 table row says so with the step. A rerun does not train it again.
@@ -35,10 +41,9 @@ import numpy as np
 import torch
 
 from . import curve, metrics, nets, pretrain, runs, zoo
-from .config import ConfigError, build, split_overrides, to_dict
+from .config import ConfigError, build, split_overrides
 from .lock import building
-from .utils import (atomic_write_json, atomic_write_text, git_commit, lookup, make_registry, pick_device,
-                    provenance, read_jsonl)
+from .utils import atomic_write_json, lookup, make_registry, pick_device, provenance, read_jsonl
 
 CIFAR_TRAIN = "hf:uoft-cs/cifar10:train"
 CIFAR_TEST = "hf:uoft-cs/cifar10:test"
@@ -82,7 +87,13 @@ class Study:
     train: str = CIFAR_TRAIN       # the probe's labelled split (the SVMs fit it)
     test: str = CIFAR_TEST         # the probe's scored split; also the held-out real images of `quality`
     wgan_loss: str = "wgan"        # wgan (Arjovsky's schedule) | wgan-no-warmup (no 100-step warm-up)
-    pretrain_args: str = ""        # extra key=value words for every cell's pretraining
+    # equal work: generator steps of every GAN, measured at that step's checkpoint. 15,600 = 100 epochs of
+    # CIFAR-10's 50,000 images at batch 64 with 5 critic batches per G step (seed 001's "100epoch")
+    steps: int = 15600
+    max_minutes: float = 0.0       # safety cap on each GAN's training minutes (0: none); hitting it before
+                                   # `steps` makes the row "not comparable"
+    seeds: tuple[int, ...] = (0, 1, 2)   # one GAN per seed and cell: each row's mean and spread over seeds
+    pretrain_args: str = ""        # extra key=value words for every cell's pretraining (not steps/max_minutes/seed)
     probe: bool = True             # the linear probe of each cell's critic
     probe_steps: tuple[int, ...] = ()   # checkpoints probed (0 and the last always); empty = every one
     probe_args: str = ""           # extra key=value words for the curve stage (train_rows=, per_class=, ...)
@@ -96,9 +107,29 @@ class Study:
     device: str = "auto"
 
 
+# pretraining keys a study sets itself, so that every cell gets the same work and its own seeds
+STUDY_KEYS = {"steps": "steps=", "max_minutes": "max_minutes=", "seed": "seeds="}
+
+
+def check_pretrain_args(text: str, stage: str, names: dict[str, str] = STUDY_KEYS) -> None:
+    clash = [k for k in words(text) if k in names]
+    if clash:
+        raise ConfigError(f"{stage}: pretrain_args sets {', '.join(clash)}; the study sets "
+                          f"{', '.join(clash)} of every GAN itself: use its {', '.join(names[k] for k in clash)} instead")
+
+
+def check_seeds(seeds: tuple[int, ...], stage: str) -> None:
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{stage}: seeds={seeds!r} needs one or more distinct seeds (e.g. seeds=0,1,2)")
+
+
 def check_study(cfg: Study) -> None:
     from .losses import LOSSES
+    from .config import require
     lookup(LOSSES, cfg.wgan_loss, "loss")
+    require(cfg, positive=("steps",), non_negative=("max_minutes",), stage=type(cfg).__module__.rsplit(".", 1)[-1])
+    check_seeds(cfg.seeds, "study")
+    check_pretrain_args(cfg.pretrain_args, "study")
     if cfg.quality_samples < 2 or cfg.fid_samples < 2:
         raise ConfigError(f"quality_samples={cfg.quality_samples}, fid_samples={cfg.fid_samples}: each needs >= 2")
     if cfg.inception_weights and not Path(cfg.inception_weights).is_file():
@@ -110,11 +141,16 @@ def words(text: str) -> dict[str, str]:
     return split_overrides(text.split())
 
 
-def scale_and_data_note(cfg, unit: str) -> str:
-    """The intro's sentences on scale (any preset but paper is minutes of CPU per `unit`) and on the data."""
-    scale = "" if cfg.preset == "paper" else (f" **{cfg.preset} scale**: minutes of CPU pretraining per {unit}, "
-                                              "numbers show that the study runs, not what the paper found.")
-    return scale + (f" Data: {cfg.data_note}." if cfg.data_note else "")
+def scale_and_data_note(cfg, unit: str, steps: int | None = None, seeds: tuple[int, ...] | None = None) -> str:
+    """The intro's sentences on the work per `unit` and scale (any preset but paper is CPU-sized) and the data."""
+    steps, seeds = steps or cfg.steps, seeds or cfg.seeds
+    cap = getattr(cfg, "max_minutes", 0) or getattr(cfg, "gan_max_minutes", 0)
+    work = (f" Every {unit} trains {steps} generator steps per GAN ({len(seeds)} seed(s): "
+            f"{', '.join(map(str, seeds))})" + (f", with a safety cap of {cap:g} training minutes per GAN; a GAN that "
+                                                 "hits it first is marked not comparable" if cap else "") + ".")
+    scale = "" if cfg.preset == "paper" else (f" **{cfg.preset} scale**: CPU-sized, numbers show that the study "
+                                              "runs, not what the paper found.")
+    return work + scale + (f" Data: {cfg.data_note}." if cfg.data_note else "")
 
 
 def root_of(cfg: Study) -> Path:
@@ -124,36 +160,89 @@ def root_of(cfg: Study) -> Path:
 # ============================================================================ cells
 @dataclass
 class Cell:
+    """One GAN of a study cell (one seed), measured at `end_name`: its checkpoint of step `target` when it
+    has one, else the last state it reached (then `problems` says why the row is not comparable)."""
     label: str
     run_dir: Path
     key: str
+    seed: int = 0
+    target: int = 0                 # the study's steps
     diverged: dict | None = None    # {"step", "message"} when pretraining diverged
+    end_name: str = runs.LAST
+    end_step: int = 0
     extra: dict = dataclasses.field(default_factory=dict)   # what the study wants in its row
 
     @property
-    def last(self) -> dict:
-        """The run's last good state (last.pt, memory-mapped: no weights read)."""
-        return runs.load_checkpoint(Path(self.run_dir) / runs.LAST, mmap=True)
+    def end(self) -> dict:
+        """The measured checkpoint (memory-mapped: no weights read): step, batches, seconds, config, provenance."""
+        return runs.load_checkpoint(Path(self.run_dir) / self.end_name, mmap=True)
+
+    @property
+    def comparable(self) -> bool:
+        return not self.problems()
+
+    def problems(self) -> list[str]:
+        """Why this GAN did not do the study's work (empty: it trained exactly `target` steps)."""
+        if self.diverged:
+            return [f"seed {self.seed} diverged at step {self.diverged['step']}, measured at step {self.end_step}"]
+        out = []
+        if self.end_step != self.target:
+            done = runs.finished_record(self.run_dir) or {}
+            why = ("time cap max_minutes hit" if done.get("reason") == "max_minutes" and done.get("step", 0) < self.target
+                   else "no checkpoint at that step")
+            out.append(f"seed {self.seed} stopped at step {self.end_step} of {self.target} ({why})")
+        cfg = self.end.get("config") or {}
+        if cfg.get("lr_decay") == "linear" and cfg.get("steps") != self.target:
+            out.append(f"seed {self.seed}'s learning rate decayed over {cfg.get('steps')} steps, not {self.target}")
+        return out
 
 
-def pretrain_values(cfg: Study, values: dict, data: str | None = None) -> dict:
+def end_checkpoint(run_dir: Path, target: int) -> tuple[str, int]:
+    """(name, step) of the state to measure: the interval checkpoint at `target`, else the latest one
+    before it (a run stopped early, or one trained further with no checkpoint at `target`)."""
+    kept = [(step, path.name) for step, path in runs.interval_checkpoints(run_dir) if step <= target]
+    last = Path(run_dir) / runs.LAST
+    last_step = int(runs.load_checkpoint(last, mmap=True)["step"]) if last.exists() else -1
+    if kept and kept[-1][0] == target:
+        return kept[-1][1], target
+    if 0 <= last_step <= target and (not kept or last_step > kept[-1][0]):
+        return runs.LAST, last_step
+    if kept:
+        return kept[-1][1], kept[-1][0]
+    raise ConfigError(f"{run_dir}: no checkpoint at or before step {target} to measure")
+
+
+def pretrain_values(cfg: Study, values: dict, data: str | None = None, seed: int = 0) -> dict:
+    """One GAN's pretrain keys: the study's data and preset, the cell's values, and the study's steps,
+    time cap and this seed (pretrain_args cannot set those three)."""
     return {"preset": cfg.preset, "data": data or cfg.data, "cache_dir": cfg.cache_dir, "device": cfg.device,
-            **values, **words(cfg.pretrain_args)}
+            **values, **words(cfg.pretrain_args), "steps": cfg.steps, "max_minutes": cfg.max_minutes, "seed": seed}
 
 
 def pretrain_cell(label: str, values: dict, root: Path) -> Cell:
-    """Train (or reuse) the run of `values` in root/<model>-<key>; divergence becomes a record."""
+    """Train (or reuse) the run of `values` in root/<model>-<key>; divergence becomes a record. The run's
+    key leaves out steps and max_minutes, so a run trained further before is reused and measured at
+    `values["steps"]`."""
     planned, key = pretrain.plan(build(pretrain.Config, "pretrain", values))
     run_cfg = dataclasses.replace(planned, run_dir=str(root / f"{planned.model}-{key}"))
     run_dir = Path(run_cfg.run_dir)
+    cell = Cell(label, run_dir, key, seed=run_cfg.seed, target=run_cfg.steps)
     diverged = runs.read_json(run_dir / DIVERGED)
     if diverged and diverged.get("key") == key and diverged.get("steps") == run_cfg.steps \
             and diverged.get("max_minutes") == run_cfg.max_minutes:
         print(f"study: {run_dir} diverged at step {diverged['step']} before (recorded); not trained again")
-        return Cell(label, run_dir, key, diverged)
-    if pretrain.is_done(run_cfg):
+        cell.diverged = diverged
+    elif pretrain.is_done(run_cfg):
         print(f"study: {run_dir} is up to date")
-        return Cell(label, run_dir, key)
+    else:
+        cell.diverged = train_or_record(run_cfg, key, label)
+    cell.end_name, cell.end_step = end_checkpoint(run_dir, run_cfg.steps)
+    return cell
+
+
+def train_or_record(run_cfg: pretrain.Config, key: str, label: str) -> dict | None:
+    """Pretrain; a divergence is written to <run>/diverged.json and returned (None: trained)."""
+    run_dir = Path(run_cfg.run_dir)
     try:
         pretrain.run(run_cfg)
     except ConfigError as err:
@@ -164,18 +253,23 @@ def pretrain_cell(label: str, values: dict, root: Path) -> Cell:
                   "max_minutes": run_cfg.max_minutes, "provenance": provenance()}
         atomic_write_json(run_dir / DIVERGED, record)
         print(f"study: {label} diverged at step {record['step']}; measured on the checkpoints it kept")
-        return Cell(label, run_dir, key, record)
+        return record
     (run_dir / DIVERGED).unlink(missing_ok=True)
-    return Cell(label, run_dir, key)
+    return None
+
+
+def seed_cells(cfg: Study, label: str, values: dict, root: Path) -> list[Cell]:
+    """One GAN per seed of `cfg.seeds` for one study cell."""
+    return [pretrain_cell(label, pretrain_values(cfg, values, seed=seed), root) for seed in cfg.seeds]
 
 
 # ============================================================================ training-log measures
 LOG_KEYS = {"critic_loss": "d_loss", "generator_loss": "g_loss", "wasserstein_train": "wasserstein"}
 
 
-def log_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """{measure: (steps, values)} of the training log, for the logged keys present."""
-    records = read_jsonl(Path(run_dir) / "log.jsonl")
+def log_series(run_dir: Path, through: int | None = None) -> dict[str, tuple[list[int], list[float]]]:
+    """{measure: (steps, values)} of the training log up to step `through`, for the logged keys present."""
+    records = [r for r in read_jsonl(Path(run_dir) / "log.jsonl") if through is None or r.get("step", 0) <= through]
     out = {}
     for name, key in LOG_KEYS.items():
         pairs = [(r["step"], r[key]) for r in records if key in r]
@@ -268,34 +362,47 @@ def checkpoint_quality(ctx: QualityContext, run_dir: Path, name: str) -> dict[st
 
 
 def quality(ctx: QualityContext, cell: Cell) -> list[dict]:
-    """One record per interval checkpoint, kept in <run>/quality-<key>.json (only new steps computed)."""
+    """One record per interval checkpoint up to the measured one, kept in <run>/quality-<key>.json (only
+    new steps computed; records of later checkpoints, from a run trained further, are kept but not used)."""
     path = Path(cell.run_dir) / f"quality-{ctx.key}.json"
+    wanted = [(step, ckpt.name) for step, ckpt in runs.interval_checkpoints(cell.run_dir) if step < cell.end_step]
+    wanted.append((cell.end_step, cell.end_name))
     with building(path, wait=True):   # another study measuring this run: wait, then reuse its records
         saved = runs.read_json(path) or {}
         done = {r["step"]: r for r in saved.get("records", [])} if saved.get("key") == ctx.key else {}
-        for step, ckpt in runs.interval_checkpoints(cell.run_dir):
+        for step, name in wanted:
             if step not in done:
-                done[step] = checkpoint_quality(ctx, Path(cell.run_dir), ckpt.name)
+                done[step] = checkpoint_quality(ctx, Path(cell.run_dir), name)
                 atomic_write_json(path, {"key": ctx.key, "run_key": cell.key, "records": sorted(done.values(),
                                          key=lambda r: r["step"]), "provenance": provenance()})
-    return sorted(done.values(), key=lambda r: r["step"])
+    return sorted((r for r in done.values() if r["step"] <= cell.end_step), key=lambda r: r["step"])
 
 
 # ============================================================================ the linear probe
 def probe(cfg: Study, cell: Cell) -> dict | None:
-    """The critic's 400-per-class probe at `probe_steps` (0 = the untrained control, and the last)."""
+    """The critic's 400-per-class probe at `probe_steps` (0 = the untrained control) and at the measured step."""
     if not cfg.probe:
         return None
-    steps = tuple(sorted({0, *cfg.probe_steps})) if cfg.probe_steps else ()
+    steps = tuple(sorted({0, *cfg.probe_steps, cell.end_step})) if cfg.probe_steps else ()
     values = {"preset": cfg.preset, "run": str(cell.run_dir), "train": cfg.train, "test": cfg.test,
-              "cache_dir": cfg.cache_dir, "device": cfg.device, "steps": steps, **words(cfg.probe_args)}
+              "cache_dir": cfg.cache_dir, "device": cfg.device, "steps": steps, **words(cfg.probe_args),
+              "through": cell.end_step}
     return json.loads(curve.run(build(curve.Config, "curve", values)).read_text())
+
+
+def point_details(point: dict | None) -> dict:
+    """The probe point's test size and unconverged fits, from its SVM results file ({} when it is gone)."""
+    res = runs.read_json(Path(point["results"])) if point and point.get("results") else None
+    k = ((res or {}).get("settings") or {}).get("400") or {}
+    solver = k.get("solver") or {}
+    return {"test_size": k.get("test_size"), "not_converged": len(solver.get("not_converged") or []),
+            "fits": solver.get("fits")} if k else {}
 
 
 # ============================================================================ one cell, measured
 def measure(cfg: Study, ctx: QualityContext, cell: Cell) -> dict[str, Any]:
     """Everything a row and the figures need: log series, quality records, probe curve, end values."""
-    series = log_series(cell.run_dir)
+    series = log_series(cell.run_dir, cell.end_step)
     records = quality(ctx, cell)
     probed = probe(cfg, cell)
     points = (probed or {}).get("points") or []
@@ -305,87 +412,55 @@ def measure(cfg: Study, ctx: QualityContext, cell: Cell) -> dict[str, Any]:
     out["end"].update(wasserstein=last.get("wasserstein"), diversity=last.get("diversity"), fid=last.get("fid"),
                       diversity_inception=last.get("diversity_inception"), step=last.get("step"))
     control = next((p for p in points if p["step"] == 0), None)
-    final = points[-1] if points and points[-1]["step"] != 0 else None
-    out["end"].update(probe=final, control=control)
+    final = next((p for p in points if p["step"] == cell.end_step and p["step"] != 0), None)
+    out["end"].update(probe=final, control=control, probe_details=point_details(final),
+                      control_details=point_details(control))
     return out
 
 
-# ============================================================================ table cells
-def fmt(value: float | None, spec: str = ".3g") -> str:
-    return "n/a" if value is None else format(value, spec)
+@dataclass
+class StudyCell:
+    """One cell of a study (one table row): its GANs, one per seed, each measured."""
+    label: str
+    cells: list[Cell]
+    measured: list[dict]
+
+    @property
+    def first(self) -> Cell:
+        return self.cells[0]
+
+    def ends(self, name: str) -> list:
+        """The per-seed end values of one measure (None where a seed has none)."""
+        return [m["end"].get(name) for m in self.measured]
 
 
-def percent(point: dict | None) -> str:
-    return "-" if point is None else f"{100 * point['mean']:.1f}% (+-{100 * point['ci95']:.1f})"
+def measure_cell(cfg: Study, ctx: QualityContext, label: str, values: dict, root: Path) -> StudyCell:
+    cells = seed_cells(cfg, label, values, root)
+    return StudyCell(label, cells, [measure(cfg, ctx, c) for c in cells])
 
 
-def gain(end: dict) -> str:
-    if end.get("probe") is None or end.get("control") is None:
-        return "-"
-    return f"{100 * (end['probe']['mean'] - end['control']['mean']):+.1f}"
-
-
-def status(cell: Cell, end: dict) -> str:
-    state = cell.last
-    if cell.diverged:
-        return (f"diverged at step {cell.diverged['step']} (non-finite loss or weights); measured at its last good "
-                f"checkpoint, step {end.get('step')}")
-    done = runs.finished_record(cell.run_dir) or {}
-    why = {"steps": "all steps", "max_minutes": "time budget spent"}.get(done.get("reason"), "unfinished")
-    return f"{state['step']} G steps ({why})"
-
-
-def split_name(spec: str) -> str:
-    from .tables import split_name as name
-    return name(spec)
-
-
-def how_produced(cfg: Study, cell: Cell, measured: dict) -> str:
-    """Data, steps, optimizer, hardware, time and commits of the row, in one line."""
-    from .tables import duration
-    state = cell.last
-    run_cfg, info, prov = state.get("config") or {}, state.get("data") or {}, state.get("provenance") or {}
-    text = (f"{run_cfg.get('arch')} G/D, loss {run_cfg.get('loss')}, {run_cfg.get('optimizer')} lr "
-            f"{run_cfg.get('lr_d')}/{run_cfg.get('lr_g')} (D/G), batch {run_cfg.get('batch_size')}, n_critic "
-            f"{run_cfg.get('n_critic')}, width {run_cfg.get('width')}, seed {run_cfg.get('seed')}; trained on "
-            f"{split_name(info.get('spec', '?'))} ({info.get('num_images', '?')} images, labels unused): "
-            f"{state.get('step')} G steps, {state.get('batches')} critic batches, {state.get('precision')}, "
-            f"{duration(state.get('seconds') or 0)} on {prov.get('hardware', '?')}, pretrain commit "
-            f"{prov.get('git_commit', '?')}; run {Path(cell.run_dir).name}")
-    text += (f"; quality: {cfg.quality_samples} generated vs held-out {split_name(cfg.test)}"
-             + (f", FID on {cfg.fid_samples}" if cfg.inception_weights else ""))
-    probed = measured.get("probe")
-    if probed:
-        pc = probed.get("config") or {}
-        text += (f"; probe: {pc.get('per_class')} per class, {pc.get('final_draws')} draws, C bracketed on "
-                 f"{pc.get('val_size')} held out, features of {pc.get('train_rows') or 'all'} rows of "
-                 f"{split_name(cfg.train)}, scored on {pc.get('test_rows') or 'all'} rows of {split_name(cfg.test)}; "
-                 f"probe commit {(probed.get('provenance') or {}).get('git_commit', '?')}")
-    return text
-
-
-QUALITY_NOTE = ("Wasserstein estimate: E[D(real)] - E[D(fake)] of the final critic on held-out real images (for a "
-                "BCE critic, the logit gap). Diversity: mean per-dimension variance of generated images in the "
-                "features of a fixed random-weight DCGAN critic (seed 0, width 0.5, every layer globally max-pooled, "
-                "896 dims), divided by the same for held-out real images (1 = as varied as real images, ~0 = "
-                "collapse). Critic and generator losses: mean over the last tenth of the logged training steps. "
-                "Linear probe: 400-per-class L2-SVM accuracy of the critic's 4x4-pooled features, mean +- 1.96 std "
-                "over the draws; the untrained control is the same critic at step 0.")
+# BCE (DCGAN) and hinge critics have no Wasserstein reading: E[D(real)] - E[D(fake)] is their score (logit) gap
+def is_wasserstein_critic(cell: Cell) -> bool:
+    return str((cell.end.get("config") or {}).get("loss", "")).startswith("wgan")
 
 
 # ============================================================================ figures
-def plot_measure(curves: dict[str, tuple[list, list]], styles: dict[str, dict], ylabel: str, title: str,
+def plot_measure(curves: dict[str, list[tuple[list, list]]], styles: dict[str, dict], ylabel: str, title: str,
                  path: Path, dense: bool) -> Path:
-    """Every cell's curve of one measure on shared axes (dense log series are smoothed)."""
+    """Every cell's curves of one measure on shared axes, one line per seed in the cell's style (dense log
+    series are smoothed)."""
     from .plots import _pyplot, save_figure, smooth
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, (steps, values) in curves.items():
-        y = np.asarray([np.nan if v is None else v for v in values], dtype=float)
-        if dense and len(y) > 3:
-            y = smooth(np.nan_to_num(y))
-        marker = None if dense and len(y) > 3 else "o"
-        ax.plot(steps, y, label=label, marker=marker, ms=3, lw=1.4, **styles.get(label, {}))
+    for label, seeds in curves.items():
+        style = styles.get(label, {})
+        for k, (steps, values) in enumerate(seeds):
+            y = np.asarray([np.nan if v is None else v for v in values], dtype=float)
+            if dense and len(y) > 3:
+                y = smooth(np.nan_to_num(y))
+            marker = None if dense and len(y) > 3 else "o"
+            ax.plot(steps, y, label=f"{label} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})" if k == 0 else None,
+                    marker=marker, ms=3, lw=1.2, alpha=0.85, **style)
     ax.set_xlabel("generator step")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -394,14 +469,22 @@ def plot_measure(curves: dict[str, tuple[list, list]], styles: dict[str, dict], 
     return save_figure(fig, path)
 
 
-FIGURES = {  # measure -> (y label, dense log series?)
-    "critic_loss": ("critic loss (training batches, smoothed)", True),
-    "generator_loss": ("generator loss (training batches, smoothed)", True),
-    "wasserstein_train": ("Wasserstein estimate (training batches, smoothed)", True),
-    "wasserstein": ("Wasserstein estimate (held-out real images)", False),
-    "diversity": ("diversity (fixed random features, generated / real)", False),
-    "fid": ("FID (lower is better)", False),
-    "probe": ("linear probe, 400 per class (%)", False),
+# figure name -> (measure, y label, what the title adds, dense log series?, which critics: "wgan", "other" or
+# None for all). The Wasserstein figures hold WGAN critics only; BCE/hinge critics' E[D(real)] - E[D(fake)]
+# is a logit gap, not a distance, and gets figures of its own
+FIGURES = {
+    "critic_loss": ("critic_loss", "critic loss", "training batches, smoothed", True, None),
+    "generator_loss": ("generator_loss", "generator loss", "training batches, smoothed", True, None),
+    "wasserstein_train": ("wasserstein_train", "Wasserstein estimate", "WGAN critics only; training batches, smoothed",
+                          True, "wgan"),
+    "wasserstein": ("wasserstein", "Wasserstein estimate", "WGAN critics only; held-out real images", False, "wgan"),
+    "logit_gap_train": ("wasserstein_train", "logit gap (not a Wasserstein estimate)",
+                        "E[D(real)] - E[D(fake)] of BCE/hinge critics; training batches, smoothed", True, "other"),
+    "logit_gap": ("wasserstein", "logit gap (not a Wasserstein estimate)",
+                  "E[D(real)] - E[D(fake)] of BCE/hinge critics; held-out real images", False, "other"),
+    "diversity": ("diversity", "diversity (generated / real)", "variance in fixed random features", False, None),
+    "fid": ("fid", "FID", "lower is better", False, None),
+    "probe": ("probe", "linear probe (%)", "400 per class, L2-SVM on the critic's features", False, None),
 }
 
 
@@ -415,23 +498,43 @@ def measure_curves(measured: dict, name: str) -> tuple[list, list] | None:
     return ([r["step"] for r in records], [r[name] for r in records]) if records else None
 
 
-def plot_all(cells: list[Cell], measured: list[dict], styles: dict, out_dir: Path, title: str) -> list[Path]:
-    """One figure per measure with every cell on it; measures no cell has are skipped."""
+def critic_kind(sc: StudyCell) -> str:
+    return "wgan" if is_wasserstein_critic(sc.first) else "other"
+
+
+def plot_all(study_cells: list[StudyCell], styles: dict, out_dir: Path, title: str) -> list[Path]:
+    """One figure per measure with every cell (each seed a line) on it; figures no cell has are skipped."""
+    from .plots import _pyplot
+    colours = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]   # one colour per cell in every figure
+    styles = {sc.label: {"color": colours[i % len(colours)], **{k: v for k, v in styles.get(sc.label, {}).items()
+                                                               if v is not None}} for i, sc in enumerate(study_cells)}
     written = []
-    for name, (ylabel, dense) in FIGURES.items():
-        curves = {c.label: got for c, m in zip(cells, measured) if (got := measure_curves(m, name))}
+    for fig_name, (name, ylabel, note, dense, critics) in FIGURES.items():
+        curves = {}
+        for sc in study_cells:
+            if critics and critic_kind(sc) != critics:
+                continue
+            seeds = [got for m in sc.measured if (got := measure_curves(m, name))]
+            if seeds:
+                curves[sc.label] = seeds
         if curves:
-            written.append(plot_measure(curves, styles, ylabel, f"{title}: {ylabel}", out_dir / f"{name}.png", dense))
+            written.append(plot_measure(curves, styles, ylabel, f"{title}: {ylabel}\n({note})",
+                                        out_dir / f"{fig_name}.png", dense))
     return written
+
+
+def sample_grid_at(run_dir: Path, step: int) -> Path | None:
+    """samples/step_<s>.png with the highest s <= step (the measured state's samples, or the nearest before)."""
+    grids = [p for p in sorted((Path(run_dir) / "samples").glob("step_*.png")) if int(p.stem.split("_")[-1]) <= step]
+    return grids[-1] if grids else None
 
 
 def sample_mosaic(grid: list[list[Cell | None]], out_png: Path, title: str, row_names: list[str],
                   col_names: list[str]) -> Path:
-    """Each cell's latest sample grid, rows x cols; a diverged cell's title says so."""
+    """Each cell's sample grid at its measured step, rows x cols; a diverged cell's title says so."""
     from PIL import Image
 
     from .plots import _pyplot, save_figure
-    from .report import latest_sample_grid
     plt = _pyplot()
     rows, cols = len(grid), len(grid[0])
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
@@ -439,35 +542,17 @@ def sample_mosaic(grid: list[list[Cell | None]], out_png: Path, title: str, row_
         for c, cell in enumerate(row):
             ax = axes[r][c]
             ax.axis("off")
-            png = latest_sample_grid(Path(cell.run_dir)) if cell else None
+            png = sample_grid_at(Path(cell.run_dir), cell.end_step) if cell else None
             if png is not None:
                 with Image.open(png) as img:
                     ax.imshow(np.asarray(img.convert("RGB")), interpolation="nearest")
             note = f" (diverged at {cell.diverged['step']})" if cell and cell.diverged else ""
-            ax.set_title(" x ".join(n for n in (row_names[r], col_names[c]) if n) + note + (f"\nstep {png.stem[5:].lstrip('0') or 0}"
-                                                                     if png else ""), fontsize=8)
+            name = " x ".join(n for n in (row_names[r], col_names[c]) if n)
+            where = f"\nseed {cell.seed}, step {int(png.stem.split('_')[-1])}" if png else ""
+            ax.set_title(name + note + where, fontsize=8)
     fig.suptitle(title)
     return save_figure(fig, out_png)
 
 
-# ============================================================================ the table
-def write_table(rows: list[dict], out_dir: Path, name: str, title: str, intro: str) -> Path:
-    """<out_dir>/<name>.md (with `intro`), .csv and .tex (without the long 'how produced')."""
-    import pandas as pd
-    table = pd.DataFrame(rows)
-    head = f"# {title}\n\n{intro}\n\nTable written by `replearn` at commit {git_commit()}.\n\n"
-    atomic_write_text(out_dir / f"{name}.md", head + table.to_markdown(index=False) + "\n")
-    atomic_write_text(out_dir / f"{name}.csv", table.to_csv(index=False))
-    short = table.drop(columns=[c for c in ("how produced",) if c in table])
-    atomic_write_text(out_dir / f"{name}.tex", short.to_latex(index=False))
-    print(short.to_markdown(index=False))
-    return out_dir / f"{name}.md"
-
-
 def figure_links(paths: list[Path], out_dir: Path) -> str:
     return " ".join(f"[{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in paths)
-
-
-def study_record(cfg, out_dir: Path, name: str, rows: list[dict]) -> None:
-    """<out_dir>/<name>/study.json: the resolved config and the rows, for other tools."""
-    atomic_write_json(out_dir / name / "study.json", {"config": to_dict(cfg), "rows": rows, "provenance": provenance()})

@@ -41,32 +41,120 @@ def study_values(sources: dict, **over) -> dict:
 
 
 # ============================================================================ the studies
+def measured_rows(tables: Path, name: str) -> list[dict]:
+    return [r for r in csv_rows(tables / f"{name}.csv") if r["kind"] == "measured"]
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_self_describing(tables: Path, name: str, study: str, quoted: int) -> list[dict]:
+    """Every measured row names its scale, steps, seeds, status, flags, data and commit (md, csv, tex); the
+    seed paper's numbers are rows marked quoted; the .tex has no raw LaTeX specials."""
+    rows = csv_rows(tables / f"{name}.csv")
+    measured = [r for r in rows if r["kind"] == "measured"]
+    assert measured and all(r["scale"].startswith(("tiny", "custom (tiny preset")) for r in measured)
+    for key in ("steps", "seeds", "status", "flags", "data", "commit"):
+        assert all(r[key] for r in measured), key
+    assert len([r for r in rows if r["kind"] == "quoted" and r["scale"] == "quoted"]) == quoted
+    text = (tables / f"{name}.md").read_text()
+    assert "## Quoted from the seed paper" in text and text.count("| tiny ") + text.count("| custom (tiny") == len(measured)
+    tex = (tables / f"{name}.tex").read_text()
+    for block in tex.split(r"\begin{tabular}")[1:]:                       # the measured rows, then the quoted
+        lines = [ln for ln in block.splitlines() if ln.endswith(r"\\")]
+        cells = {ln.replace(r"\&", "").count("&") for ln in lines}
+        assert len(cells) == 1, "a raw & shifts a row's columns"
+        for line in lines:                                                  # no raw % # _ $ left
+            bare = re.sub(r"\\[%#_&$]", "", line).replace(r"$\pm$", "").replace("$^*$", "")
+            assert not re.search(r"[%#_$]", bare), line
+    assert "quoted kind" in tex and ("inception\\_weights" in tex or study == "augment")
+    return measured
+
+
 def test_wgan_grid_writes_nine_rows_and_a_diverged_cell_is_a_row(sources):
     # SGD at lr 1e30 blows the generator up at its first step: three diverged rows, not a crash
     cfg = build(wgan_grid.Config, "wgan-grid", study_values(sources, probe=False, lrs="5e-5,5e-5,1e30"))
     text = wgan_grid.run(cfg).read_text()
-    table = text.split("\n| optimizer")[1]
+    table = text.split("\n| optimizer")[1].split("## Quoted")[0]
     assert table.count("\n|") == 10                                         # separator + 9 cells
-    assert len(re.findall(r"\| sgd .* diverged at step \d+", table)) == 3
-    assert text.count("2 G steps (all steps)") == 6
-    figures = sources["root"] / "tables" / "wgan-grid-tiny"
+    assert len(re.findall(r"\| sgd .* NOT COMPARABLE: seed 0 diverged at step \d+", table)) == 3
+    tables = sources["root"] / "tables"
+    rows = assert_self_describing(tables, "wgan-grid-tiny", "wgan-grid", quoted=3)
+    trained = [r for r in rows if r["optimizer"] != "sgd"]
+    assert len(trained) == 6 and {r["steps"] for r in trained} == {"2"} and {r["status"] for r in trained} == {"comparable"}
+    assert {r["seeds"] for r in rows} == {"0"} and all(r["critic_loss_seed0"] for r in trained)
+    figures = tables / "wgan-grid-tiny"
     for name in ("critic_loss", "generator_loss", "wasserstein", "diversity", "samples"):
         assert (figures / f"{name}.png").exists(), name
-    assert "pretrain commit" in text and "n/a (no inception_weights)" in text
+    assert not (figures / "logit_gap.png").exists()                        # every grid critic is a WGAN critic
+    assert "n/a (no inception_weights)" in text and "DenseNet samples degrade after this many steps" in text
     before = artifact_times(sources["root"] / "build")
     wgan_grid.run(cfg)                                                      # every cell reused, diverged ones too
     assert artifact_times(sources["root"] / "build") == before
 
 
-def test_ablation_ladder_probes_each_rung_against_its_control(sources):
-    cfg = build(ablation.Config, "ablation", study_values(sources, rungs="wgan,wgan+res+sn+sa", probe_args=TINY_PROBE))
+def test_ablation_rows_over_seeds_gain_against_the_wgan_rung(sources):
+    cfg = build(ablation.Config, "ablation", study_values(sources, rungs="dcgan,wgan", seeds="0,1", probe_args=TINY_PROBE))
     text = ablation.run(cfg).read_text()
-    assert "| WGAN " in text and "WGAN + residual + SN + self-attention" in text
-    assert "ladder: wgan + self-attention" in text and "comparison; ladder base" in text
-    assert len([line for line in text.splitlines() if line.startswith("| WGAN") and "% (+-" in line]) == 2
-    record = json.loads((sources["root"] / "tables" / "ablation-tiny" / "study.json").read_text())
-    assert all(r["gain (points)"] != "-" for r in record["rows"])
-    assert "not run (augment=true runs it)" in text
+    assert "| WGAN " in text and "| DCGAN " in text and "reference; ladder base" in text
+    tables = sources["root"] / "tables"
+    rows = {r["model"]: r for r in assert_self_describing(tables, "ablation-tiny", "ablation", quoted=12)}
+    assert {r["steps"] for r in rows.values()} == {"2"} and {r["seeds"] for r in rows.values()} == {"0,1"}
+    for r in rows.values():                                                # every seed's value, mean and std (ddof=1)
+        seeds = [float(r["probe_seed0"]), float(r["probe_seed1"])]
+        assert float(r["probe_mean"]) == pytest.approx(np.mean(seeds))
+        assert float(r["probe_std"]) == pytest.approx(np.std(seeds, ddof=1))
+        assert float(r["probe_test_size"]) == 80 and float(r["probe_test_ci95"]) > 0
+    assert rows["WGAN"]["gain vs WGAN"] == "reference"
+    assert re.fullmatch(r"[+-]\d+\.\d ± \d+\.\d( \*| \(n\.s\.\))", rows["DCGAN"]["gain vs WGAN"])
+    assert float(rows["DCGAN"]["gain_vs_reference"]) == pytest.approx(float(rows["DCGAN"]["probe_mean"])
+                                                                       - float(rows["WGAN"]["probe_mean"]))
+    assert "logit gap" in rows["DCGAN"]["Wasserstein estimate"] and "logit gap" not in rows["WGAN"]["Wasserstein estimate"]
+    assert rows["DCGAN"]["untrained control (%)"] != "-" and "not run (augment=true runs it)" in text
+    figures = tables / "ablation-tiny"
+    assert (figures / "wasserstein.png").exists() and (figures / "logit_gap.png").exists()
+    assert ablation.role("wgan+res+sn+sa", "wgan+res+sn") == "ladder: wgan+res+sn + self-attention"
+
+
+def test_every_gan_is_measured_at_the_study_steps_and_a_capped_one_is_not_comparable(sources, tmp_path):
+    """Equal work: a run trained further (here 2 steps) is measured at its checkpoint of the study's steps
+    (1), with its quality and probe; a GAN stopped by the time cap before its steps is flagged."""
+    values = study_values(sources, rungs="wgan", probe_args=TINY_PROBE, build_dir=str(tmp_path / "build"),
+                          tables_dir=str(tmp_path / "tables"))
+    ablation.run(build(ablation.Config, "ablation", values))                # 2 steps
+    ablation.run(build(ablation.Config, "ablation", {**values, "steps": 1}))
+    (row,) = measured_rows(tmp_path / "tables", "ablation-tiny")
+    assert row["steps"] == "1" and row["status"] == "comparable" and "ckpt_0000001.pt: 1 G steps" in row["how produced"]
+    curve = json.loads(next((tmp_path / "build").rglob("curve-*.json")).read_text())
+    assert [p["step"] for p in curve["points"]] == [0, 1]
+    # a cap of 0.6 ms: the first step spends it, 4 steps short
+    ablation.run(build(ablation.Config, "ablation", {**values, "rungs": "wgan+res", "steps": 5, "max_minutes": 1e-5,
+                                                     "probe": False}))
+    (row,) = measured_rows(tmp_path / "tables", "ablation-tiny")
+    assert row["status"] == "NOT COMPARABLE: seed 0 stopped at step 1 of 5 (time cap max_minutes hit)"
+    assert row["steps"] == "5 wanted; measured at seed 0: 1"
+
+
+def test_a_study_refuses_steps_and_seeds_in_pretrain_args(sources):
+    with pytest.raises(ConfigError, match="use its steps=, seeds= instead"):
+        build(ablation.Config, "ablation", study_values(sources, pretrain_args="steps=9 seed=3"))
+    with pytest.raises(ConfigError, match="distinct seeds"):
+        build(wgan_grid.Config, "wgan-grid", study_values(sources, seeds="1,1"))
+
+
+def test_noise_marks_use_the_larger_half_width():
+    from replearn import study_tables as st
+    a, b = st.stats([0.60, 0.62, 0.64]), st.stats([0.50, 0.52, 0.54, None])
+    assert a["std"] == pytest.approx(0.02) and b["n"] == 3                 # ddof=1; a missing seed is left out
+    seeds = st.seed_half_width(a, b)
+    assert seeds == pytest.approx(4.302653 * np.sqrt(0.02 ** 2 / 3 * 2), rel=1e-5)   # t(0.975, 2 df)
+    assert st.marked(0.10, seeds, 0.01) == {"gain": 0.10, "noise": seeds, "noise_from": "seeds", "beyond_noise": True}
+    assert st.gain_text(st.marked(0.02, 0.005, 0.03)) == "+2.0 ± 3.0 (n.s.)"
+    assert st.gain_text(st.marked(-0.0001, None, None)) == "+0.0"
+    assert st.spread_text(st.stats([0.5]), ".1f", 100) == "50.0 (1 seed)"
 
 
 def test_a_study_with_local_inception_weights_reports_fid(sources, tmp_path, monkeypatch):
@@ -79,8 +167,8 @@ def test_a_study_with_local_inception_weights_reports_fid(sources, tmp_path, mon
     text = ablation.run(build(ablation.Config, "ablation", values)).read_text()
     assert "n/a (no inception_weights)" not in text
     record = json.loads((tmp_path / "tables" / "ablation-tiny" / "study.json").read_text())
-    fid = record["rows"][0]["FID"]                                         # formatted: a random Inception's FID is ~0
-    assert np.isfinite(float(fid)) and float(fid) >= 0, fid
+    fid = record["rows"][0]["fid_mean"]                                     # a random Inception's FID is ~0
+    assert np.isfinite(fid) and fid >= 0 and record["rows"][0]["FID"] == f"{fid:.1f} (1 seed)", record["rows"][0]["FID"]
     measured = [r["fid"] for path in (sources["root"] / "build").rglob("quality-*.json")
                 for r in json.loads(path.read_text())["records"] if r.get("fid") is not None]
     assert measured and all(np.isfinite(measured)), measured
@@ -93,8 +181,17 @@ def test_augment_study_rows_and_generated_images(sources):
     text = augment.run(build(augment.Config, "augment", {**values, "methods": "none,dcgan"})).read_text()
     for label in ("no augmentation", "DCGAN images (one GAN per class)"):
         assert label in text, label
-    assert "24 real + 24 generated" in text and "classify commit" in text
-    assert (sources["root"] / "tables" / "augment-tiny" / "generated.png").exists()
+    assert "24 real + 24 generated" in text and "ckpt_0000002.pt" in text
+    tables = sources["root"] / "tables"
+    rows = assert_self_describing(tables, "augment-tiny", "augment", quoted=14)
+    none, dcgan = rows
+    assert none["gain vs no augmentation"] == "reference" and none["steps"] == "- (no GAN)" and dcgan["steps"] == "2"
+    for r in rows:                                                          # the tiny preset's 2 classifier seeds
+        accs = [float(r["test_acc_seed0"]), float(r["test_acc_seed1"])]
+        assert r["seeds"] == "0,1" and float(r["test_acc_std"]) == pytest.approx(np.std(accs, ddof=1))
+    assert float(dcgan["gain_vs_reference"]) == pytest.approx(float(dcgan["test_acc_mean"]) - float(none["test_acc_mean"]))
+    assert dcgan["gain_vs_reference_noise_from"] in ("seeds", "test")
+    assert (tables / "augment-tiny" / "generated.png").exists()
 
 
 # ============================================================================ the class filter and generated data
