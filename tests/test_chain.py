@@ -149,6 +149,7 @@ def test_kill_minus_9_in_the_400_setting_keeps_the_full_result(tmp_path):
     assert res["resumed_from"] and len(res["settings"]["400"]["draws"]) == 400
 
 
+@pytest.mark.slow
 def test_the_paper_preset_chain_runs_on_local_files(sources):
     """Only what size demands is overridden: net width, steps, batch; per_class and val_size for 240 images."""
     cfg = chain_config(sources, preset="paper", models="dcgan,wgan-gp", curve=False, kmeans=False,

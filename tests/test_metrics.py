@@ -149,6 +149,7 @@ def test_evaluate_again_replaces_that_steps_record(tiny_run):
     assert sorted(r["step"] for r in records) == sorted({r["step"] for r in records})
 
 
+@pytest.mark.slow
 def test_fid_with_a_local_weights_file_is_computed_and_cached(tiny_run, tmp_path, monkeypatch):
     """A randomly initialised Inception saved locally stands in for the real weights."""
     weights = random_inception_weights(tmp_path / "random_inception.pth", monkeypatch)

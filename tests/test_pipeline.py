@@ -34,6 +34,7 @@ def cli(*words) -> int:
     return main([str(w) for w in words])
 
 
+@pytest.mark.slow
 def test_whole_protocol_on_generated_images(tmp_path, capsys):
     cifar = tmp_path / "cifar-10-batches-py"
     write_cifar_batches(cifar, 160, 40)

@@ -74,6 +74,7 @@ def assert_self_describing(tables: Path, name: str, study: str, quoted: int) -> 
     return measured
 
 
+@pytest.mark.slow
 def test_wgan_grid_writes_nine_rows_and_a_diverged_cell_is_a_row(sources):
     # SGD at lr 1e30 blows the generator up at its first step: three diverged rows, not a crash
     cfg = build(wgan_grid.Config, "wgan-grid", study_values(sources, probe=False, lrs="5e-5,5e-5,1e30"))
@@ -96,6 +97,7 @@ def test_wgan_grid_writes_nine_rows_and_a_diverged_cell_is_a_row(sources):
     assert artifact_times(sources["root"] / "build") == before
 
 
+@pytest.mark.slow
 def test_ablation_rows_over_seeds_gain_against_the_wgan_rung(sources):
     cfg = build(ablation.Config, "ablation", study_values(sources, rungs="dcgan,wgan", seeds="0,1", probe_args=TINY_PROBE))
     text = ablation.run(cfg).read_text()
@@ -157,6 +159,7 @@ def test_noise_marks_use_the_larger_half_width():
     assert st.spread_text(st.stats([0.5]), ".1f", 100) == "50.0 (1 seed)"
 
 
+@pytest.mark.slow
 def test_a_study_with_local_inception_weights_reports_fid(sources, tmp_path, monkeypatch):
     """The FID path of the studies: a random Inception saved locally (never downloaded) gives a finite FID
     in the table (study.json) and the cell's quality records, against cached real statistics of the GANs'
@@ -242,10 +245,12 @@ def classify(tmp_path: Path, train_labels: np.ndarray | None = None, **over) -> 
     return json.loads(classifier.run(build(classifier.Config, "classify", values)).read_text())["test_acc"]
 
 
+@pytest.mark.slow
 def test_classifier_learns_a_separable_set(tmp_path):
     assert classify(tmp_path, augment="traditional", epochs=12) >= 0.9   # 6 epochs: 0.835 (flips and jitter slow it)
 
 
+@pytest.mark.slow
 def test_classifier_stays_at_chance_on_shuffled_labels(tmp_path):
     _, y = colour_set(96, seed=0)
     shuffled = y.copy()
