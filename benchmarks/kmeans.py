@@ -10,6 +10,17 @@ mean form, so LinearSVC C = 100 / N) on the standardised features. Every stage r
     flock /tmp/replearn-heavy.lock .venv/bin/python benchmarks/kmeans.py --seed 1 --key seed1   # -> seed_spread
 
 Results are merged into benchmarks/results/kmeans.json under --key.
+
+Against the machine's own ceiling (benchmarks/ceiling.py, measured in the same run), under `ceiling`:
+  lloyd     one assignment pass over the patches (FLOPs counted by FlopCounterMode on a 1-iteration call
+            of `kmeans.kmeans` at the run's shapes), at the stage's seconds per iteration
+  encoding  one encoder step (cfg.batch images; counted eagerly), at the steady-state rate of the run's
+            encoder (compiled as configured, warmed up, then timed) and at the stage's end-to-end rate
+            (compilation and HDF5 writes included)
+The SVM fit is not counted here (benchmarks/svm.py covers the solver's units).
+    flock /tmp/replearn-heavy.lock .venv/bin/python benchmarks/kmeans.py --quick    # ~1 min -> kmeans_quick.json
+--quick: 1000 train / 500 held-out images, 50,000 patches, 10 iterations, small ceiling sizes (compiled as
+usual: eagerly the encoder ran at ~20 images/s, 2 minutes for these 1500 images).
 """
 from __future__ import annotations
 
@@ -22,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -30,6 +42,9 @@ from replearn import data, kmeans, svm  # noqa: E402
 from replearn.config import build, to_dict  # noqa: E402
 from replearn.store import FeatureFile  # noqa: E402
 from replearn.utils import atomic_write_json, hardware, provenance  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import ceiling  # noqa: E402
 
 SOURCE = "../shared/data/cifar10/train.parquet"
 TRAIN, VALIDATION = SOURCE + "[:40000]", SOURCE + "[40000:]"
@@ -79,11 +94,53 @@ def seed_spread(results: dict) -> dict:
             "std": round(float(acc.std(ddof=1)), 2) if len(acc) > 1 else None}
 
 
-def bench(k: int, precision: str, compile_: bool, seed: int = 0) -> dict:
-    run_dir = REPO / "runs" / (f"bench-kmeans-{k}-{precision}" + ("" if seed == 0 else f"-seed{seed}"))
+def lloyd_work(cfg: kmeans.Config, precision: str) -> dict:
+    """FLOPs and bytes of one Lloyd iteration over cfg.patches whitened patches (values do not matter)."""
+    dims = cfg.patch_size ** 2 * cfg.channels
+    x = torch.randn(cfg.patches, dims, generator=torch.Generator().manual_seed(0))
+    return ceiling.count_work(lambda: kmeans.kmeans(x, cfg.k, 1, cfg.seed, cfg.kmeans_batch, precision, progress=False))
+
+
+def encoder_for(path: Path, cfg: kmeans.Config, precision: str, compile_: bool) -> kmeans.Encoder:
+    state = torch.load(path.with_name("centroids.pt"), map_location="cpu", weights_only=True)
+    run_cfg = build(kmeans.Config, "kmeans", {**to_dict(cfg), "compile": compile_})
+    return kmeans.Encoder(state["centroids"], state["mean"], state["whiten"], run_cfg, cfg.image_size, precision)
+
+
+def encoding_steady(path: Path, cfg: kmeans.Config, precision: str, images: np.ndarray, steps: int = 32) -> dict:
+    """The run's encoder at steady state: images per second over `steps` steps after as many warm-up steps,
+    and one step's FLOPs and bytes per image (counted eagerly: FlopCounterMode does not see into compiled code)."""
+    batch = torch.from_numpy(np.ascontiguousarray(images[:cfg.batch]))
+    fast = encoder_for(path, cfg, precision, cfg.compile)
+    with torch.inference_mode():
+        seconds = ceiling.best_seconds(lambda: [fast.safe_step(batch) for _ in range(steps)], 1, warmup=1)
+        work = ceiling.count_work(lambda: encoder_for(path, cfg, precision, False).step(batch))
+    return {"images_per_second": steps * cfg.batch / seconds, "work_per_image": {k: v / cfg.batch for k, v in work.items()}}
+
+
+def against_ceiling(path: Path, cfg: kmeans.Config, precision: str, stages: dict, n_images: int,
+                    images: np.ndarray, limits: dict) -> dict:
+    lloyd = lloyd_work(cfg, precision)
+    per_iteration = stages["kmeans"] / cfg.iterations
+    steady = encoding_steady(path, cfg, precision, images)
+    work = steady["work_per_image"]
+    end_to_end = n_images / stages["encoding"]
+    return {"lloyd": {"work_per_iteration": lloyd, "seconds_per_iteration": per_iteration,
+                      **ceiling.fraction(lloyd["flops"] / per_iteration, lloyd["bytes"] / per_iteration, precision, limits)},
+            "encoding": {**steady, **ceiling.fraction(steady["images_per_second"] * work["flops"],
+                                                      steady["images_per_second"] * work["bytes"], precision, limits),
+                         "end_to_end_images_per_second": end_to_end,
+                         "end_to_end": ceiling.fraction(end_to_end * work["flops"], end_to_end * work["bytes"],
+                                                        precision, limits)}}
+
+
+def bench(k: int, precision: str, compile_: bool, seed: int = 0, limits: dict | None = None, **over) -> dict:
+    run_dir = REPO / "runs" / (f"bench-kmeans-{k}-{precision}" + ("" if seed == 0 else f"-seed{seed}")
+                               + ("-quick" if over else ""))
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = build(kmeans.Config, "kmeans", {"train": TRAIN, "test": VALIDATION, "k": k, "precision": precision,
-                                          "compile": compile_, "seed": seed, "out": str(run_dir / "features.h5")})
+                                          "compile": compile_, "seed": seed, "out": str(run_dir / "features.h5"),
+                                          **over})
     started = time.perf_counter()
     path = kmeans.run(cfg)
     with FeatureFile(path) as ff:
@@ -92,16 +149,23 @@ def bench(k: int, precision: str, compile_: bool, seed: int = 0) -> dict:
         resolved = ff.attrs["precision"]
     scored = fit_and_score(path)
     total = time.perf_counter() - started
-    return {"accuracy": round(scored["accuracy"], 2), "total_seconds": round(total, 1),
+    extra = {}
+    if limits is not None:
+        n_images = sum(len(data.cached(s)) for s in (cfg.train, cfg.test))
+        limit = against_ceiling(path, cfg, resolved, stages, n_images, data.cached(cfg.train).images, limits)
+        extra = {"ceiling": limit, "fraction_of_ceiling": {k: limit[k]["fraction_of_ceiling"] for k in limit},
+                 "verdict": {k: limit[k]["verdict"] for k in limit}}
+    return {**extra, "accuracy": round(scored["accuracy"], 2), "total_seconds": round(total, 1),
             "peak_memory_gb": round(peak_memory_gb(), 2), "machine": hardware(),
             "k": k, "precision": resolved, "compile": compile_, "empty_clusters": empty,
             "stage_seconds": {**{s: round(v, 1) for s, v in stages.items()},
                               "svm_fit": round(scored["svm_seconds"], 1),
                               "feature_read": round(scored["feature_read_seconds"], 1)},
             "svm_c": {"mean_form": COATES_C, "sum_form": scored["svm_c_sum_form"]},
-            "data": {"train": TRAIN, "evaluated_on": VALIDATION,
+            "data": {"train": cfg.train, "evaluated_on": cfg.test,
                      "note": "train on the first 40,000 CIFAR-10 train images, score the last 10,000 "
-                             "(the validation slice); JPEG q75 copy, so ~74% is expected, not 77.9%"},
+                             "(the validation slice); JPEG q75 copy, so ~74% is expected, not 77.9%" if not over else
+                             "--quick: a small slice, for the ceiling check only; its accuracy means nothing"},
             "config": to_dict(cfg)}
 
 
@@ -115,21 +179,27 @@ def main() -> None:
     parser.add_argument("--key", default="summary", help="top-level key of the results JSON")
     parser.add_argument("--reuse", action="store_true", help="keep the recorded run under --key; only add "
                                                                  "what --learning-curve asks for")
+    parser.add_argument("--quick", action="store_true", help="a small run (see the module docstring): kmeans_quick.json")
     args = parser.parse_args()
-    data.cached(TRAIN), data.cached(VALIDATION)   # decode JPEGs once, outside the timed pipeline
-    recorded = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    over = dict(train=SOURCE + "[:1000]", test=SOURCE + "[40000:40500]", patches=50_000, iterations=10) if args.quick else {}
+    results_path = RESULTS.with_name("kmeans_quick.json") if args.quick else RESULTS
+    data.cached(over.get("train", TRAIN)), data.cached(over.get("test", VALIDATION))   # decode once, outside the timing
+    recorded = json.loads(results_path.read_text()) if results_path.exists() else {}
     if args.reuse:
         result = recorded[args.key]
     else:
-        result = bench(args.k, args.precision, not args.no_compile, args.seed)
+        limits = ceiling.measure(**(ceiling.QUICK if args.quick else {}))     # this machine's, in this run
+        result = bench(args.k, args.precision, not args.no_compile, args.seed, limits, **over)
+        result["ceiling_measured"] = limits
         result["measured"] = provenance()   # per key: the file-level provenance is only the last write's
     if args.learning_curve:
         result["learning_curve"] = {**learning_curve(Path(result["config"]["out"])), "40000": result["accuracy"]}
     print(json.dumps(result, indent=2, default=str))
     results = {**recorded, args.key: result}
-    results["seed_spread"] = seed_spread(results)
+    if not args.quick:
+        results["seed_spread"] = seed_spread(results)
     results["provenance"] = provenance()
-    atomic_write_json(RESULTS, results)
+    atomic_write_json(results_path, results)
 
 
 if __name__ == "__main__":

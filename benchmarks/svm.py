@@ -18,7 +18,16 @@ Writes benchmarks/results/svm.json; every part records the commit and machine it
 and --parts reruns some of them, keeping the others' records.
   * preconditioner (--large-features: a trained critic's file): one primal fit at a full-setting-sized C,
     once with the shared preconditioner and once with one per class: seconds and CG iterations of each.
-Usage: python benchmarks/svm.py [--parts compare,large,protocol,preconditioner] [--large-features PATH] [--skip-liblinear]
+  * ceiling: the solver's units of work against this machine's own ceiling (benchmarks/ceiling.py, measured
+    in the same run): the Gram matrix of a 4000-row draw, one CG Hessian product in Gram space (4000 x 4000
+    factor) and in the primal (40,000 x 28672, float32 and the bf16 copy), and one whole cold fit at BENCH_C on
+    the draw; FLOPs counted by FlopCounterMode (it sees every product; the Cholesky factorisation and
+    triangular solves are not in its registry, so a fit's count leaves them out), bytes of a CG product
+    analytic (the design read twice), of the rest the unfused aten-op count.
+Usage: python benchmarks/svm.py [--parts compare,large,protocol,preconditioner,ceiling] [--large-features PATH] [--skip-liblinear]
+--quick: only the ceiling part, on 4000 real CIFAR-10 images through the untrained critic (the protocol's draw
+size; the primal product on those rows tiled to 8000: its speed does not depend on the values), writes
+svm_quick.json; about half a minute.
 
 --full-setting --features PATH [--presearch ROWS] [--no-refine]: only the full setting, on all train rows of a
 feature file (meant for a TRAINED critic's file: 50000 x 28672 at CIFAR scale). `full_setting_seconds`
@@ -51,9 +60,12 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from replearn import nets, store, svm, zoo  # noqa: E402
+from replearn import data, nets, store, svm, zoo  # noqa: E402
 from replearn.config import build  # noqa: E402
-from replearn.utils import atomic_write_json, autocast, hardware, provenance, resolve_precision  # noqa: E402
+from replearn.utils import atomic_write_json, autocast, bf16_supported, hardware, provenance, resolve_precision  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import ceiling  # noqa: E402
 
 PARQUET = REPO.parent / "shared" / "data" / "cifar10" / "train.parquet"
 FEATURES = REPO / "cache" / "bench_svm_dcgan_untrained.h5"
@@ -63,7 +75,7 @@ BENCH_C = 1e-4           # the single-C comparison of earlier runs (LinearSVC's 
 # the 40k-row fit: at 1e-4 one warm-started fit on trained features took 1,519 CG iterations (15 min),
 # 1e-5 a few hundred: large enough to exercise CG, small enough to time both Hessians in one run
 LARGE_C = 1e-5
-PARTS = ("compare", "large", "protocol", "preconditioner")
+PARTS = ("compare", "large", "protocol", "preconditioner", "ceiling")
 
 
 def load_images() -> tuple[np.ndarray, np.ndarray]:
@@ -219,6 +231,103 @@ def protocol_400(final_draws: int) -> dict:
     return row
 
 
+# ============================================================================ against the machine's ceiling
+@torch.no_grad()
+def critic_features(images_uint8: np.ndarray, batch: int = 500) -> np.ndarray:
+    """N x 28672 float32 features of the untrained critic, computed as `extract_features` does."""
+    torch.manual_seed(0)
+    _, critic = zoo.build_models("dcgan")
+    critic.eval()
+    device = torch.device("cpu")
+    precision = resolve_precision("auto", device)
+    out = []
+    for start in range(0, len(images_uint8), batch):
+        x = nets.to_unit(torch.from_numpy(images_uint8[start:start + batch]), device)
+        with autocast(device, precision):
+            out.append(nets.pooled_features(critic, x).float().numpy())
+    return np.concatenate(out)
+
+
+def one_unit(fn, seconds: float, precision: str, limits: dict, shape, analytic_bytes: int | None = None,
+             analytic_flops: int | None = None) -> dict:
+    """A unit's counted work, its time and its rates against the ceiling (analytic bytes where given)."""
+    work = ceiling.count_work(fn)
+    moved = work["bytes"] if analytic_bytes is None else analytic_bytes
+    note = ceiling.OP_LEVEL if analytic_bytes is None else "the design read twice (analytic; it does not fit in cache)"
+    row = {"shape": list(shape), "seconds": seconds, "flops": work["flops"], "bytes": moved,
+           "bytes_op_level": work["bytes"], "precision": precision,
+           "ceiling": ceiling.fraction(work["flops"] / seconds, moved / seconds, precision, limits, note,
+                                       bytes_are_traffic=analytic_bytes is not None)}
+    if analytic_flops is not None:
+        row["flops_analytic"] = analytic_flops
+    return row
+
+
+def cg_product(design: svm._Design, limits: dict, repeats: int, precision: str) -> dict:
+    """One CG Hessian product (I + 2C A^T D A) p on all K columns: a forward and a backward pass over A."""
+    n, d = design.H.shape
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(d + 1, 10, dtype=torch.float64, generator=gen)                     # (P+1) x K
+    active = (torch.rand(n, 10, generator=gen) < 0.3).float()                           # N x K
+    unit = lambda: design.hessian_product(p, active, 1e-5)                               # noqa: E731
+    seconds = ceiling.best_seconds(unit, repeats)
+    return one_unit(unit, seconds, precision, limits, (n, d, 10), analytic_bytes=2 * design.H.numel() * design.H.element_size(),
+                    analytic_flops=4 * n * d * 10)
+
+
+def solver_units(X_small: np.ndarray, y_small: np.ndarray, X_primal: torch.Tensor, limits: dict, repeats: int = 3) -> dict:
+    """The solver's units of work at this machine's ceiling: the Gram matrix of X_small, a CG product with its
+    Cholesky factor, a whole cold fit at BENCH_C on X_small (Gram space, N <= D), and a CG product with the
+    primal design X_primal (float32, and its bf16 copy where the CPU has bf16 units)."""
+    Xs = torch.from_numpy(X_small)
+    gram_s = ceiling.best_seconds(lambda: svm._gram(Xs), repeats)
+    out = {"gram_build": one_unit(lambda: svm._gram(Xs), gram_s, "fp32", limits, Xs.shape)}
+    L, _ = svm._cholesky(svm._gram(Xs).add_(1.0))
+    out["cg_product_gram"] = cg_product(svm._GramDesign(L), limits, repeats, "fp32")
+    fit_s = ceiling.best_seconds(lambda: svm.fit(X_small, y_small, BENCH_C), 1, warmup=0)
+    out["fit"] = {**one_unit(lambda: svm.fit(X_small, y_small, BENCH_C), fit_s, "fp32", limits, X_small.shape),
+                  "C": BENCH_C, "flops_note": "Cholesky and triangular solves not counted (not in FlopCounterMode's registry)"}
+    out["cg_product_primal"] = {"fp32": cg_product(svm._Design(X_primal, 1.0), limits, repeats, "fp32")}
+    if bf16_supported(X_primal.device):
+        out["cg_product_primal"]["bf16"] = cg_product(svm._Design(X_primal, 1.0, torch.bfloat16), limits, repeats, "bf16")
+    return out
+
+
+def units_summary(units: dict) -> dict:
+    """fraction_of_ceiling and verdict per unit; the primal product at the precision the solver picks there."""
+    rows = {"gram_build": units["gram_build"], "cg_product_gram": units["cg_product_gram"], "fit_4000": units["fit"]}
+    primal = units["cg_product_primal"]
+    rows["cg_product_primal"] = primal.get("bf16", primal["fp32"])
+    return {"fraction_of_ceiling": {k: r["ceiling"]["fraction_of_ceiling"] for k, r in rows.items()},
+            "verdict": {k: r["ceiling"]["verdict"] for k, r in rows.items()},
+            "bound": {k: r["ceiling"]["bound"] for k, r in rows.items()},
+            "units": {k: f"{' x '.join(map(str, r['shape']))} {r['precision']}" for k, r in rows.items()}}
+
+
+def ceiling_full(limits: dict) -> dict:
+    """The units on the benchmark's own feature file: the compare part's 4000-row draw, 40,000 primal rows."""
+    with store.FeatureFile(FEATURES) as ff:
+        labels = ff.labels("train")
+        idx = svm.balanced_draw(labels, 400, np.random.default_rng(0))
+        X, y = ff.read("train", idx), labels[idx]
+        primal = torch.from_numpy(ff.read("train"))                                    # 40000 x 28672 float32
+    return {**solver_units(X, y, primal, limits), "features": str(FEATURES)}
+
+
+def quick(out: Path) -> None:
+    """The ceiling part only, on 4000 real images (primal rows tiled to 8000); see the module docstring."""
+    began = time.perf_counter()
+    limits = ceiling.measure(**ceiling.QUICK)
+    images = data.cached(f"{PARQUET}[:4000]", cache_dir=str(REPO / "cache"))
+    X = critic_features(images.images)                                                 # 4000 x 28672
+    units = solver_units(X, np.asarray(images.labels), torch.from_numpy(np.tile(X, (2, 1))), limits)
+    units["features"] = f"{PARQUET}[:4000] through the untrained DCGAN critic (seed 0)"
+    summary = {**units_summary(units), "machine": hardware(), "ceiling": ceiling.summary(limits)}
+    atomic_write_json(out, {"summary": summary, "ceiling_units": units, "ceiling": limits,
+                            "seconds": time.perf_counter() - began, "provenance": provenance()})
+    print(json.dumps(summary, indent=2))
+
+
 def machine_ceiling(X: np.ndarray, repeats: int = 3) -> dict:
     """What this machine does per second, measured beside the fit it calibrates (CPU kinds differ ~2.5x):
     float32 GEMM GFLOP/s (2048^3, compute-bound); `pass_seconds`, the two products of a CG step written
@@ -362,7 +471,12 @@ def main() -> None:
                         help="--full-setting: layer_scale; 'equal' is recorded under full_setting_layers_equal")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", type=Path, default=RESULTS, help="--full-setting: the results JSON to merge into")
+    parser.add_argument("--quick", action="store_true", help="only the ceiling part, on 2000 images: svm_quick.json")
     args = parser.parse_args()
+    if args.quick:
+        torch.set_num_threads(2)
+        quick(RESULTS.with_name("svm_quick.json"))
+        return
     if args.full_setting:
         if args.features is None:
             parser.error("--full-setting needs --features PATH (a trained critic's feature file)")
@@ -394,6 +508,9 @@ def main() -> None:
         write(record)
     if "protocol" in parts:
         record["protocol_400"] = measured(protocol_400(args.final_draws))
+    if "ceiling" in parts:
+        limits = ceiling.measure()
+        record["ceiling_units"] = measured({**ceiling_full(limits), "ceiling": limits})
     write(record)
     print(json.dumps(record["summary"], indent=2))
 
@@ -437,6 +554,8 @@ def write(record: dict) -> None:
                        class_preconditioner_cg_ratio=pre["cg_iterations_ratio"],
                        class_preconditioner_fit=f"{pre['n']} x {pre['d']} primal at C={pre['C']} "
                                                 f"({pre.get('model')} step {pre.get('checkpoint_step')})")
+    if "ceiling_units" in record:
+        summary.update(units_summary(record["ceiling_units"]), ceiling=ceiling.summary(record["ceiling_units"]["ceiling"]))
     if "large_40000" in record:
         large = record["large_40000"]
         summary.update(large_40000_seconds=large["replearn_seconds"], large_40000_c=large["C"],

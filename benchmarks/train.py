@@ -17,7 +17,12 @@ Configurations, each with the same nets (built by `zoo.build_models` from the sa
   compile    the default configuration with compile=True (compile time reported apart).
 reference, default and fp32 are timed in interleaved rounds (a few generator steps each), every
 timing in a fresh process, and the median round counts (see `measure` for why).
-Writes benchmarks/results/train.json.
+Against the machine's own ceiling (benchmarks/ceiling.py, measured in the same run): the FLOPs and
+unfused aten-op bytes of one generator step (the unit of work; WGAN-GP: 5 critic updates and 1
+generator update) are counted with FlopCounterMode in the timing process, after the timed steps, and
+`fraction_of_ceiling` is the achieved FLOP/s over the matmul rate of the configuration's precision.
+Writes benchmarks/results/train.json (--quick: one round, one timed step, no compile, small ceiling
+sizes, train_quick.json; a few minutes on 2 cores, no figure to compare with the full run's).
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from replearn import nets, pretrain, zoo  # noqa: E402
 from replearn.utils import atomic_write_json, hardware, provenance  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ceiling  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "train.json"
 BATCH = 64
@@ -142,9 +150,10 @@ def step_functions(model: str, config: str, images: torch.Tensor):
     return replearn_steps(model, images, **CONFIGS[config])
 
 
-def time_one(model: str, config: str, warmup: int, timed: int) -> dict:
+def time_one(model: str, config: str, warmup: int, timed: int, count: bool = True) -> dict:
     """Build one configuration, warm it up (allocator, oneDNN kernels, compilation), time `timed`
-    generator steps. Runs in a fresh process (see `measure`)."""
+    generator steps, then count one more step's FLOPs and bytes (not for compile: FlopCounterMode does
+    not see inside a compiled graph; its maths is the default's). Runs in a fresh process (see `measure`)."""
     images = torch.randint(0, 256, (N_IMAGES, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     step, warm, precision = step_functions(model, config, images)
@@ -157,13 +166,19 @@ def time_one(model: str, config: str, warmup: int, timed: int) -> dict:
         seen += step()
     seconds = time.perf_counter() - t0
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
-    return {"images_per_second": seen / seconds, "seconds": seconds, "real_images": seen, "generator_steps": timed,
-            "warmup_steps": warmup, "warmup_seconds": warm_s, "precision": precision,
-            "channels_last": config != "reference", "page_faults_per_step": faults / timed}
+    out = {"images_per_second": seen / seconds, "seconds": seconds, "real_images": seen, "generator_steps": timed,
+           "warmup_steps": warmup, "warmup_seconds": warm_s, "precision": precision,
+           "channels_last": config != "reference", "page_faults_per_step": faults / timed}
+    if count and config != "compile":
+        counted = {}
+        work = ceiling.count_work(lambda: counted.setdefault("images", step()))    # one generator step
+        out["work_per_image"] = {k: v / counted["images"] for k, v in work.items()}
+    return out
 
 
-def in_fresh_process(model: str, config: str, warmup: int, timed: int) -> dict:
+def in_fresh_process(model: str, config: str, warmup: int, timed: int, count: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--one", model, config, "--warmup", str(warmup), "--timed", str(timed)]
+    cmd += [] if count else ["--no-count"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:   # a failure (say, of torch.compile) is reported as data
         lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -171,7 +186,7 @@ def in_fresh_process(model: str, config: str, warmup: int, timed: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(model: str, warmup: int, timed: int, rounds: int, with_compile: bool) -> dict:
+def measure(model: str, warmup: int, timed: int, rounds: int, with_compile: bool, limits: dict) -> dict:
     """reference, default and fp32 in `rounds` interleaved rounds, each timing in a fresh process;
     the median round counts. Why fresh processes: the textbook loop's speed depended on what ran
     before it in the same process (standalone it took ~200k page faults per step; after other
@@ -180,7 +195,7 @@ def measure(model: str, warmup: int, timed: int, rounds: int, with_compile: bool
     runs = {name: [] for name in ("reference", "default", "fp32")}
     for r in range(rounds):
         for name in runs:
-            runs[name].append(in_fresh_process(model, name, warmup, timed))
+            runs[name].append(in_fresh_process(model, name, warmup, timed, count=r == 0))   # count once
             print(f"{model:8s} round {r + 1} {name:9s} {runs[name][-1].get('images_per_second', float('nan')):8.1f} img/s",
                   flush=True)
     out = {}
@@ -188,14 +203,25 @@ def measure(model: str, warmup: int, timed: int, rounds: int, with_compile: bool
         if any("error" in res for res in results):
             raise RuntimeError(f"{model} {name} failed: {next(res for res in results if 'error' in res)}")
         ranked = sorted(results, key=lambda res: res["images_per_second"])
-        out[name] = {**ranked[len(ranked) // 2], "rounds": rounds,
+        out[name] = {**ranked[len(ranked) // 2], "rounds": rounds, "work_per_image": results[0]["work_per_image"],
                      "rounds_images_per_second": [res["images_per_second"] for res in results]}
     if with_compile:
         out["compile"] = in_fresh_process(model, "compile", max(warmup, 2), timed)
     for name in ("default", "fp32", "compile"):
         if "images_per_second" in out.get(name, {}):
             out[name]["speedup_vs_reference"] = out[name]["images_per_second"] / out["reference"]["images_per_second"]
+    if "images_per_second" in out.get("compile", {}):
+        out["compile"]["work_per_image"] = out["default"]["work_per_image"]     # same maths, counted eagerly
+    for row in out.values():
+        if "work_per_image" in row:
+            row["ceiling"] = against_ceiling(row, limits)
     return out
+
+
+def against_ceiling(row: dict, limits: dict) -> dict:
+    """Achieved FLOP/s and bytes/s of one configuration against this machine's ceiling."""
+    rate, work = row["images_per_second"], row["work_per_image"]
+    return ceiling.fraction(rate * work["flops"], rate * work["bytes"], row["precision"], limits)
 
 
 def summarise(results: dict) -> dict:
@@ -204,7 +230,15 @@ def summarise(results: dict) -> dict:
                if "images_per_second" in r.get(k, {})} for m, r in results.items()}
     speed = {m: r["default"]["speedup_vs_reference"] for m, r in results.items()}
     speed32 = {m: r["fp32"]["speedup_vs_reference"] for m, r in results.items()}
+    ceil = {m: {k: {f: r[k]["ceiling"][f] for f in ("fraction_of_ceiling", "gflops", "precision", "bound")}
+                for k in ("reference", "default", "fp32", "compile") if "ceiling" in r.get(k, {})}
+            for m, r in results.items()}
     return {"speedup_vs_reference": min(speed.values()), "speedup_fp32": min(speed32.values()),
+            # the default loop of each model against the machine's matmul rate at its precision
+            "fraction_of_ceiling": {m: r["default"]["ceiling"]["fraction_of_ceiling"] for m, r in results.items()},
+            "verdict": {m: r["default"]["ceiling"]["verdict"] for m, r in results.items()},
+            "gflop_per_image": {m: r["default"]["work_per_image"]["flops"] / 1e9 for m, r in results.items()},
+            "ceiling_per_config": ceil,
             "speedup_vs_reference_per_model": speed, "speedup_fp32_per_model": speed32,
             "images_per_second": per, "targets": {"speedup_vs_reference": 2.5, "speedup_fp32": 1.1},
             "machine": hardware(), "threads": torch.get_num_threads(), "batch_size": BATCH}
@@ -219,21 +253,28 @@ def main(argv=None) -> Path:
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "CONFIG"), help="time one configuration, print JSON")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timed", type=int, default=3)
+    parser.add_argument("--no-count", action="store_true", help="--one: skip the FLOP and byte count")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 round, 1 timed step, 1 warm-up step, no compile; writes train_quick.json")
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(time_one(*args.one, args.warmup, args.timed)))
+        print(json.dumps(time_one(*args.one, args.warmup, args.timed, not args.no_count)))
         return OUT
+    if args.quick:
+        args.rounds, args.dcgan_steps, args.gp_steps, args.warmup, args.no_compile = 1, 1, 1, 1, True
+    out_path = OUT.with_name("train_quick.json") if args.quick else OUT
     began = time.time()
-    results = {"dcgan": measure("dcgan", args.warmup, args.dcgan_steps, args.rounds, not args.no_compile),
-               "wgan-gp": measure("wgan-gp", args.warmup, args.gp_steps, args.rounds, not args.no_compile)}
-    summary = summarise(results)
-    atomic_write_json(OUT, {"summary": summary, "results": results, "seconds": time.time() - began,
-                            "args": vars(args), "provenance": provenance(),
+    limits = ceiling.measure(**(ceiling.QUICK if args.quick else {}))      # this machine's, in this run
+    results = {"dcgan": measure("dcgan", args.warmup, args.dcgan_steps, args.rounds, not args.no_compile, limits),
+               "wgan-gp": measure("wgan-gp", args.warmup, args.gp_steps, args.rounds, not args.no_compile, limits)}
+    summary = {**summarise(results), "ceiling": ceiling.summary(limits)}
+    atomic_write_json(out_path, {"summary": summary, "results": results, "seconds": time.time() - began,
+                            "ceiling": limits, "args": vars(args), "provenance": provenance(),
                             "note": "every critic step consumes one batch of real images; "
                                     "reference = textbook fp32 NCHW DataLoader loop, same nets; "
                                     "each timing in a fresh process, median of interleaved rounds"})
-    print({k: summary[k] for k in ("speedup_vs_reference", "speedup_fp32", "machine")})
-    return OUT
+    print({k: summary[k] for k in ("speedup_vs_reference", "speedup_fp32", "fraction_of_ceiling", "machine")})
+    return out_path
 
 
 if __name__ == "__main__":
