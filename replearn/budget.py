@@ -11,14 +11,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .config import ConfigError, build, split_overrides
+from .config import ConfigError, build, words
 from .utils import human_bytes
 
 MARGIN = 1 << 30        # checkpoints, sample grids, results, temp files: well under 1 GB in every preset
-
-
-def words(text: str) -> dict[str, str]:
-    return split_overrides(text.split())
 
 
 def _rows(spec: str, size: int, cache_dir: str, limit: int) -> int:

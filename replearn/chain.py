@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import curve, features, kmeans, pretrain, runs, supervised, svm, tables
-from .config import ConfigError, build, register_preset, split_overrides
+from .config import ConfigError, build, register_preset, words
 
 UPTO = ("pretrain", "features", "svm", "curve", "table")
 
@@ -57,10 +57,6 @@ class Config:
     kmeans_args: str = ""
     curve_args: str = ""
     supervised_args: str = ""
-
-
-def words(text: str) -> dict[str, str]:
-    return split_overrides(text.split())
 
 
 def pretrain_step(cfg: Config, model: str, root: Path, seed: int | None = None) -> Path:

@@ -159,6 +159,11 @@ def split_overrides(words: list[str]) -> dict[str, str]:
     return pairs
 
 
+def words(text: str) -> dict[str, str]:
+    """A `*_args` string ('steps=20 width=0.5') as overrides: how extra words travel between stages."""
+    return split_overrides(text.split())
+
+
 def build(cls, stage: str, overrides: dict[str, Any] | list[str] | None = None):
     """Defaults <- preset (if `preset=` is given) <- explicit overrides, all type-checked."""
     if isinstance(overrides, list):

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from . import curve, metrics, nets, pretrain, runs, zoo
-from .config import ConfigError, build, split_overrides
+from .config import ConfigError, build, words
 from .lock import building
 from .utils import atomic_write_json, lookup, make_registry, pick_device, provenance, read_jsonl
 
@@ -135,10 +135,6 @@ def check_study(cfg: Study) -> None:
     if cfg.inception_weights and not Path(cfg.inception_weights).is_file():
         raise ConfigError(metrics.inception_notice(cfg.inception_weights).replace("FID is skipped",
                                                                                   "or leave it empty for no FID"))
-
-
-def words(text: str) -> dict[str, str]:
-    return split_overrides(text.split())
 
 
 def scale_and_data_note(cfg, unit: str, steps: int | None = None, seeds: tuple[int, ...] | None = None) -> str:
