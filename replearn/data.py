@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from .config import ConfigError, register_check, require, to_dict, validate
 from .lock import building
-from .store import ImageSet, _load_attr, read_image_cache, write_image_cache
+from .store import ImageSet, read_attrs, read_image_cache, write_image_cache
 from .utils import check_writable
 
 
@@ -887,8 +887,9 @@ def _is_current(path: Path, sid: str, size: int, label_column: str = "") -> bool
     """A complete cache built from this exact source, size and label column (else it is rebuilt)."""
     try:
         with h5py.File(path, "r") as h5:
-            config = _load_attr(h5.attrs.get("config", "{}"))
-            return bool(h5.attrs.get("complete", False)) and _load_attr(h5.attrs.get("source_id", "")) == sid \
+            attrs = read_attrs(h5)
+            config = attrs.get("config") or {}
+            return bool(attrs.get("complete", False)) and attrs.get("source_id", "") == sid \
                 and h5["images"].shape[1:3] == (size, size) \
                 and (config.get("label_column", "") if isinstance(config, dict) else "") == label_column
     except (OSError, KeyError):

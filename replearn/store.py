@@ -3,13 +3,18 @@
 Image cache (`prepare` writes it, everything else reads it), HDF5:
     images  N x H x W x 3 uint8 (HWC, RGB)
     labels  N int64 (-1 where the source has no labels)
-    attrs   class_names, source, config, provenance (JSON strings), complete=True
+    attrs   class_names, source, source_id, config, provenance, complete=True
 
 Feature file (`features` and `kmeans` write it, `svm` reads it), HDF5:
     /<split>/features  N x D float32 or float16, chunked in row blocks
     /<split>/labels    N int64
-    attrs   layer_names, layer_offsets (L+1 ints), feature_dim, kind, model,
-            config, provenance, source_<split> (JSON strings), complete=True
+    attrs   layer_names, layer_offsets (L+1 ints), feature_dim, kind, model, key,
+            config, provenance, source_<split>, complete=True
+Attributes are native HDF5 types (attrs_format=2): strings as strings, numbers as numbers, lists of
+strings or numbers as arrays, None as an empty attribute. A value HDF5 has no type for (a dict such as
+`config` or `provenance`, a mixed or empty list) is JSON text, and the native string array `json_attrs`
+names those attributes. Files written before attrs_format=2 hold every attribute as JSON text; read_attrs
+reads both.
 Both are written under a temporary name and renamed when complete. A write that fails (a full
 disk) is one line naming the file, and the temporary file is removed.
 """
@@ -42,12 +47,60 @@ def with_channels(images: np.ndarray, channels: int) -> np.ndarray:
     return np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None]          # N x H x W x 1
 
 
-def _json_attrs(h5: h5py.File, attrs: dict[str, Any]) -> None:
+ATTRS_FORMAT = 2      # 1 (no attrs_format attribute): every attribute JSON text
+JSON_ATTRS = "json_attrs"
+
+
+def _native(value: Any) -> Any:
+    """The native HDF5 form of an attribute value, or None where HDF5 has no type for it."""
+    if value is None:
+        return h5py.Empty("f4")
+    if isinstance(value, (bool, np.bool_)):
+        return np.bool_(value)
+    if isinstance(value, (str, int, float, np.integer, np.floating)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)) and value:
+        if all(isinstance(v, str) for v in value):
+            return np.array(value, dtype=h5py.string_dtype())
+        numbers = [v for v in value if isinstance(v, (int, float, np.integer, np.floating))
+                   and not isinstance(v, (bool, np.bool_))]
+        if len(numbers) == len(value):
+            return np.asarray(value, dtype=np.int64 if all(isinstance(v, (int, np.integer)) for v in value)
+                              else np.float64)
+    return None
+
+
+def write_attrs(obj: h5py.File | h5py.Group, attrs: dict[str, Any]) -> None:
+    """Write attributes in native types; the rest as JSON text, named in `json_attrs`."""
+    as_json = []
     for key, value in attrs.items():
-        h5.attrs[key] = value if isinstance(value, (int, float, bool, np.integer)) else json.dumps(value, default=str)
+        native = _native(value)
+        if native is None:
+            obj.attrs[key] = json.dumps(value, default=str)
+            as_json.append(key)
+        else:
+            obj.attrs[key] = native
+    obj.attrs[JSON_ATTRS] = np.array(as_json, dtype=h5py.string_dtype())
+    obj.attrs["attrs_format"] = ATTRS_FORMAT
+
+
+def _plain(value: Any) -> Any:
+    """An attribute as read by h5py -> plain Python (lists, str, int, float, bool, None)."""
+    if isinstance(value, h5py.Empty):
+        return None
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _load_attr(value):
+    """A format-1 attribute: JSON text (or, rarely, a bare number or string)."""
     if isinstance(value, bytes):
         value = value.decode()
     if isinstance(value, str):
@@ -55,7 +108,17 @@ def _load_attr(value):
             return json.loads(value)
         except json.JSONDecodeError:
             return value
-    return value
+    return _plain(value)
+
+
+def read_attrs(obj: h5py.File | h5py.Group) -> dict[str, Any]:
+    """Every attribute as plain Python, from files of either format."""
+    raw = dict(obj.attrs.items())
+    if "attrs_format" not in raw:
+        return {k: _load_attr(v) for k, v in raw.items()}
+    raw.pop("attrs_format")
+    as_json = set(_plain(raw.pop(JSON_ATTRS, np.array([]))))
+    return {k: json.loads(_plain(v)) if k in as_json else _plain(v) for k, v in raw.items()}
 
 
 def _open_complete(path: Path, what: str, remedy: str) -> h5py.File:
@@ -119,7 +182,7 @@ def write_image_cache(path: str | Path, images: np.ndarray, labels: np.ndarray, 
             chunk = (min(len(images), 1024),) + images.shape[1:] if len(images) else None
             h5.create_dataset("images", data=images, chunks=chunk)
             h5.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-            _json_attrs(h5, {**attrs, "class_names": list(class_names), "provenance": provenance()})
+            write_attrs(h5, {**attrs, "class_names": list(class_names), "provenance": provenance()})
             h5.attrs["complete"] = True
             h5.close()
         except (OSError, RuntimeError) as err:
@@ -135,7 +198,7 @@ def read_image_cache(path: str | Path, size: int | None = None) -> ImageSet:
     with _open_complete(path, "image cache", "run `replearn prepare` to rebuild it") as h5:
         images = h5["images"][...]
         labels = h5["labels"][...]
-        attrs = {k: _load_attr(v) for k, v in h5.attrs.items()}
+        attrs = read_attrs(h5)
     if size is not None and images.shape[1:3] != (size, size):
         raise ConfigError(f"image cache {path} holds {images.shape[1]}x{images.shape[2]} images, expected "
                           f"{size}x{size}; rerun `replearn prepare` with size={size}")
@@ -211,7 +274,7 @@ class FeatureWriter:
 
     def _finish(self) -> None:
         with self._writing():
-            _json_attrs(self.h5, {**self.attrs, "layer_names": self.layer_names, "layer_offsets": self.offsets,
+            write_attrs(self.h5, {**self.attrs, "layer_names": self.layer_names, "layer_offsets": self.offsets,
                                   "feature_dim": int(self.dim), "provenance": provenance()})
             self.h5.attrs["complete"] = True
             self._sets.clear()
@@ -240,7 +303,7 @@ class FeatureFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.h5 = _open_complete(self.path, "feature file", "run `replearn features` (or `kmeans`) again")
-        self.attrs = {k: _load_attr(v) for k, v in self.h5.attrs.items()}
+        self.attrs = read_attrs(self.h5)
         self.layer_names: list[str] = list(self.attrs["layer_names"])
         self.offsets: list[int] = list(self.attrs["layer_offsets"])
 
