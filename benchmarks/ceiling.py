@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from replearn.utils import atomic_write_json, cpu_vector_units, hardware, provenance  # noqa: E402
+from replearn.core.utils import atomic_write_json, cpu_vector_units, hardware, provenance  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -60,9 +60,12 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from replearn import data, nets, store, svm, zoo  # noqa: E402
-from replearn.config import build  # noqa: E402
-from replearn.utils import atomic_write_json, autocast, bf16_supported, hardware, provenance, resolve_precision  # noqa: E402
+from replearn.core import store  # noqa: E402
+from replearn.models import nets, zoo  # noqa: E402
+from replearn.probe import svm  # noqa: E402
+from replearn import data  # noqa: E402
+from replearn.core.config import build  # noqa: E402
+from replearn.core.utils import atomic_write_json, autocast, bf16_supported, hardware, provenance, resolve_precision  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import ceiling  # noqa: E402

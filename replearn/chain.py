@@ -15,8 +15,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import curve, features, kmeans, pretrain, runs, supervised, svm, tables
-from .config import ConfigError, build, register_preset, words
+from .train import pretrain, runs
+from .probe import curve, features, kmeans, supervised, svm
+from .publish import tables
+from .core.config import ConfigError, build, register_preset, words
 
 UPTO = ("pretrain", "features", "svm", "curve", "table")
 
@@ -24,7 +26,7 @@ UPTO = ("pretrain", "features", "svm", "curve", "table")
 @dataclass(frozen=True)
 class Config:
     preset: str = ""               # tiny | smoke | cpu | paper: required, as the scales differ by hours
-    models: tuple[str, ...] = ("dcgan", "wgan-gp")    # recipes (replearn.recipes); one table row each
+    models: tuple[str, ...] = ("dcgan", "wgan-gp")    # recipes (replearn.models.recipes); one table row each
     pretrain_data: str = "hf:benjamin-paine/imagenet-1k-32x32:train"
     train: str = "hf:uoft-cs/cifar10:train"          # the labelled split the SVMs fit
     test: str = "hf:uoft-cs/cifar10:test"            # the split they are scored on
@@ -146,7 +148,7 @@ def final_checkpoint(run_dir: Path) -> str:
 
 def command_line(cfg: Config) -> str:
     """The chain as a command that rebuilds this table: every key that differs from its preset's value."""
-    from .config import PRESETS, to_dict
+    from .core.config import PRESETS, to_dict
     base = {**to_dict(Config()), **PRESETS.get(cfg.preset, {}).get("chain", {})}
     words_ = []
     for key, value in to_dict(cfg).items():
@@ -161,7 +163,7 @@ def command_line(cfg: Config) -> str:
 def run(cfg: Config) -> Path:
     """Run the whole chain (or up to `upto`) with keyed, reused artifacts; publish the table."""
     if not cfg.preset:   # no silent default: `paper` is GPU-sized and downloads ImageNet
-        from .config import PRESETS
+        from .core.config import PRESETS
         presets = sorted((p for p, stages in PRESETS.items() if "chain" in stages),
                          key=lambda p: ("tiny", "smoke", "cpu", "paper", p).index(p))   # smallest first
         raise ConfigError(f"no preset given: choose one of {', '.join(presets)} (preset=tiny; through make: "

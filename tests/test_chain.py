@@ -20,8 +20,8 @@ import pytest
 
 from conftest import REPO, random_images
 from replearn import chain
-from replearn.config import build
-from replearn.store import write_image_cache
+from replearn.core.config import build
+from replearn.core.store import write_image_cache
 
 
 def labelled_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,8 +99,8 @@ def test_a_changed_svm_setting_reruns_only_the_svm_stage(sources):
 
 
 def test_a_stage_refuses_an_input_with_another_key(sources):
-    from replearn import features
-    from replearn.config import ConfigError
+    from replearn.probe import features
+    from replearn.core.config import ConfigError
     run_dir = next((sources["root"] / "build" / "tiny").glob("dcgan-*"))
     with pytest.raises(ConfigError, match="not the expected"):
         features.run(build(features.Config, "features", {"run": str(run_dir), "train": sources["train"],

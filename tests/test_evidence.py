@@ -11,9 +11,12 @@ import torch
 import torch.nn as nn
 
 from conftest import random_images
-from replearn import features, nets, pretrain, runs, zoo
-from replearn.config import ConfigError, build
-from replearn.store import FeatureFile, write_image_cache
+from replearn.models import nets, zoo
+from replearn.train import pretrain, runs
+from replearn.probe import features
+from replearn.core import stage
+from replearn.core.config import ConfigError, build
+from replearn.core.store import FeatureFile, write_image_cache
 
 
 def small_critic() -> nets.Critic:
@@ -100,12 +103,12 @@ def test_log_spaced_steps():
 
 
 def test_artifact_keys_follow_what_determines_the_artifact():
-    base = runs.artifact_key("svm", {"c": 1, "out": "a"}, ignore=("out",), features="k1")
-    assert base == runs.artifact_key("svm", {"out": "b", "c": 1}, ignore=("out",), features="k1")
-    assert base != runs.artifact_key("svm", {"c": 2, "out": "a"}, ignore=("out",), features="k1")
-    assert base != runs.artifact_key("svm", {"c": 1, "out": "a"}, ignore=("out",), features="k2")
+    base = stage.artifact_key("svm", {"c": 1, "out": "a"}, ignore=("out",), features="k1")
+    assert base == stage.artifact_key("svm", {"out": "b", "c": 1}, ignore=("out",), features="k1")
+    assert base != stage.artifact_key("svm", {"c": 2, "out": "a"}, ignore=("out",), features="k1")
+    assert base != stage.artifact_key("svm", {"c": 1, "out": "a"}, ignore=("out",), features="k2")
     with pytest.raises(ConfigError, match="not the expected"):
-        runs.check_key("x.h5", "k1", "k2")
+        stage.check_key("x.h5", "k1", "k2")
 
 
 @pytest.fixture()

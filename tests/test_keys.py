@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from replearn import classifier, curve, features, generate, kmeans, pretrain, subset, supervised, svm
+from replearn.data import subset
+from replearn.train import generate, pretrain
+from replearn.probe import classifier, curve, features, kmeans, supervised, svm
 from replearn import data as data_module
-from replearn.config import build
+from replearn.core.config import build
 
 # the keys at 7c2de25, for the configs below; never edit these to make a test pass
 EXPECTED = {

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from replearn import kmeans, store
-from replearn.config import ConfigError, build
+from replearn.core import store
+from replearn.probe import kmeans
+from replearn.core.config import ConfigError, build
 from conftest import random_images
 
 

@@ -1,4 +1,4 @@
-"""One lock per artifact (replearn/lock.py): a second process asking for an artifact that is being built refuses
+"""One lock per artifact (replearn/core/lock.py): a second process asking for an artifact that is being built refuses
 in one line naming the first (two `replearn pretrain` on one run folder, two `replearn features` into one file);
 a stale lock (its holder dead) is taken over; the lock is re-entrant in one process and released on success,
 exception and Ctrl-C; shared caches wait instead of refusing; temporary files get names no other process shares.
@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, random_images
-from replearn import lock, pretrain
-from replearn.config import ConfigError, build
-from replearn.store import FeatureFile, write_image_cache
-from replearn.utils import read_jsonl, remove_stale_temps, temp_name
+from replearn.core import lock
+from replearn.train import pretrain
+from replearn.core.config import ConfigError, build
+from replearn.core.store import FeatureFile, write_image_cache
+from replearn.core.utils import read_jsonl, remove_stale_temps, temp_name
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 PRETRAIN = ["width=0.125", "batch_size=8", "n_critic=1", "precision=fp32", "log_every=1", "sample_every=100",
@@ -79,7 +80,7 @@ def assert_refused_by(second: subprocess.CompletedProcess, artifact: str, pid: i
 
 def hold_in_child(path: Path, seconds: float) -> subprocess.Popen:
     """Another process holding `path`'s lock for `seconds` (it prints 'held' once it has it)."""
-    code = (f"import time; from replearn.lock import building\n"
+    code = (f"import time; from replearn.core.lock import building\n"
             f"with building({str(path)!r}):\n    print('held', flush=True); time.sleep({seconds})\n")
     proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from replearn import svm
-from replearn.config import ConfigError, build
-from replearn.store import FeatureWriter
+from replearn.probe import svm
+from replearn.core.config import ConfigError, build
+from replearn.core.store import FeatureWriter
 
 
 def blobs(n: int, d: int, k: int, seed: int, spread: float = 0.5) -> tuple[np.ndarray, np.ndarray]:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from replearn import svm
+from replearn.probe import svm
 from replearn.cli import main as cli
-from replearn.config import ConfigError, build
+from replearn.core.config import ConfigError, build
 
 TIMING = ("seconds", "selection_seconds", "final_seconds")
 

@@ -9,9 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from replearn import budget, tables
-from replearn.config import ConfigError
-from replearn.svm import pack_correct, unpack_correct
+from replearn.publish import tables
+from replearn import budget
+from replearn.core.config import ConfigError
+from replearn.probe.svm import pack_correct, unpack_correct
 
 
 def test_packed_correctness_round_trips():
@@ -115,7 +116,7 @@ def test_chain_refuses_before_any_work_when_the_disk_cannot_hold_its_peak(tmp_pa
     from collections import namedtuple
 
     from test_chain import chain_config, labelled_images   # noqa: F401  (the chain's tiny sources)
-    from replearn.store import write_image_cache
+    from replearn.core.store import write_image_cache
     from conftest import random_images
     images, labels = labelled_images(40, seed=1)
     src = {"root": tmp_path,

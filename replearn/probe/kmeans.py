@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import runs, store
-from .config import ConfigError, register_check, register_preset, require, to_dict, validate
-from .lock import building
-from .utils import (atomic_write_json, check_writable, provenance, resolve_precision, torch_atomic_save,
+from ..core.config import ConfigError, register_check, register_preset, require, to_dict, validate
+from ..core import stage, store
+from ..core.lock import building
+from ..core.utils import (atomic_write_json, check_writable, provenance, resolve_precision, torch_atomic_save,
                     unpickling_reason)
 
 QUADRANTS = ("top_left", "bottom_left", "top_right", "bottom_right")   # Coates's q1, q2, q3, q4
@@ -108,7 +108,7 @@ def artifact_key(cfg: Config) -> str:
 def load_images(spec: str, cfg: Config) -> store.ImageSet:
     """Images through the shared uint8 cache (tests replace this with generated images), as
     N x H x W x channels (channels=1: the luminance, a grey source's own values)."""
-    from . import data
+    from .. import data
     images = data.cached(spec, size=cfg.image_size, cache_dir=cfg.cache_dir)
     return store.ImageSet(store.with_channels(images.images, cfg.channels), images.labels, images.class_names,
                           images.attrs)
@@ -281,13 +281,13 @@ class Encoder:
 def source_ids(cfg: Config) -> dict[str, str]:
     """The identity of the data (path, slice, size, mtime: `data.source_id`), so a changed file is
     never mistaken for the one an earlier result was computed from."""
-    from . import data
+    from .. import data
     size = cfg.image_size
     return {"train": data.source_id(cfg.train, size), "test": data.source_id(cfg.test, size) if cfg.test else ""}
 
 
 def feature_key(cfg: Config, sources: dict[str, str]) -> str:
-    return runs.artifact_key("kmeans", runs.keyed(to_dict(cfg), ADDED_KEYS), ignore=NOT_IN_KEY, **sources)
+    return stage.artifact_key("kmeans", stage.keyed(to_dict(cfg), ADDED_KEYS), ignore=NOT_IN_KEY, **sources)
 
 
 def centroid_key(cfg: Config, train_source: str) -> dict:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import runs
-from .config import ConfigError, register_check, require, to_dict
-from .lock import building
-from .store import write_image_cache
-from .utils import provenance
+from ..core.config import ConfigError, register_check, require, to_dict
+from ..core.stage import artifact_key
+from ..core.lock import building
+from ..core.store import read_image_cache, write_image_cache
+from ..core.utils import provenance
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ register_check(Config, lambda cfg: require(cfg, non_negative=("per_class", "clas
 
 
 def subset_key(cfg: Config) -> str:
-    from . import data
-    return runs.artifact_key("subset", to_dict(cfg), ignore=("out_dir", "cache_dir", "source"),
+    from .. import data
+    return artifact_key("subset", to_dict(cfg), ignore=("out_dir", "cache_dir", "source"),
                              source=data.source_id(cfg.source, 32))
 
 
@@ -79,18 +79,18 @@ def chosen_classes(cfg: Config, labels: np.ndarray, names: list[str]) -> tuple[i
 
 def run(cfg: Config) -> Path:
     """Keep the images of `classes` (at most per_class each) of a source -> an image cache, labels 0..K-1."""
-    from . import data
+    from .. import data
     key = subset_key(cfg)
     out = default_out(cfg, key)
     with building(out):   # one process per subset cache
-        if out.exists() and data.read_image_cache(out).attrs.get("key") == key:
+        if out.exists() and read_image_cache(out).attrs.get("key") == key:
             return out
         return write_subset(cfg, out, key)
 
 
 def write_subset(cfg: Config, out: Path, key: str) -> Path:
     """The chosen rows of the source -> the subset's image cache (the caller holds its lock)."""
-    from . import data
+    from .. import data
     source = data.cached(cfg.source, size=32, cache_dir=cfg.cache_dir)
     classes = chosen_classes(cfg, source.labels, source.class_names)
     rows = pick_rows(source.labels, classes, cfg.per_class, cfg.seed)

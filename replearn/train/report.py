@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
-from .plots import plot_image_row
-from .utils import atomic_write_text, read_jsonl
+from ..core.config import ConfigError
+from ..core.plots import plot_image_row
+from ..core.utils import atomic_write_text, read_jsonl
 
 
 @dataclass(frozen=True)

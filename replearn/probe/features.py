@@ -21,12 +21,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import nets, runs
-from .config import ConfigError, register_check, register_preset, require, to_dict
-from .lock import building
-from .pretrain import Dist, init_distributed
-from .store import FeatureFile, FeatureWriter
-from .utils import autocast, check_writable, pick_device, resolve_precision
+from ..models import nets
+from ..train import runs
+from ..core.config import ConfigError, register_check, register_preset, require, to_dict
+from ..core.stage import artifact_key, check_key
+from ..core.lock import building
+from ..train.pretrain import Dist, init_distributed
+from ..core.store import FeatureFile, FeatureWriter
+from ..core.utils import autocast, check_writable, pick_device, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -77,14 +79,14 @@ def run_folder(cfg: Config) -> Path:
 
 def features_key(cfg: Config) -> str:
     """The config less VOLATILE_KEYS, the run's key and the two splits' data identities."""
-    from . import data
+    from .. import data
     record = runs.run_record(run_folder(cfg))
     recorded = record.get("key")
-    runs.check_key(run_folder(cfg), recorded, cfg.expect_run_key)
+    check_key(run_folder(cfg), recorded, cfg.expect_run_key)
     # `last.pt` moves on when a run is extended: key on the step it holds
     step = runs.load_checkpoint(runs.checkpoint_path(cfg.run, cfg.checkpoint), mmap=True)["step"]
     size = image_size_of(record)
-    return runs.artifact_key("features", to_dict(cfg), ignore=VOLATILE_KEYS, run=recorded, step=step,
+    return artifact_key("features", to_dict(cfg), ignore=VOLATILE_KEYS, run=recorded, step=step,
                              train=data.source_id(cfg.train, size), test=data.source_id(cfg.test, size))
 
 
@@ -212,8 +214,8 @@ def feature_attrs(cfg: Config, run_cfg, ckpt: dict, precision: str, layers, spli
 
 def load_split(spec: str, cache_dir: str, rows: int = 0, size: int = 32):
     """The split's uint8 images at `size`; with `rows`, a seeded random subset of that size, in file order."""
-    from . import data
-    from .store import ImageSet
+    from .. import data
+    from ..core.store import ImageSet
     images = data.cached(spec, size=size, cache_dir=cache_dir)
     if not rows or rows >= len(images):
         return images

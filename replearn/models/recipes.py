@@ -6,7 +6,7 @@ Architectures and their feature sizes are listed in zoo.py.
 """
 from __future__ import annotations
 
-from .utils import make_registry
+from ..core.utils import make_registry
 
 RECIPES, register_recipe = make_registry("model")
 

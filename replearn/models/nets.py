@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from .config import ConfigError
+from ..core.config import ConfigError
 from .penalty import piecewise_linear
-from .store import LUMA
+from ..core.store import LUMA
 
 NORMS = ("batch", "layer", "none")
 

@@ -1,11 +1,4 @@
-"""Artifact keys, the pretrain run-folder layout and its config: the one module every later stage reads.
-
-Keys. Every artifact (run folder, feature file, results JSON) carries a `key`: a short hash of
-everything that determines it -- the stage's resolved config less the keys that only say where or
-how fast to compute it, the keys of its input artifacts, and the identity of its data sources
-(`data.source_id`: resolved path, slice, size and mtime of the files). The same key means the
-artifact can be reused; a different key builds a new artifact beside the old one. A stage asked for
-an input with an expected key refuses, in one line, an input whose recorded key differs.
+"""The pretrain run-folder layout and its config: the module every later stage reads a run through.
 
 Run folder (written by `pretrain`):
     config.json      resolved config, data identity, key, provenance
@@ -17,40 +10,17 @@ Run folder (written by `pretrain`):
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
 
-from .config import ConfigError, register_check, require
+from ..core.config import ConfigError, register_check, require
 
 LAST = "last.pt"
 FINISHED = "finished.json"
 CONFIG = "config.json"
 CKPT_PATTERN = re.compile(r"ckpt_(\d+)\.pt")
-
-
-# ============================================================================ keys
-def artifact_key(stage: str, config: dict[str, Any], ignore: Iterable[str] = (), **inputs: Any) -> str:
-    """10 hex digits identifying what `stage` makes from `config` (less `ignore`) and `inputs`."""
-    kept = {k: v for k, v in sorted(config.items()) if k not in set(ignore)}
-    text = json.dumps({"stage": stage, "config": kept, "inputs": inputs}, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def keyed(config: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
-    """The config less the keys in `added` (keys a stage gained after artifacts were made) where they hold
-    the value every older artifact had, so adding a key with a neutral default re-keys nothing."""
-    return {k: v for k, v in config.items() if not (k in added and v == added[k])}
-
-
-def check_key(path: str | Path, recorded: str | None, expected: str | None) -> None:
-    """One line, naming the file, when an input artifact is not the one the caller asked for."""
-    if expected and recorded != expected:
-        raise ConfigError(f"{path} has key {recorded!r}, not the expected {expected!r}: it was made from other "
-                          f"inputs or settings; delete it or point at the right artifact")
 
 
 # ============================================================================ run folders
@@ -189,7 +159,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", mmap: bool = False) -
 
     import torch
 
-    from .utils import unpickling_reason
+    from ..core.utils import unpickling_reason
     try:
         return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
@@ -202,8 +172,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu", mmap: bool = False) -
 
 def load_run(run: str | Path, which: str = LAST, device: str = "cpu"):
     """(resolved pretrain config, generator, critic, checkpoint dict) of a run's checkpoint."""
-    from . import nets, zoo
-    from .config import from_dict
+    from ..models import nets, zoo
+    from ..core.config import from_dict
     path = checkpoint_path(run, which)
     ckpt = load_checkpoint(path, device)
     cfg = from_dict(Config, ckpt["config"])

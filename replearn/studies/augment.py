@@ -5,7 +5,7 @@
 
 1. `subset`: a small labelled set (`per_class` real images of each of `classes`) and the test split
    filtered to the same classes, labels 0..K-1;
-2. for each GAN method (a variant of studies.VARIANTS: dcgan, wgan, wgan+res+sn+sa, ...): one GAN per
+2. for each GAN method (a variant of study.VARIANTS: dcgan, wgan, wgan+res+sn+sa, ...): one GAN per
    class, trained by the keyed `pretrain` stage on that class's real images only;
 3. `generate`: `generated_per_class` images from each class's GAN -> one labelled parquet file;
 4. `classify`: MobileNetV2 (classifier_args='arch=resnet18' for ResNet-18) trained on real images
@@ -23,9 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import classifier, generate, runs, studies, study_tables, subset
-from .config import ConfigError, build, register_check, register_preset, require
-from .utils import lookup
+from ..data import subset
+from ..train import generate, runs
+from ..probe import classifier
+from . import study, study_tables
+from ..core.config import ConfigError, build, register_check, register_preset, require
+from ..core.utils import lookup
 
 REFERENCE = "none"          # the gain column's reference: the classifier on real images only
 BASELINES = {"none": "no augmentation (real images only)",
@@ -35,8 +38,8 @@ BASELINES = {"none": "no augmentation (real images only)",
 @dataclass(frozen=True)
 class Config:
     preset: str = "paper"
-    train: str = studies.CIFAR_TRAIN   # labelled images: the real subset (and each class's GAN data) come from it
-    test: str = studies.CIFAR_TEST     # scored split, filtered to the same classes
+    train: str = study.CIFAR_TRAIN   # labelled images: the real subset (and each class's GAN data) come from it
+    test: str = study.CIFAR_TEST     # scored split, filtered to the same classes
     classes: tuple[int, ...] = ()      # labels kept (-> 0..K-1); empty = every class
     per_class: int = 1000              # real labelled images per class (seed 004: 1207 and 664 of its two classes)
     generated_per_class: int = 2000    # seed 004: each class expanded with 2000 generated images
@@ -68,12 +71,12 @@ def check_config(cfg: Config) -> None:
             non_negative=("per_class", "classes", "gan_max_minutes"))
     for method in cfg.methods:
         if method not in BASELINES:
-            lookup(studies.VARIANTS, method, "augmentation method (none, traditional or a variant)")
+            lookup(study.VARIANTS, method, "augmentation method (none, traditional or a variant)")
     if not cfg.methods:
         raise ConfigError("augment: methods must not be empty; choose from: "
-                          + ", ".join([*BASELINES, *studies.VARIANTS]))
-    studies.check_seeds(cfg.seeds, "augment")
-    studies.check_pretrain_args(cfg.pretrain_args, "augment", GAN_KEYS)
+                          + ", ".join([*BASELINES, *study.VARIANTS]))
+    study.check_seeds(cfg.seeds, "augment")
+    study.check_pretrain_args(cfg.pretrain_args, "augment", GAN_KEYS)
 
 
 
@@ -102,20 +105,20 @@ def class_ids(cfg: Config) -> tuple[int, ...]:
     """The classes kept: as given, or every labelled class of train."""
     if cfg.classes:
         return cfg.classes
-    from . import data
+    from .. import data
     labels = data.cached(cfg.train, size=32, cache_dir=cfg.cache_dir).labels
     return tuple(sorted(set(labels.tolist()) - {-1}))
 
 
 def gan_images(cfg: Config, method: str, classes: tuple[int, ...], names: list[str], root: Path) -> tuple[Path, list]:
     """One GAN per class on that class's real subset, then their generated images as one parquet file."""
-    label, values = studies.variant_values(method, cfg.wgan_loss)
+    label, values = study.variant_values(method, cfg.wgan_loss)
     cells = []
     for c, name in zip(classes, names):
         data_c = subset_step(cfg, cfg.train, (c,), cfg.per_class, root)
         pre = {"preset": cfg.preset, "data": str(data_c), "cache_dir": cfg.cache_dir, "device": cfg.device,
-               **values, **studies.words(cfg.pretrain_args), "steps": cfg.gan_steps, "max_minutes": cfg.gan_max_minutes}
-        cells.append(studies.pretrain_cell(f"{label}, class {name}", pre, root / "gans"))
+               **values, **study.words(cfg.pretrain_args), "steps": cfg.gan_steps, "max_minutes": cfg.gan_max_minutes}
+        cells.append(study.pretrain_cell(f"{label}, class {name}", pre, root / "gans"))
     ends = {c.end_name for c in cells}
     checkpoint = ends.pop() if len(ends) == 1 else runs.LAST    # else some GAN stopped early: flagged in status
     gen_cfg = build(generate.Config, "generate", {"runs": tuple(str(c.run_dir) for c in cells), "class_names": tuple(names),
@@ -128,18 +131,18 @@ def classify_step(cfg: Config, train: tuple[str, ...], test: Path, augment: str,
     import json
     values = {"preset": cfg.preset, "train": train, "test": str(test), "augment": augment, "seed": seed,
               "cache_dir": cfg.cache_dir, "device": cfg.device, "out_dir": str(root / "classify"),
-              **studies.words(cfg.classifier_args)}
+              **study.words(cfg.classifier_args)}
     return json.loads(classifier.run(build(classifier.Config, "classify", values)).read_text())
 
 
 # ============================================================================ the study
-def study(cfg: Config) -> list[dict]:
+def run_study(cfg: Config) -> list[dict]:
     """One summary per method: {method, label, accuracy, mean, std, results, cells, generated}."""
-    root = studies.root_of(cfg) / "augment"
+    root = study.root_of(cfg) / "augment"
     classes = class_ids(cfg)
     real = subset_step(cfg, cfg.train, classes, cfg.per_class, root)
     test = subset_step(cfg, cfg.test, classes, 0, root)
-    from .store import read_image_cache
+    from ..core.store import read_image_cache
     names = read_image_cache(real).class_names
     out = []
     for method in cfg.methods:
@@ -148,7 +151,7 @@ def study(cfg: Config) -> list[dict]:
         augment = "traditional" if method == "traditional" else "none"
         results = [classify_step(cfg, train, test, augment, seed, root) for seed in cfg.seeds]
         st = study_tables.stats([r["test_acc"] for r in results])
-        label = BASELINES.get(method) or f"{studies.VARIANTS[method]()[0]} images (one GAN per class)"
+        label = BASELINES.get(method) or f"{study.VARIANTS[method]()[0]} images (one GAN per class)"
         out.append({"method": method, "label": label, "stats": st, "mean": st["mean"], "std": st["std"],
                     "accuracy": study_tables.spread_text(st, ".1f", 100) + "%", "results": results,
                     "test_size": results[0].get("test_size"), "cells": cells, "generated": generated,
@@ -178,7 +181,7 @@ def per_class_n(cfg: Config, summary: dict) -> str:
     return text if len(set(counts)) == 1 else text + f" (smallest class; counts {counts})"
 
 
-def gan_text(cells: list[studies.Cell]) -> str:
+def gan_text(cells: list[study.Cell]) -> str:
     if not cells:
         return ""
     state = cells[0].end
@@ -192,7 +195,7 @@ def gan_text(cells: list[studies.Cell]) -> str:
 
 
 def how_produced(cfg: Config, summary: dict) -> str:
-    from .tables import duration, split_name
+    from ..publish.tables import duration, split_name
     first = summary["results"][0]
     c, prov = first["config"], first.get("provenance") or {}
     seconds = sum(r.get("seconds", 0) for r in summary["results"])
@@ -212,7 +215,7 @@ def status(summary: dict) -> str:
 
 def row(cfg: Config, s: dict) -> dict:
     """Display columns (COLUMNS) and the csv's numeric ones (per-seed accuracies, the gain and its noise)."""
-    from .tables import split_name
+    from ..publish.tables import split_name
     found = study_tables.commits(*s["results"], *(c.end for c in s["cells"]))
     data = (f"{split_name(cfg.train)} classes {list(class_ids(cfg))}, scored on {split_name(cfg.test)}"
             + (f"; {cfg.data_note}" if cfg.data_note else ""))
@@ -235,8 +238,8 @@ COLUMNS = ["method", "scale", "steps", "seeds", "status", "test accuracy (%)", "
 
 def generated_figure(summaries: list[dict], out_png: Path, cache_dir: str, per_row: int = 8) -> Path | None:
     """Per GAN method, `per_row` generated images of each class (rows: method x class)."""
-    from . import data
-    from .plots import _gap_mosaic, _pyplot, save_figure
+    from .. import data
+    from ..core.plots import _gap_mosaic, _pyplot, save_figure
     rows, labels = [], []
     for s in (s for s in summaries if s["generated"] is not None):
         images = data.cached(str(s["generated"]), size=32, cache_dir=cache_dir)
@@ -256,15 +259,15 @@ def generated_figure(summaries: list[dict], out_png: Path, cache_dir: str, per_r
 
 def run(cfg: Config) -> Path:
     """Classifier accuracy with no, traditional and each GAN's augmentation -> tables/augment-<preset>.md."""
-    return write(cfg, study(cfg))
+    return write(cfg, run_study(cfg))
 
 
 def write(cfg: Config, summaries: list[dict]) -> Path:
     """The table, its record and the generated-images figure of the study's summaries."""
     out_dir, name = Path(cfg.tables_dir), f"{cfg.name}-{cfg.preset}"
     figure = generated_figure(summaries, out_dir / name / "generated.png", cfg.cache_dir)
-    gan_seed = int(studies.words(cfg.pretrain_args).get("seed", 0))
-    scale = studies.scale_and_data_note(cfg, "GAN method", steps=cfg.gan_steps, seeds=(gan_seed,))
+    gan_seed = int(study.words(cfg.pretrain_args).get("seed", 0))
+    scale = study.scale_and_data_note(cfg, "GAN method", steps=cfg.gan_steps, seeds=(gan_seed,))
     reference = ("no augmentation: the classifier on the real subset alone" if REFERENCE in cfg.methods
                  else "not run: no gains")
     intro = (f"Seed 004's comparison: a classifier trained on a small labelled subset, without augmentation, with "
@@ -279,4 +282,4 @@ def write(cfg: Config, summaries: list[dict]) -> Path:
                               [row(cfg, s) for s in summaries], COLUMNS, study_tables.quoted_rows("augment"))
 
 
-__all__ = ["Config", "run", "study", "write"]
+__all__ = ["Config", "run", "run_study", "write"]

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from . import metrics, runs
-from .config import ConfigError, register_check, require, to_dict
-from .lock import building
-from .utils import atomic_path, atomic_write_json, pick_device, provenance
+from ..core.config import ConfigError, register_check, require, to_dict
+from ..core.stage import artifact_key
+from ..core.lock import building
+from ..core.utils import atomic_path, atomic_write_json, pick_device, provenance
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def run_identity(run: str, checkpoint: str) -> list:
 
 
 def generate_key(cfg: Config) -> str:
-    return runs.artifact_key("generate", to_dict(cfg), ignore=("runs", "out", "device"),
+    return artifact_key("generate", to_dict(cfg), ignore=("runs", "out", "device"),
                              runs=[run_identity(r, cfg.checkpoint) for r in cfg.runs])
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import penalty
-from .utils import lookup, make_registry
+from ..core.utils import lookup, make_registry
 
 LOSSES, register_loss = make_registry("loss")
 
@@ -118,7 +118,7 @@ class WganGpLoss(GanLoss):
         # real and fake share one pass; the interpolates get their own, because the penalty's double
         # backward runs through every sample of the pass it is in: inside one real|fake|interp pass it
         # cost 3x the work (benchmarks/train.py, WGAN-GP vs the textbook loop: fp32 0.68x -> 1.13x, bf16 1.21x -> 2.20x).
-        # penalty_pass skips the double backward's wasted work (replearn/penalty.py; critic step at batch 64
+        # penalty_pass skips the double backward's wasted work (replearn/models/penalty.py; critic step at batch 64
         # on this CPU: bf16 1.39 -> 0.97 s, fp32 2.87 -> 1.89 s)
         d_real, d_fake = critic_scores(critic, real, fake)
         d_interp = penalty_pass(critic, interp)

@@ -5,7 +5,7 @@ densely connected G and D -- a 3 x 3 grid on the same data, generator steps and 
 
 Each cell trains one keyed `pretrain` run per seed (model=wgan with the cell's optimizer and arch, one
 learning rate for every optimizer: Arjovsky's code passes one lrD/lrG to whichever optimizer is chosen,
-Adam with his beta1 0.5), every run `steps` generator steps, measured by `studies.measure` at that step:
+Adam with his beta1 0.5), every run `steps` generator steps, measured by `study.measure` at that step:
 critic and generator loss, the Wasserstein estimate, diversity, FID (with local Inception weights) and
 the linear probe with its untrained control. The gain column compares each cell's probe with the trained
 RMSprop x plain cell (seed 001's baseline), with a noise mark (study_tables.py).
@@ -20,11 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import studies, study_tables
-from .config import ConfigError, register_check, register_preset, require
-from .pretrain import OPTIMIZERS
-from .zoo import ARCHS
-from .utils import lookup
+from . import study, study_tables
+from ..core.config import ConfigError, register_check, register_preset, require
+from ..train.pretrain import OPTIMIZERS
+from ..models.zoo import ARCHS
+from ..core.utils import lookup
 
 ARCH_NAMES = {"dcgan": "plain (DCGAN)", "resnet": "residual", "dense": "dense"}
 ARCH_COLOURS = {"dcgan": "tab:blue", "resnet": "tab:orange", "dense": "tab:green"}
@@ -32,7 +32,7 @@ OPTIMIZER_LINES = {"rmsprop": "-", "adam": "--", "sgd": ":"}
 
 
 @dataclass(frozen=True)
-class Config(studies.Study):
+class Config(study.Study):
     optimizers: tuple[str, ...] = ("rmsprop", "adam", "sgd")
     archs: tuple[str, ...] = ("dcgan", "resnet", "dense")   # plain, residual, densely connected G and D
     lr: float = 5e-5              # WGAN's RMSprop rate (Arjovsky), the same for every optimizer: the controlled variable
@@ -44,7 +44,7 @@ class Config(studies.Study):
 
 @register_check(Config)
 def check_config(cfg: Config) -> None:
-    studies.check_study(cfg)
+    study.check_study(cfg)
     for opt in cfg.optimizers:
         lookup(OPTIMIZERS, opt, "optimizer")
     for arch in cfg.archs:
@@ -81,7 +81,7 @@ def cell_values(cfg: Config, opt: str, arch: str) -> dict:
             "beta1": cfg.beta1, "beta2": 0.999, "momentum": cfg.momentum}
 
 
-def row(cfg: Config, sc: studies.StudyCell, ref: studies.StudyCell | None, opt: str, arch: str) -> dict:
+def row(cfg: Config, sc: study.StudyCell, ref: study.StudyCell | None, opt: str, arch: str) -> dict:
     """Display columns (COLUMNS) and the csv's numeric ones (per-seed values, gains, noise)."""
     numeric: dict = {}
     shown = {"optimizer": opt, "architecture": ARCH_NAMES.get(arch, arch)}
@@ -106,7 +106,7 @@ def columns(cfg: Config) -> list[str]:
 
 
 def intro(cfg: Config, figures: str) -> str:
-    scale_note = studies.scale_and_data_note(cfg, "cell")
+    scale_note = study.scale_and_data_note(cfg, "cell")
     reference = (f"{REFERENCE_NAME} (the trained RMSprop x plain-DCGAN cell, seed 001's WGAN baseline)"
                  if REFERENCE[0] in cfg.optimizers and REFERENCE[1] in cfg.archs else "not run: no gains")
     probe = (" " + study_tables.noise_note(reference, f"gain vs {REFERENCE_NAME}") if cfg.probe
@@ -118,23 +118,23 @@ def intro(cfg: Config, figures: str) -> str:
 
 def run(cfg: Config) -> Path:
     """Train and measure the optimizer x architecture grid of WGANs -> tables/wgan-grid-<preset>.md."""
-    root, out_dir = studies.root_of(cfg), Path(cfg.tables_dir)
+    root, out_dir = study.root_of(cfg), Path(cfg.tables_dir)
     name = f"{cfg.name}-{cfg.preset}"
-    ctx = studies.quality_context(cfg)
+    ctx = study.quality_context(cfg)
     pairs = [(opt, arch) for opt in cfg.optimizers for arch in cfg.archs]
-    cells = [studies.measure_cell(cfg, ctx, f"{opt} x {arch}", cell_values(cfg, opt, arch), root)
+    cells = [study.measure_cell(cfg, ctx, f"{opt} x {arch}", cell_values(cfg, opt, arch), root)
              for opt, arch in pairs]
     ref = dict(zip(pairs, cells)).get(REFERENCE)
     rows = [row(cfg, sc, ref, opt, arch) for sc, (opt, arch) in zip(cells, pairs)]
     styles = {sc.label: {"color": ARCH_COLOURS.get(arch), "linestyle": OPTIMIZER_LINES.get(opt)}
               for sc, (opt, arch) in zip(cells, pairs)}
-    figures = studies.plot_all(cells, styles, out_dir / name, f"WGAN grid ({cfg.preset})")
+    figures = study.plot_all(cells, styles, out_dir / name, f"WGAN grid ({cfg.preset})")
     grid = [[sc.first for sc in cells[i * len(cfg.archs):(i + 1) * len(cfg.archs)]] for i in range(len(cfg.optimizers))]
-    figures.append(studies.sample_mosaic(grid, out_dir / name / "samples.png",
+    figures.append(study.sample_mosaic(grid, out_dir / name / "samples.png",
                                          f"WGAN grid ({cfg.preset}): samples of seed {cfg.seeds[0]}",
                                          list(cfg.optimizers), [ARCH_NAMES.get(a, a) for a in cfg.archs]))
     return study_tables.write(cfg, out_dir, name, "WGAN: optimizer x architecture (seed 001)",
-                              intro(cfg, studies.figure_links(figures, out_dir)), rows, columns(cfg),
+                              intro(cfg, study.figure_links(figures, out_dir)), rows, columns(cfg),
                               study_tables.quoted_rows("wgan-grid"))
 
 

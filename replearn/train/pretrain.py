@@ -22,14 +22,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import nets, runs, zoo
-from .config import ConfigError, from_dict, register_preset, to_dict
-from .lock import building
-from .losses import LOSSES, build_loss
-from .plots import plot_losses
-from .recipes import RECIPES
+from ..models import nets, zoo
+from . import runs
+from ..core.config import ConfigError, from_dict, register_preset, to_dict
+from ..core.stage import artifact_key, keyed
+from ..core.lock import building
+from ..models.losses import LOSSES, build_loss
+from ..core.plots import plot_losses
+from ..models.recipes import RECIPES
 from .runs import Config   # the stage's config, kept beside the run-folder layout it describes
-from .utils import (append_jsonl, atomic_write_json, autocast, lookup, make_registry, pick_device, provenance,
+from ..core.utils import (append_jsonl, atomic_write_json, autocast, lookup, make_registry, pick_device, provenance,
                     atomic_write_text, read_jsonl, resolve_precision, torch_atomic_save)
 
 OPTIMIZERS, register_optimizer = make_registry("optimizer")
@@ -109,7 +111,7 @@ def resolve(cfg: Config) -> Config:
 
 
 def data_identity(cfg: Config) -> str:
-    from . import data
+    from .. import data
     return data.source_id(cfg.data, cfg.image_size)
 
 
@@ -118,7 +120,7 @@ def run_key(cfg: Config, data_id: str) -> str:
     # spectral-norm runs made before nets.init_dcgan re-registered spectral norm started from stale u, v
     # (a ~1e10x too large step-0 critic): they get another key, the other runs keep theirs
     fixed_init = {"spectral_norm_init": 2} if cfg.spectral_norm else {}
-    return runs.artifact_key("pretrain", runs.keyed(to_dict(cfg), ADDED_KEYS), ignore=RESUMABLE_KEYS, data=data_id,
+    return artifact_key("pretrain", keyed(to_dict(cfg), ADDED_KEYS), ignore=RESUMABLE_KEYS, data=data_id,
                              trainer=TRAINER_VERSION, **fixed_init)
 
 
@@ -187,7 +189,7 @@ class BatchStream:
 
 
 def load_training_images(cfg: Config) -> tuple[torch.Tensor, dict]:
-    from . import data
+    from .. import data
     images = data.cached(cfg.data, size=cfg.image_size, cache_dir=cfg.cache_dir)
     info = {"spec": cfg.data, "num_images": len(images), "source_id": data_identity(cfg),
             "skipped": images.skipped}
@@ -444,7 +446,7 @@ def train(cfg: Config, key: str) -> Path:
 
 def plan(cfg: Config) -> tuple[Config, str]:
     """(the resolved config with its run folder, the run's key), without loading any images."""
-    from . import data
+    from .. import data
     cfg = resolve(cfg)
     data.parse_spec(cfg.data)   # a bad spec fails here, as typed (the absolute one has its symlinks resolved)
     cfg = dataclasses.replace(cfg, data=data.absolute_spec(cfg.data))   # later stages read it from anywhere
@@ -540,8 +542,8 @@ def broadcast_from_rank0(value: float) -> float:
 def evaluate_checkpoint(cfg: Config, run_dir: Path, step: int) -> None:
     """FID (skipped in one line without local Inception weights), the Wasserstein estimate, diversity and
     nearest neighbours of this checkpoint at the run's preset, then the run's report (its FID curve)."""
-    from . import evaluate, report   # lazy: evaluate reads run folders, pretraining only calls it at intervals
-    from .config import build
+    from . import evaluate, report  # lazy: evaluate reads run folders, pretraining only calls it at intervals
+    from ..core.config import build
     values = {"run": str(run_dir), "checkpoint": runs.ckpt_name(step), "preset": cfg.preset,
               **({"inception_weights": cfg.inception_weights} if cfg.inception_weights else {})}
     evaluate.run(build(evaluate.Config, "evaluate", values))

@@ -50,7 +50,7 @@ def git_commit() -> str:
     vouched = os.environ.get("REPLEARN_SOURCE_COMMIT")
     if vouched:
         return vouched
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]   # the repository: replearn/core/utils.py
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=10).stdout.strip()

@@ -18,10 +18,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import nets
-from .config import ConfigError
-from .lock import building
-from .utils import atomic_path, unpickling_reason
+from ..models import nets
+from ..core.config import ConfigError
+from ..core.lock import building
+from ..core.utils import atomic_path, unpickling_reason
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"   # the standard FID weights (pytorch-fid / torch-fidelity)
 INCEPTION_LAYER = "2048"                                    # pool3 features: what FID is defined on

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError
-from .utils import atomic_write_text, git_commit
+from ..core.config import ConfigError
+from ..core.utils import atomic_write_text, git_commit
 
 # docs/protocol.md s.4: (model, full %, 400-per-class %, +-, max # feature units, source)
 QUOTED = [
@@ -180,7 +180,7 @@ def copy_beside(src: Path, out_dir: Path, sub: str, slug: str) -> str:
 
 def samples_link(res: dict, out_dir: Path, slug: str) -> str:
     """The run's latest sample grid, its pretraining curve and its report, copied next to the table."""
-    from .report import latest_sample_grid
+    from ..train.report import latest_sample_grid
     run_dir = run_dir_of(res)
     grid = latest_sample_grid(run_dir) if run_dir else None
     if grid is None:
@@ -277,7 +277,7 @@ def mcnemar(a_text: str | None, b_text: str | None, n: int | None) -> dict | Non
     if not a_text or not b_text or not n:
         return None
     from scipy.stats import binomtest
-    from .svm import unpack_correct
+    from ..probe.svm import unpack_correct
     a, b = unpack_correct(a_text, n), unpack_correct(b_text, n)
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
     se = math.sqrt(max(only_a + only_b - (only_a - only_b) ** 2 / n, 0.0)) / n
@@ -332,8 +332,9 @@ BOOKKEEPING = ("sample_every", "ckpt_every", "log_every", "fid_every")
 def scale_of(res: dict, feat: dict) -> str:
     """The scale that ran: the preset's name when every pretraining key the preset sets has that value,
     else 'custom (<preset> preset, key=value ...)' listing where the run departs from it."""
-    from . import curve, features, kmeans, pretrain, supervised, svm  # noqa: F401  (their presets)
-    from .config import PRESETS
+    from ..train import pretrain
+    from ..probe import curve, features, kmeans, supervised, svm  # noqa: F401  (their presets)
+    from ..core.config import PRESETS
     if feat.get("kind") == "kmeans":
         stage, cfg = "kmeans", feat.get("config") or {}
     else:
@@ -620,7 +621,7 @@ def curves_of(rows: list[dict]) -> list[dict]:
 
 def compare_samples(cfg: Config, rows: list[dict[str, Any]]) -> Path | None:
     """All reproduced GAN rows' sample grids side by side in one PNG."""
-    from .report import latest_sample_grid, report_compare
+    from ..train.report import latest_sample_grid, report_compare
     runs = sorted({r["_run_dir"] for r in rows if r["_run_dir"] and not r["_control"]
                    and latest_sample_grid(r["_run_dir"]) is not None})   # results kept without their run's grids
     if not runs:

@@ -33,11 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError
+from ..core.config import ConfigError
 from .nets import (Critic, SelfAttention, check_attention, check_channels, dcgan, dcgan_stages, init_dcgan, maybe_sn,
                    norm_layer, scaled)
 from .penalty import piecewise_linear
-from .utils import lookup, make_registry
+from ..core.utils import lookup, make_registry
 
 ARCHS, register_arch = make_registry("architecture")
 register_arch("dcgan")(dcgan)

@@ -40,10 +40,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import curve, metrics, nets, pretrain, runs, zoo
-from .config import ConfigError, build, words
-from .lock import building
-from .utils import atomic_write_json, lookup, make_registry, pick_device, provenance, read_jsonl
+from ..models import nets, zoo
+from ..train import metrics, pretrain, runs
+from ..probe import curve
+from ..core.config import ConfigError, build, words
+from ..core.stage import artifact_key
+from ..core.lock import building
+from ..core.utils import atomic_write_json, lookup, make_registry, pick_device, provenance, read_jsonl
 
 CIFAR_TRAIN = "hf:uoft-cs/cifar10:train"
 CIFAR_TEST = "hf:uoft-cs/cifar10:test"
@@ -124,8 +127,8 @@ def check_seeds(seeds: tuple[int, ...], stage: str) -> None:
 
 
 def check_study(cfg: Study) -> None:
-    from .losses import LOSSES
-    from .config import require
+    from ..models.losses import LOSSES
+    from ..core.config import require
     lookup(LOSSES, cfg.wgan_loss, "loss")
     require(cfg, positive=("steps",), non_negative=("max_minutes",), stage=type(cfg).__module__.rsplit(".", 1)[-1])
     check_seeds(cfg.seeds, "study")
@@ -303,14 +306,14 @@ def fixed_feature_net(device) -> nets.Critic:
 
 
 def quality_context(cfg: Study) -> QualityContext:
-    from . import data
+    from .. import data
     device = pick_device(cfg.device)
     held = data.cached(cfg.test, size=32, cache_dir=cfg.cache_dir).images
     real = torch.from_numpy(held[metrics.subset(len(held), cfg.quality_samples, 1)])
     net = fixed_feature_net(device)
     variance = metrics.diversity(metrics.critic_features(net, real, device))["mean_variance"]
     weights = metrics.weights_fingerprint(cfg.inception_weights) if cfg.inception_weights else ""
-    key = runs.artifact_key("quality", {"samples": cfg.quality_samples, "fid_samples": cfg.fid_samples,
+    key = artifact_key("quality", {"samples": cfg.quality_samples, "fid_samples": cfg.fid_samples,
                                         "fixed_net": FIXED_NET, "weights": weights},
                             heldout=data.source_id(cfg.test, 32), fid_real=data.source_id(cfg.data, 32) if weights else "")
     ctx = QualityContext(cfg, device, real, net, variance, key=key)
@@ -321,7 +324,7 @@ def quality_context(cfg: Study) -> QualityContext:
 
 def attach_inception(ctx: QualityContext, weights_key: str) -> None:
     """Inception and the cached real statistics of the GANs' own training images (FID's usual reference)."""
-    from . import data
+    from .. import data
     cfg = ctx.cfg
     ctx.inception = metrics.inception_extractor(cfg.inception_weights, ctx.device)
     pool = data.cached(cfg.data, size=32, cache_dir=cfg.cache_dir).images
@@ -445,7 +448,7 @@ def plot_measure(curves: dict[str, list[tuple[list, list]]], styles: dict[str, d
                  path: Path, dense: bool) -> Path:
     """Every cell's curves of one measure on shared axes, one line per seed in the cell's style (dense log
     series are smoothed)."""
-    from .plots import _pyplot, save_figure, smooth
+    from ..core.plots import _pyplot, save_figure, smooth
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, seeds in curves.items():
@@ -500,7 +503,7 @@ def critic_kind(sc: StudyCell) -> str:
 
 def plot_all(study_cells: list[StudyCell], styles: dict, out_dir: Path, title: str) -> list[Path]:
     """One figure per measure with every cell (each seed a line) on it; figures no cell has are skipped."""
-    from .plots import _pyplot
+    from ..core.plots import _pyplot
     colours = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]   # one colour per cell in every figure
     styles = {sc.label: {"color": colours[i % len(colours)], **{k: v for k, v in styles.get(sc.label, {}).items()
                                                                if v is not None}} for i, sc in enumerate(study_cells)}
@@ -530,7 +533,7 @@ def sample_mosaic(grid: list[list[Cell | None]], out_png: Path, title: str, row_
     """Each cell's sample grid at its measured step, rows x cols; a diverged cell's title says so."""
     from PIL import Image
 
-    from .plots import _pyplot, save_figure
+    from ..core.plots import _pyplot, save_figure
     plt = _pyplot()
     rows, cols = len(grid), len(grid[0])
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)

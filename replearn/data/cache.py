@@ -51,10 +51,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .config import ConfigError, register_check, require, to_dict, validate
-from .lock import building
-from .store import ImageSet, _load_attr, read_image_cache, write_image_cache
-from .utils import check_writable
+from ..core.config import ConfigError, register_check, require, to_dict, validate
+from ..core.lock import building
+from ..core.store import ImageSet, _load_attr, read_image_cache, write_image_cache
+from ..core.utils import check_writable
 
 
 @dataclass(frozen=True)

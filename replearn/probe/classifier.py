@@ -29,10 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import nets, runs
-from .config import ConfigError, register_check, register_preset, require, to_dict
-from .lock import building
-from .utils import (atomic_write_json, autocast, lookup, make_registry, pick_device, provenance,
+from ..models import nets
+from ..train import runs
+from ..core.config import ConfigError, register_check, register_preset, require, to_dict
+from ..core.stage import artifact_key
+from ..core.lock import building
+from ..core.utils import (atomic_write_json, autocast, lookup, make_registry, pick_device, provenance,
                     resolve_precision)
 
 CLASSIFIERS, register_classifier = make_registry("classifier")
@@ -133,7 +135,7 @@ def traditional(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
 
 # ============================================================================ data
 def load_labelled(spec: str, cache_dir: str):
-    from . import data
+    from .. import data
     images = data.cached(spec, size=32, cache_dir=cache_dir)
     if len(images) and images.labels.min() < 0:
         raise ConfigError(f"{spec} has unlabelled images (label -1): the classifier needs labelled sources")
@@ -157,8 +159,8 @@ def load_sets(cfg: Config):
 
 
 def classify_key(cfg: Config) -> str:
-    from . import data
-    return runs.artifact_key("classify", to_dict(cfg), ignore=("device", "cache_dir", "out_dir", "preset", "train", "test"),
+    from .. import data
+    return artifact_key("classify", to_dict(cfg), ignore=("device", "cache_dir", "out_dir", "preset", "train", "test"),
                              train=[data.source_id(s, 32) for s in cfg.train], test=data.source_id(cfg.test, 32))
 
 
@@ -258,7 +260,7 @@ def run(cfg: Config) -> Path:
 
 def fit_and_score(cfg: Config, out: Path, key: str) -> Path:
     """Train, score the test split, write the results JSON (the caller holds its lock)."""
-    from . import data
+    from .. import data
     x, y, tx, ty, names = load_sets(cfg)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)

@@ -4,8 +4,8 @@ cumulative, on the same data, generator steps and seeds, plus DCGAN as the paper
 
     python -m replearn ablation preset=smoke data=... train=... test=... [augment=true]
 
-Each rung is a named variant (studies.VARIANTS), trained once per seed by the keyed `pretrain` stage for
-the study's `steps` and measured at that step by `studies.measure` (FID with local Inception weights, the
+Each rung is a named variant (study.VARIANTS), trained once per seed by the keyed `pretrain` stage for
+the study's `steps` and measured at that step by `study.measure` (FID with local Inception weights, the
 Wasserstein estimate -- for DCGAN's BCE critic a logit gap, labelled so and plotted apart --, diversity,
 the linear probe with its untrained control). The gain column compares each rung's probe with the plain
 WGAN rung (the ladder's base), with a noise mark (study_tables.py). With `augment=true` the
@@ -19,16 +19,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import studies, study_tables
-from .config import ConfigError, build, register_check, register_preset
-from .utils import lookup
+from . import study, study_tables
+from ..core.config import ConfigError, build, register_check, register_preset
+from ..core.utils import lookup
 
 LADDER = ("wgan", "wgan+res", "wgan+res+sn", "wgan+res+sn+sa")
 
 
 @dataclass(frozen=True)
-class Config(studies.Study):
-    rungs: tuple[str, ...] = ("dcgan",) + LADDER   # variants, one row each (studies.VARIANTS)
+class Config(study.Study):
+    rungs: tuple[str, ...] = ("dcgan",) + LADDER   # variants, one row each (study.VARIANTS)
     augment: bool = False          # also run the augmentation study for these variants (its own GANs per class)
     augment_args: str = ""         # extra key=value words for it (classes=, per_class=, seeds=, ...)
     name: str = "ablation"
@@ -36,11 +36,11 @@ class Config(studies.Study):
 
 @register_check(Config)
 def check_config(cfg: Config) -> None:
-    studies.check_study(cfg)
+    study.check_study(cfg)
     if not cfg.rungs:
-        raise ConfigError("ablation: rungs is empty; choose from: " + ", ".join(studies.VARIANTS))
+        raise ConfigError("ablation: rungs is empty; choose from: " + ", ".join(study.VARIANTS))
     for rung in cfg.rungs:
-        lookup(studies.VARIANTS, rung, "variant")
+        lookup(study.VARIANTS, rung, "variant")
 
 
 # the same scales as the grid (steps, seeds, widths), so a rung that equals a grid cell (plain WGAN with
@@ -75,14 +75,14 @@ def augmentation(cfg: Config) -> dict[str, dict]:
     values = {"preset": cfg.preset, "train": cfg.train, "test": cfg.test, "build_dir": cfg.build_dir,
               "tables_dir": cfg.tables_dir, "cache_dir": cfg.cache_dir, "wgan_loss": cfg.wgan_loss,
               "data_note": cfg.data_note, "device": cfg.device, "methods": ("none",) + tuple(cfg.rungs),
-              **studies.words(cfg.augment_args)}
+              **study.words(cfg.augment_args)}
     aug_cfg = build(augment.Config, "augment", values)
-    summaries = augment.study(aug_cfg)
+    summaries = augment.run_study(aug_cfg)
     augment.write(aug_cfg, summaries)          # its own table too: tables/augment-<preset>.md
     return {s["method"]: s for s in summaries}
 
 
-def row(cfg: Config, rung: str, previous: str | None, sc: studies.StudyCell, ref: studies.StudyCell | None,
+def row(cfg: Config, rung: str, previous: str | None, sc: study.StudyCell, ref: study.StudyCell | None,
         aug: dict) -> dict:
     """Display columns (columns()) and the csv's numeric ones (per-seed values, gains, noise)."""
     aug_text = "not run (augment=true runs it)"
@@ -111,7 +111,7 @@ def columns(cfg: Config) -> list[str]:
 
 
 def intro(cfg: Config, figures: str) -> str:
-    scale_note = studies.scale_and_data_note(cfg, "rung")
+    scale_note = study.scale_and_data_note(cfg, "rung")
     aug = (" Augmentation accuracy: MobileNetV2 test accuracy (mean ± std over classifier seeds) when the real "
            "labelled subset is extended by images of that variant's GANs, one GAN per class trained on that subset "
            "(tables/augment-<preset>.md says how), and its gain over no augmentation." if cfg.augment else "")
@@ -127,24 +127,24 @@ def intro(cfg: Config, figures: str) -> str:
 
 def run(cfg: Config) -> Path:
     """Train and measure the ablation ladder -> tables/ablation-<preset>.md."""
-    root, out_dir = studies.root_of(cfg), Path(cfg.tables_dir)
+    root, out_dir = study.root_of(cfg), Path(cfg.tables_dir)
     name = f"{cfg.name}-{cfg.preset}"
-    ctx = studies.quality_context(cfg)
+    ctx = study.quality_context(cfg)
     cells = []
     for rung in cfg.rungs:
-        label, values = studies.variant_values(rung, cfg.wgan_loss)
-        cells.append(studies.measure_cell(cfg, ctx, label, values, root))
+        label, values = study.variant_values(rung, cfg.wgan_loss)
+        cells.append(study.measure_cell(cfg, ctx, label, values, root))
     ref = dict(zip(cfg.rungs, cells)).get(REFERENCE)
     aug = augmentation(cfg)
     ladder = [r for r in cfg.rungs if r in LADDER]
     rows = [row(cfg, rung, ladder[ladder.index(rung) - 1] if rung in ladder and ladder.index(rung) else None,
                 sc, ref, aug) for rung, sc in zip(cfg.rungs, cells)]
-    figures = studies.plot_all(cells, {}, out_dir / name, f"ablation ({cfg.preset})")
-    figures.append(studies.sample_mosaic([[sc.first for sc in cells]], out_dir / name / "samples.png",
+    figures = study.plot_all(cells, {}, out_dir / name, f"ablation ({cfg.preset})")
+    figures.append(study.sample_mosaic([[sc.first for sc in cells]], out_dir / name / "samples.png",
                                          f"ablation ({cfg.preset}): samples of seed {cfg.seeds[0]}", [""],
                                          [sc.label for sc in cells]))
     return study_tables.write(cfg, out_dir, name, "Ablation: WGAN + residual + spectral norm + self-attention "
-                              "(seed 004)", intro(cfg, studies.figure_links(figures, out_dir)), rows, columns(cfg),
+                              "(seed 004)", intro(cfg, study.figure_links(figures, out_dir)), rows, columns(cfg),
                               study_tables.quoted_rows("ablation"))
 
 

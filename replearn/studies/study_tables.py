@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import PRESETS, to_dict
-from .tables import duration, latex_escape, split_name, test_ci95
-from .utils import atomic_write_json, atomic_write_text, git_commit, provenance
+from ..core.config import PRESETS, to_dict
+from ..publish.tables import duration, latex_escape, split_name, test_ci95
+from ..core.utils import atomic_write_json, atomic_write_text, git_commit, provenance
 
-QUOTED_JSON = Path(__file__).resolve().parent.parent / "docs" / "quoted.json"
+QUOTED_JSON = Path(__file__).resolve().parents[2] / "docs" / "quoted.json"
 
 
 # ============================================================================ numbers over seeds
@@ -220,7 +220,7 @@ def probe_columns(sc, ref, ref_name: str) -> tuple[dict[str, str], dict[str, Any
 
 def wasserstein_column(sc) -> tuple[str, dict]:
     """The Wasserstein estimate of WGAN critics; a BCE/hinge critic's value is labelled its logit gap."""
-    from .studies import is_wasserstein_critic
+    from .study import is_wasserstein_critic
     text, numeric = measure_column(sc, "wasserstein")
     return (text if is_wasserstein_critic(sc.first) or text == "n/a" else f"{text} (logit gap: not a W estimate)"), numeric
 

@@ -122,7 +122,7 @@ resumes from it (recorded in `resumed_from`) and reproduces the uninterrupted ru
 fit depends only on its draw and C (final draws warm-start from draw 0's model, refitted cold after a
 resume; an upward selection extension from its draw's previous model, refitted by the same steps).
 A completed run writes the results and removes the progress file. The results carry
-`key` = runs.artifact_key("svm", config less out/device/gram_cache/preset, features=identity); when
+`key` = stage.artifact_key("svm", config less out/device/gram_cache/preset, features=identity); when
 `out` holds a complete result with the same key, `run` returns it without fitting.
 
 Results JSON (accuracies are fractions in 0..1, C in sum form):
@@ -157,11 +157,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, register_check, register_preset, to_dict
-from .lock import building
-from .runs import artifact_key, keyed, read_json
-from .store import FeatureFile
-from .utils import atomic_path, atomic_write_json, bf16_supported, check_writable, pick_device, provenance
+from ..core.config import ConfigError, register_check, register_preset, to_dict
+from ..core.lock import building
+from ..core.stage import artifact_key, keyed
+from ..train.runs import read_json
+from ..core.store import FeatureFile
+from ..core.utils import atomic_path, atomic_write_json, bf16_supported, check_writable, pick_device, provenance
 
 DEFAULT_C_GRID = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)   # dcgan_code's grid, sum form
 SOLVERS = ("replearn", "liblinear")

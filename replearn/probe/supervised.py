@@ -30,11 +30,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import nets, runs, zoo
+from ..models import nets, zoo
+from ..train import runs
 from .features import recompute_bn_stats
-from .config import ConfigError, register_check, register_preset, require, to_dict, validate
-from .lock import building
-from .utils import (atomic_write_json, autocast, check_writable, pick_device, provenance, resolve_precision,
+from ..core.config import ConfigError, register_check, register_preset, require, to_dict, validate
+from ..core.stage import artifact_key
+from ..core.lock import building
+from ..core.utils import (atomic_write_json, autocast, check_writable, pick_device, provenance, resolve_precision,
                     torch_atomic_save)
 
 RESULT = "supervised.json"
@@ -42,7 +44,7 @@ RESULT = "supervised.json"
 
 @dataclass(frozen=True)
 class Config:
-    model: str = "dcgan"          # a recipe: its critic architecture and options (replearn.recipes)
+    model: str = "dcgan"          # a recipe: its critic architecture and options (replearn.models.recipes)
     train: str = "hf:uoft-cs/cifar10:train"   # the evaluation train split (all of it, with labels)
     test: str = "hf:uoft-cs/cifar10:test"     # scored once, at the end
     image_size: int = 32
@@ -98,7 +100,7 @@ class Classifier(nn.Module):
 
 def resolved_critic(cfg: Config) -> dict:
     """arch, norm, spectral_norm, attention_res as pretraining resolves them for this recipe."""
-    from . import pretrain
+    from ..train import pretrain
     over = {k: getattr(cfg, k) for k in ("norm", "spectral_norm", "attention_res") if getattr(cfg, k) is not None}
     pre = pretrain.resolve(pretrain.Config(model=cfg.model, image_size=cfg.image_size, channels=cfg.channels,
                                            width=cfg.width, **over))
@@ -114,13 +116,13 @@ def build_classifier(cfg: Config, num_classes: int) -> tuple[Classifier, dict]:
 
 # ============================================================================ data and key
 def load(spec: str, cfg: Config):
-    from . import data
+    from .. import data
     return data.cached(spec, size=cfg.image_size, cache_dir=cfg.cache_dir)
 
 
 def supervised_key(cfg: Config) -> str:
-    from . import data
-    return runs.artifact_key("supervised", to_dict(cfg), ignore=VOLATILE_KEYS,
+    from .. import data
+    return artifact_key("supervised", to_dict(cfg), ignore=VOLATILE_KEYS,
                              train=data.source_id(cfg.train, cfg.image_size),
                              test=data.source_id(cfg.test, cfg.image_size))
 
@@ -187,7 +189,7 @@ def save(model: Classifier, opt, path: Path, key: str, cfg: Config, step: int, s
 def train(cfg: Config, model: Classifier, images: torch.Tensor, labels: torch.Tensor, out: Path, key: str,
           device, precision: str) -> tuple[int, float]:
     """The training loop (resumes from out/last.pt); returns (steps done, training seconds)."""
-    from .pretrain import BatchStream, Dist
+    from ..train.pretrain import BatchStream, Dist
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, seconds = restore(model, opt, out / runs.LAST, key, device)
     stream = BatchStream(len(images), min(cfg.batch_size, len(images)), cfg.seed, Dist(), consumed=step)

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from . import metrics, runs
-from .config import ConfigError, register_check, register_preset, require, to_dict, validate
-from .lock import building
-from .plots import plot_metrics_vs_step, plot_neighbour_grid
-from .utils import atomic_write_json, pick_device, provenance
+from ..core.config import ConfigError, register_check, register_preset, require, to_dict, validate
+from ..core.lock import building
+from ..core.plots import plot_metrics_vs_step, plot_neighbour_grid
+from ..core.utils import atomic_write_json, pick_device, provenance
 
 NN_SPACES = ("pixel", "critic", "both")
 
@@ -124,7 +124,7 @@ class Context:
 
 
 def load_images(spec: str, size: int, cache_dir: str) -> torch.Tensor:
-    from . import data
+    from .. import data
     return torch.from_numpy(data.cached(spec, size=size, cache_dir=cache_dir).images)
 
 
@@ -147,7 +147,7 @@ def build_context(cfg: Config, run_dir: Path, run_cfg) -> Context:
 
 def attach_fid_reference(ctx: Context, real: torch.Tensor, size: int, cache_dir: str) -> None:
     """Inception + cached real statistics, or the one-line reason FID is skipped."""
-    from . import data
+    from .. import data
     cfg = ctx.cfg
     try:
         ctx.inception = metrics.inception_extractor(cfg.inception_weights, ctx.device)
@@ -267,7 +267,7 @@ def summary_line(r: dict) -> str:
 
 def run(cfg: Config) -> Path:
     """FID, Wasserstein estimate, diversity and nearest-neighbour grids for a run's checkpoints -> evaluate.json."""
-    from .config import from_dict
+    from ..core.config import from_dict
     validate(cfg)   # a Config built in code has not passed `build`
     run_dir = Path(cfg.run)
     names = checkpoint_names(run_dir, cfg.checkpoint)

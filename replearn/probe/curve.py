@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import features, runs, svm
-from .config import ConfigError, build, register_preset, split_overrides, to_dict
-from .lock import building
-from .utils import atomic_path, atomic_write_json, provenance
+from ..train import runs
+from . import features, svm
+from ..core.config import ConfigError, build, register_preset, split_overrides, to_dict
+from ..core.stage import artifact_key
+from ..core.lock import building
+from ..core.utils import atomic_path, atomic_write_json, provenance
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def score_checkpoint(cfg: Config, step: int, checkpoint: str) -> dict[str, Any]:
 
 
 def curve_key(cfg: Config) -> str:
-    return runs.artifact_key("curve", to_dict(cfg), ignore=("run", "device", "cache_dir", "steps", "through",
+    return artifact_key("curve", to_dict(cfg), ignore=("run", "device", "cache_dir", "steps", "through",
                                                                       "keep_features"),
                              run=runs.run_key(cfg.run))
 
