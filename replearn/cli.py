@@ -19,7 +19,7 @@ STAGES = {
     "prepare": "replearn.data.cache",
     "pretrain": "replearn.train.pretrain",
     "features": "replearn.probe.features",
-    "svm": "replearn.probe.svm",
+    "svm": "replearn.probe.svm.stage",
     "kmeans": "replearn.probe.kmeans",
     "table": "replearn.publish.tables",
     "evaluate": "replearn.train.evaluate",
