@@ -17,7 +17,7 @@ from PIL import Image
 
 from replearn.core import store
 from replearn import cli, data
-from replearn.data import cache as data_cache
+from replearn.data import cache as data_cache, readers as data_readers
 from replearn.core.config import ConfigError
 
 from conftest import random_images
@@ -184,7 +184,7 @@ def test_hub_dataset_rows_are_decoded_like_parquet(monkeypatch):
     features = datasets.Features({"image": datasets.Image(), "fine": datasets.ClassLabel(names=["p", "q"])})
     ds = datasets.Dataset.from_dict({"image": list(images), "fine": [0, 1, 1, 0, 1]}, features=features)
     asked = []
-    monkeypatch.setattr(data_cache, "_reachable", lambda host, timeout: True)
+    monkeypatch.setattr(data_readers, "_reachable", lambda host, timeout: True)
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: asked.append((name, split)) or ds)
     out = data.load_source("hf:someone/tiny:validation[1:4]", progress=False)
     assert asked == [("someone/tiny", "validation")]
@@ -421,7 +421,7 @@ def test_label_column_picks_another_column(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         data.load_source(str(path), progress=False, label_column="label")
     assert "no label column 'label'" in single_line(err) and "fine_label" in str(err.value)
-    monkeypatch.setattr(data_cache, "_reachable", lambda host, timeout: True)
+    monkeypatch.setattr(data_readers, "_reachable", lambda host, timeout: True)
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: ds)
     assert data.load_source("hf:someone/c100", progress=False, label_column="fine_label").class_names == ["p", "q", "r"]
     # prepare keeps one cache per label column
