@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,8 +21,10 @@ import pandas as pd
 
 from ..core.config import ConfigError
 from ..core.utils import atomic_write_text, git_commit
+from .formats import duration, latex_escape, percent, split_name
+from .noise import gain_full, gain_k, gain_text, test_ci95
 
-# docs/protocol.md s.4: (model, full %, 400-per-class %, +-, max # feature units, source)
+
 QUOTED = [
     ("1 Layer K-means", 80.6, 63.7, 0.7, 4800, "Coates & Ng 2011, quoted by Radford et al. 2016"),
     ("3 Layer K-means Learned RF", 82.0, 70.7, 0.7, 3200, "Coates & Ng 2011, quoted by Radford et al. 2016"),
@@ -75,22 +76,10 @@ def read_results(path: Path) -> dict:
     return res
 
 
-def percent(value: float | None, spread: float | None = None) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
-
-
 def quoted_rows() -> list[dict[str, Any]]:
     return [{"model": m, "status": "quoted", "scale": "paper (quoted)", "full_acc": full / 100, "k_acc": k400 / 100,
              "k_per_class": 400, "k_ci95_draws": None if pm is None else pm / 100, "max_units": units,
              "how_produced": src, "flags": []} for m, full, k400, pm, units, src in QUOTED]
-
-
-def split_name(spec: str) -> str:
-    spec = str(spec)
-    return spec[spec.index("shared/data/") + len("shared/data/"):].replace("/train.parquet", "-train") \
-        if "shared/data/" in spec else spec
 
 
 def commit_of(record: dict | None) -> str:
@@ -252,76 +241,6 @@ def eval_text(res: dict, feat: dict) -> str:
     text += "".join(f"; {s}" for s in skipped)
     return text + (f"; scored on {split_name(str(test))}; evaluation commit {commit_of(res)}, "
                    f"{str((res.get('provenance') or {}).get('date', '?'))[:10]}")
-
-
-def duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
-
-
-
-
-# ============================================================================ noise
-Z95 = 1.96
-
-
-def test_ci95(acc: float | None, n: int | None) -> float | None:
-    """Half-width of the 95% interval that sampling the test images alone puts on an accuracy (binomial)."""
-    if acc is None or not n:
-        return None
-    return Z95 * math.sqrt(max(acc * (1 - acc), 0.0) / n)
-
-
-def mcnemar(a_text: str | None, b_text: str | None, n: int | None) -> dict | None:
-    """Paired comparison of two models scored on the same test images: the accuracy difference a - b,
-    its 95% half-width from the discordant pairs, and McNemar's exact p-value."""
-    if not a_text or not b_text or not n:
-        return None
-    from scipy.stats import binomtest
-    from ..probe.svm import unpack_correct
-    a, b = unpack_correct(a_text, n), unpack_correct(b_text, n)
-    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
-    se = math.sqrt(max(only_a + only_b - (only_a - only_b) ** 2 / n, 0.0)) / n
-    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-    return {"diff": (only_a - only_b) / n, "ci95": Z95 * se, "p": float(p), "only_a": only_a, "only_b": only_b}
-
-
-def gain_full(row: dict, control: dict) -> dict:
-    """Full setting: one model each, scored on the same test images: McNemar."""
-    test = mcnemar(row["_full_correct"], control["_full_correct"], row["_test_size"])
-    if row["full_acc"] is None or control["full_acc"] is None:
-        return {}
-    out = {"gain": row["full_acc"] - control["full_acc"], "ci95": None, "p": None, "beyond_noise": None}
-    if test:
-        out.update(ci95=test["ci95"], p=test["p"], beyond_noise=test["p"] < 0.05)
-    return out
-
-
-def gain_k(row: dict, control: dict) -> dict:
-    """N per class: the mean over draws, paired draw by draw (the same labelled subsets), plus the test
-    images' own sampling noise (McNemar's discordant pairs of draw 0), added in quadrature."""
-    a, b = row["_k_draws"], control["_k_draws"]
-    if not a or not b:
-        return {}
-    n = min(len(a), len(b))
-    diffs = np.asarray(a[:n]) - np.asarray(b[:n])
-    draw_se = float(np.std(diffs, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-    test = mcnemar(row["_k_correct"], control["_k_correct"], row["_test_size"])
-    test_se = test["ci95"] / Z95 if test else None
-    se = math.sqrt(draw_se ** 2 + (test_se or 0.0) ** 2)
-    gain = float(np.mean(diffs))
-    return {"gain": gain, "ci95": Z95 * se, "p": None, "beyond_noise": abs(gain) > Z95 * se if se > 0 else None,
-            "covers": "draws" + (" + test sampling" if test else "")}
-
-
-def gain_text(g: dict) -> str:
-    if not g:
-        return "-"
-    text = f"{100 * g['gain']:+.1f}"
-    if g.get("ci95") is not None:
-        text += f" ± {100 * g['ci95']:.1f}"
-    if g.get("beyond_noise") is not None:
-        text += " *" if g["beyond_noise"] else " (n.s.)"
-    return text
 
 
 # ============================================================================ scale
@@ -561,17 +480,6 @@ def header(cfg: Config, rows: list[dict], k_name: str, cost: str) -> str:
             f"equal share of the mean squared norm (svm layer_scale=equal); the unmarked rows follow the paper. "
             f"Scale *tiny* and *smoke* rows only check that the chain runs; *cpu* rows come from 2000 generator "
             f"steps on a 30k-image ImageNet stand-in, not the paper's 300k steps on ImageNet-1k.\n\n{cost}\n\n")
-
-
-def latex_escape(text: str) -> str:
-    out = str(text)
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
-                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}"),
-                 ("±", r"$\pm$"), ("†", r"$^\dagger$"), ("*", r"$^*$")):
-        if a in ("{", "}"):
-            continue
-        out = out.replace(a, b)
-    return out
 
 
 def latex_table(rows: list[dict], k_name: str) -> str:

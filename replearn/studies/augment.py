@@ -195,7 +195,7 @@ def gan_text(cells: list[study.Cell]) -> str:
 
 
 def how_produced(cfg: Config, summary: dict) -> str:
-    from ..publish.tables import duration, split_name
+    from ..publish.formats import duration, split_name
     first = summary["results"][0]
     c, prov = first["config"], first.get("provenance") or {}
     seconds = sum(r.get("seconds", 0) for r in summary["results"])
@@ -215,7 +215,7 @@ def status(summary: dict) -> str:
 
 def row(cfg: Config, s: dict) -> dict:
     """Display columns (COLUMNS) and the csv's numeric ones (per-seed accuracies, the gain and its noise)."""
-    from ..publish.tables import split_name
+    from ..publish.formats import split_name
     found = study_tables.commits(*s["results"], *(c.end for c in s["cells"]))
     data = (f"{split_name(cfg.train)} classes {list(class_ids(cfg))}, scored on {split_name(cfg.test)}"
             + (f"; {cfg.data_note}" if cfg.data_note else ""))

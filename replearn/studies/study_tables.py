@@ -8,7 +8,7 @@ numbers from docs/quoted.json, written as markdown, CSV, LaTeX and study.json.
   when it does not. The seeds' half-width: Student t (min(n, n_ref) - 1 degrees of freedom) times
   sqrt(s^2/n + s_ref^2/n_ref), s the std over seeds; for a gain over the row's own untrained control, the
   per-seed differences' t half-width (paired: the same run). The test split's: the binomial half-width of
-  the row's accuracy on its N test images (`tables.test_ci95`). The +- after a gain is the one used and the
+  the row's accuracy on its N test images (`noise.test_ci95`). The +- after a gain is the one used and the
   CSV names it (`*_noise_from`); with one seed only the test term is known.
 - **Every row says** its scale (the preset, or `custom (...)` naming where it departs), the commits of its
   artifacts, its data, the steps each GAN trained, its seeds, and its flags (time cap, divergence, C at the
@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from ..core.config import PRESETS, to_dict
-from ..publish.tables import duration, latex_escape, split_name, test_ci95
+from ..publish.formats import duration, latex_escape, split_name
+from ..publish.noise import test_ci95
 from ..core.utils import atomic_write_json, atomic_write_text, git_commit, provenance
 
 QUOTED_JSON = Path(__file__).resolve().parents[2] / "docs" / "quoted.json"
