@@ -66,12 +66,7 @@ def pretrain_step(cfg: Config, model: str, root: Path, seed: int | None = None) 
               "image_size": cfg.image_size, "channels": cfg.channels, **words(cfg.pretrain_args),
               **({} if seed is None else {"seed": seed})}
     planned, key = pretrain.plan(build(pretrain.Config, "pretrain", values))
-    run_cfg = dataclasses.replace(planned, run_dir=str(root / f"{model}-{key}"))
-    if pretrain.is_done(run_cfg):
-        print(f"chain: {run_cfg.run_dir} is up to date")
-    else:
-        pretrain.run(run_cfg)
-    return Path(run_cfg.run_dir)
+    return pretrain.run(dataclasses.replace(planned, run_dir=str(root / f"{model}-{key}")))
 
 
 def features_config(cfg: Config, run_dir: Path, checkpoint: str) -> features.Config:
@@ -121,7 +116,7 @@ def kmeans_steps(cfg: Config, root: Path) -> Path:
               "image_size": cfg.image_size, "channels": cfg.channels, **words(cfg.kmeans_args)}
     km_cfg = build(kmeans.Config, "kmeans", values)
     if not km_cfg.out:
-        km_cfg = dataclasses.replace(km_cfg, out=str(root / f"kmeans-{kmeans.artifact_key(km_cfg)}" / "features.h5"))
+        km_cfg = dataclasses.replace(km_cfg, out=str(root / f"kmeans-{kmeans.STAGE.key(km_cfg)}" / "features.h5"))
     return svm_step(cfg, kmeans.run(km_cfg), {"fixed_c": 100, "c_form": "mean"})
 
 

@@ -44,7 +44,7 @@ def run_folder(tmp_path, monkeypatch) -> Path:
 
 
 def stage_keys(run: Path) -> dict[str, str]:
-    """Each stage's key, through that stage's own key function (the one place to change when it moves)."""
+    """Each stage's key, through the key its Stage declares (svm's and pretrain's take their input identity)."""
     p = build(pretrain.Config, "pretrain", {"preset": "tiny", "model": "dcgan", "data": "pre.h5", "steps": 3})
     p_sn = build(pretrain.Config, "pretrain", {"model": "wgan-gp", "data": "pre.h5", "spectral_norm": True})
     f = build(features.Config, "features", {"preset": "tiny", "run": str(run), "train": "tr.h5", "test": "te.h5"})
@@ -60,15 +60,15 @@ def stage_keys(run: Path) -> dict[str, str]:
     return {
         "pretrain": pretrain.run_key(p, pretrain.data_identity(p)),
         "pretrain-sn": pretrain.run_key(p_sn, pretrain.data_identity(p_sn)),
-        "features": features.features_key(f),
-        "features-step0": features.features_key(f0),
+        "features": features.STAGE.key(f),
+        "features-step0": features.STAGE.key(f0),
         "svm": svm.results_key(s, "features-identity"),
-        "kmeans": kmeans.artifact_key(k),
-        "curve": curve.curve_key(c),
-        "supervised": supervised.supervised_key(sup),
-        "classify": classifier.classify_key(cls),
-        "subset": subset.subset_key(sub),
-        "generate": generate.generate_key(gen),
+        "kmeans": kmeans.STAGE.key(k),
+        "curve": curve.STAGE.key(c),
+        "supervised": supervised.STAGE.key(sup),
+        "classify": classifier.STAGE.key(cls),
+        "subset": subset.STAGE.key(sub),
+        "generate": generate.STAGE.key(gen),
     }
 
 
@@ -87,10 +87,10 @@ def stage_outputs(run: Path, keys: dict[str, str]) -> dict[str, str]:
     sub = build(subset.Config, "subset", {"source": "x/tr.h5", "classes": (3, 5), "per_class": 10, "out_dir": str(run)})
     gen = build(generate.Config, "generate", {"runs": (str(run / "a"),)})
     p = build(pretrain.Config, "pretrain", {"model": "dcgan"})
-    paths = {"features": features.default_out(f, keys["features"]), "svm": svm.default_out(s, keys["svm"]),
-             "svm-equal": svm.default_out(s_eq, keys["svm"]), "kmeans": kmeans.output_path(k),
-             "supervised": supervised.output_dir(sup, keys["supervised"]),
-             "subset": subset.default_out(sub, keys["subset"]), "generate": generate.default_out(gen, keys["generate"]),
+    paths = {"features": features.STAGE.out(f, keys["features"]), "svm": svm.stage.STAGE.out(s, keys["svm"]),
+             "svm-equal": svm.stage.STAGE.out(s_eq, keys["svm"]), "kmeans": kmeans.STAGE.out(k, kmeans.STAGE.key(k)),
+             "supervised": supervised.STAGE.out(sup, keys["supervised"]),
+             "subset": subset.STAGE.out(sub, keys["subset"]), "generate": generate.STAGE.out(gen, keys["generate"]),
              "pretrain": Path(pretrain.default_run_dir(p, keys["pretrain"]))}
     return {name: str(path).replace(str(run), "<run>") for name, path in paths.items()}
 

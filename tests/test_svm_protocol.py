@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from replearn.core import stage as core_stage
 from replearn.probe import svm
 from replearn.cli import main as cli
 from replearn.core.config import ConfigError, build
@@ -420,6 +421,7 @@ def test_reuse_by_key(tmp_path, monkeypatch, capsys):
 
     fits = count_calls(monkeypatch, svm.search._Fitter, "path")
     capsys.readouterr()
+    monkeypatch.setattr(core_stage, "_BUILT", set())                     # as a later process finds it
     assert svm.run(dataclasses.replace(cfg, device="auto", gram_cache="on")) == out   # ignored by the key
     assert not fits and "up to date" in capsys.readouterr().err
     assert json.loads(out.read_text()) == first

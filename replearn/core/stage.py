@@ -1,4 +1,4 @@
-"""Artifact keys, and (below) the Stage that owns reuse, locking and publishing for every stage.
+"""Artifact keys, and the Stage: the one place where every stage's key, reuse, lock and messages are handled.
 
 Keys. Every artifact (run folder, feature file, results JSON) carries a `key`: a short hash of
 everything that determines it -- the stage's resolved config less the keys that only say where or
@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from .config import ConfigError
+from .config import ConfigError, to_dict
+from .lock import building
+from .utils import provenance
 
 
 # ============================================================================ keys
@@ -36,3 +40,72 @@ def check_key(path: str | Path, recorded: str | None, expected: str | None) -> N
     if expected and recorded != expected:
         raise ConfigError(f"{path} has key {recorded!r}, not the expected {expected!r}: it was made from other "
                           f"inputs or settings; delete it or point at the right artifact")
+
+
+# ============================================================================ the Stage
+# artifacts this process built (resolved paths): asked for again in the same process (the chain's curve
+# asks for the features and SVM results the chain made a minute before), they are returned without the
+# "up to date" line, which is kept for what an earlier run built
+_BUILT: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage as a declaration; `run` does the rest, the same way for every stage:
+
+        resolve(cfg) -> cfg             the config as the stage will use it (e.g. absolute data paths)
+        key(cfg) -> str                 what the artifact is: resolved config, input artifacts' keys, data identity
+        out(cfg, key) -> Path           where the artifact of that key lives
+        finished(cfg, out, key) -> bool a complete artifact of this key is at `out`
+        build(cfg, out, key) -> Path    makes it, publishing through core.utils' atomic writes (a temp name
+                                        unique to the process, then a rename); called with the lock held and
+                                        nothing current at `out`
+        result(out) -> Path             what `run` returns for a finished artifact (default: `out`)
+        wait                            a second process waits for the holder, then reuses its artifact
+                                        (shared caches); otherwise it refuses in one line naming the holder's pid
+
+    The lock (core/lock.py) is taken on `out` before `finished` is read, so a half-built artifact of another
+    process is never taken for a finished one, and a resume starts from what the holder left.
+    """
+    name: str
+    key: Callable[[Any], str]
+    out: Callable[[Any, str], Path]
+    finished: Callable[[Any, Path, str], bool]
+    build: Callable[[Any, Path, str], Path]
+    resolve: Callable[[Any], Any] = lambda cfg: cfg
+    result: Callable[[Path], Path] = lambda out: out
+    wait: bool = False
+
+    def plan(self, cfg) -> tuple[Path, str]:
+        """(where the artifact goes, its key) without building anything."""
+        cfg = self.resolve(cfg)
+        key = self.key(cfg)
+        return Path(self.out(cfg, key)), key
+
+    def is_done(self, cfg) -> bool:
+        cfg = self.resolve(cfg)
+        key = self.key(cfg)
+        return self.finished(cfg, Path(self.out(cfg, key)), key)
+
+    def run(self, cfg) -> Path:
+        cfg = self.resolve(cfg)
+        key = self.key(cfg)
+        out = Path(self.out(cfg, key))
+        with building(out, wait=self.wait):
+            if self.finished(cfg, out, key):
+                if _identity(out) not in _BUILT:
+                    print(f"{self.name}: {self.result(out)} is up to date (key {key}); delete it to recompute",
+                          file=sys.stderr)
+                return self.result(out)
+            made = self.build(cfg, out, key)
+        _BUILT.add(_identity(out))
+        return made
+
+
+def _identity(path: Path) -> str:
+    return str(Path(path).resolve())
+
+
+def record(cfg, key: str, **fields: Any) -> dict[str, Any]:
+    """The provenance every artifact carries: its resolved config (as an object), key, commit and hardware."""
+    return {"config": to_dict(cfg), "key": key, "provenance": provenance(), **fields}

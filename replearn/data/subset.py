@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.config import ConfigError, register_check, require, to_dict
-from ..core.stage import artifact_key
-from ..core.lock import building
+from ..core.stage import Stage, artifact_key
 from ..core.store import read_image_cache, write_image_cache
 from ..core.utils import provenance
 
@@ -79,13 +78,7 @@ def chosen_classes(cfg: Config, labels: np.ndarray, names: list[str]) -> tuple[i
 
 def run(cfg: Config) -> Path:
     """Keep the images of `classes` (at most per_class each) of a source -> an image cache, labels 0..K-1."""
-    from .. import data
-    key = subset_key(cfg)
-    out = default_out(cfg, key)
-    with building(out):   # one process per subset cache
-        if out.exists() and read_image_cache(out).attrs.get("key") == key:
-            return out
-        return write_subset(cfg, out, key)
+    return STAGE.run(cfg)
 
 
 def write_subset(cfg: Config, out: Path, key: str) -> Path:
@@ -106,3 +99,7 @@ def write_subset(cfg: Config, out: Path, key: str) -> Path:
 
 
 __all__ = ["Config", "run"]
+
+
+STAGE = Stage("subset", key=subset_key, out=default_out, build=write_subset,
+              finished=lambda cfg, out, key: out.exists() and read_image_cache(out).attrs.get("key") == key)

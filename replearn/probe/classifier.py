@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from ..models import nets
 from ..train import runs
 from ..core.config import ConfigError, register_check, register_preset, require, to_dict
-from ..core.stage import artifact_key
-from ..core.lock import building
+from ..core.stage import Stage, artifact_key
 from ..core.utils import (atomic_write_json, autocast, lookup, make_registry, pick_device, provenance,
                     resolve_precision)
 
@@ -249,13 +248,7 @@ def fit(cfg: Config, x: np.ndarray, y: np.ndarray, k: int, device, precision: st
 
 def run(cfg: Config) -> Path:
     """Train a classifier on the labelled train sources, score it on the test split -> results JSON."""
-    key = classify_key(cfg)
-    out = Path(cfg.out_dir) / f"classify-{key}.json"
-    with building(out):   # one process per results file
-        if (runs.read_json(out) or {}).get("key") == key:
-            print(f"classify: {out} is up to date (key {key})")
-            return out
-        return fit_and_score(cfg, out, key)
+    return STAGE.run(cfg)
 
 
 def fit_and_score(cfg: Config, out: Path, key: str) -> Path:
@@ -278,3 +271,7 @@ def fit_and_score(cfg: Config, out: Path, key: str) -> Path:
 
 
 __all__ = ["Config", "run", "CLASSIFIERS", "AUGMENTS"]
+
+
+STAGE = Stage("classify", key=classify_key, out=lambda cfg, key: Path(cfg.out_dir) / f"classify-{key}.json",
+              finished=lambda cfg, out, key: (runs.read_json(out) or {}).get("key") == key, build=fit_and_score)

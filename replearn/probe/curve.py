@@ -20,8 +20,7 @@ from typing import Any
 from ..train import runs
 from . import features, svm
 from ..core.config import ConfigError, build, register_preset, split_overrides, to_dict
-from ..core.stage import artifact_key
-from ..core.lock import building
+from ..core.stage import Stage, artifact_key
 from ..core.utils import atomic_path, atomic_write_json, provenance
 
 
@@ -126,28 +125,31 @@ def write_curve(cfg: Config, run_dir: Path, key: str, points: list[dict], out: P
 
 def run(cfg: Config) -> Path:
     """Score every interval checkpoint of a run with a cheap 400-per-class protocol -> curve JSON + PNG."""
-    run_dir = Path(cfg.run)
-    found = [(s, p) for s, p in runs.interval_checkpoints(run_dir) if not cfg.through or s <= cfg.through]
+    return STAGE.run(cfg)
+
+
+def chosen_checkpoints(cfg: Config) -> list[tuple[int, Path]]:
+    """(step, path) of each checkpoint to score; the run's last is always scored: the curve's end point is
+    the table row's critic."""
+    found = [(s, p) for s, p in runs.interval_checkpoints(Path(cfg.run)) if not cfg.through or s <= cfg.through]
     if not found:
-        raise ConfigError(f"no ckpt_*.pt in {run_dir}: run `replearn pretrain` first (it keeps log-spaced ones)")
-    # the run's last checkpoint is always scored: the curve's end point is the table row's critic
-    chosen = [(s, p) for s, p in found if not cfg.steps or s in cfg.steps or s == found[-1][0]]
-    key = curve_key(cfg)
-    out = run_dir / f"curve-{key}.json"
-    with building(out):   # one process per curve; its features and SVM results lock their own files
-        done = runs.read_json(out) or {}
-        if done.get("key") == key and [p["step"] for p in done.get("points", [])] == [s for s, _ in chosen] \
-                and all("per_class" in p for p in done["points"]):
-            print(f"curve: {out} is up to date (key {key})")
-            return out
-        return score_run(cfg, run_dir, key, chosen, out)
+        raise ConfigError(f"no ckpt_*.pt in {cfg.run}: run `replearn pretrain` first (it keeps log-spaced ones)")
+    return [(s, p) for s, p in found if not cfg.steps or s in cfg.steps or s == found[-1][0]]
 
 
-def score_run(cfg: Config, run_dir: Path, key: str, chosen: list[tuple[int, Path]], out: Path) -> Path:
+def is_current(cfg: Config, out: Path, key: str) -> bool:
+    """A curve of this key with a point for every chosen checkpoint."""
+    done = runs.read_json(out) or {}
+    return done.get("key") == key and [p["step"] for p in done.get("points", [])] == \
+        [s for s, _ in chosen_checkpoints(cfg)] and all("per_class" in p for p in done["points"])
+
+
+def score_run(cfg: Config, out: Path, key: str) -> Path:
     """Score each chosen checkpoint, rewriting the curve after each (the caller holds its lock)."""
+    run_dir = Path(cfg.run)
     model = runs.run_record(run_dir).get("config", {}).get("model", run_dir.name)
     points: list[dict] = []
-    for step, path in chosen:   # each point's features and SVM results are reused by key
+    for step, path in chosen_checkpoints(cfg):   # each point's features and SVM results are reused by key
         points.append(score_checkpoint(cfg, step, path.name))
         write_curve(cfg, run_dir, key, points, out)   # a killed curve keeps the points it has
         plot_curve(points, f"{model}: linear probe vs pretraining ({cfg.per_class}/class, {cfg.final_draws} draws)",
@@ -157,3 +159,8 @@ def score_run(cfg: Config, run_dir: Path, key: str, chosen: list[tuple[int, Path
 
 
 __all__ = ["Config", "run"]
+
+
+# one process per curve; its features and SVM results lock their own files
+STAGE = Stage("curve", key=curve_key, out=lambda cfg, key: Path(cfg.run) / f"curve-{key}.json", finished=is_current,
+              build=score_run)

@@ -24,8 +24,7 @@ import torch.nn as nn
 from ..models import nets
 from ..train import runs
 from ..core.config import ConfigError, register_check, register_preset, require, to_dict
-from ..core.stage import artifact_key, check_key
-from ..core.lock import building
+from ..core.stage import Stage, artifact_key, check_key
 from ..train.pretrain import Dist, init_distributed
 from ..core.store import FeatureFile, FeatureWriter
 from ..core.utils import autocast, check_writable, pick_device, resolve_precision
@@ -100,7 +99,7 @@ def default_out(cfg: Config, key: str) -> Path:
     return run_folder(cfg) / f"features-{step}-{key}.h5"
 
 
-def existing_with_key(path: Path, key: str) -> bool:
+def existing_with_key(cfg: Config, path: Path, key: str) -> bool:
     """A complete feature file at `path` that was made with exactly this key."""
     if not path.exists():
         return False
@@ -223,23 +222,16 @@ def load_split(spec: str, cache_dir: str, rows: int = 0, size: int = 32):
     return ImageSet(images.images[pick], images.labels[pick], images.class_names, images.attrs)
 
 
-def plan(cfg: Config) -> tuple[Path, str]:
-    """(the file `run` writes, its key), without extracting anything: later stages key on it."""
+def checked(cfg: Config) -> Config:
+    if cfg.bn_stats not in ("recompute", "running"):
+        raise ConfigError(f"unknown bn_stats {cfg.bn_stats!r}; choose from: recompute, running")
     runs.checkpoint_path(cfg.run, cfg.checkpoint)          # one line if the run or checkpoint is missing
-    key = features_key(cfg)
-    return (Path(cfg.out) if cfg.out else default_out(cfg, key)), key
+    return cfg
 
 
 def run(cfg: Config) -> Path:
     """Extract 4x4-max-pooled critic features of the train and test splits into one HDF5 file."""
-    if cfg.bn_stats not in ("recompute", "running"):
-        raise ConfigError(f"unknown bn_stats {cfg.bn_stats!r}; choose from: recompute, running")
-    out, key = plan(cfg)
-    with building(out):   # one process per feature file: a second one refuses, naming the first
-        if existing_with_key(out, key):
-            print(f"features: {out} is up to date (key {key})")
-            return out
-        return extract(cfg, out, key)
+    return STAGE.run(cfg)
 
 
 def extract(cfg: Config, out: Path, key: str) -> Path:
@@ -287,3 +279,9 @@ def extract(cfg: Config, out: Path, key: str) -> Path:
         import torch.distributed as dist
         dist.barrier()
     return out
+
+
+# one process per feature file: a second one refuses, naming the first
+STAGE = Stage("features", resolve=checked, key=features_key, out=lambda cfg, key: Path(cfg.out) if cfg.out else
+              default_out(cfg, key), finished=existing_with_key, build=extract)
+plan = STAGE.plan   # (the file `run` writes, its key), without extracting anything: later stages key on it

@@ -45,8 +45,8 @@ import torch
 from tqdm import tqdm
 
 from ..core.config import ConfigError, register_check, register_preset, require, to_dict, validate
-from ..core import stage, store
-from ..core.lock import building
+from ..core import store
+from ..core.stage import Stage, artifact_key, keyed
 from ..core.utils import (atomic_write_json, check_writable, provenance, resolve_precision, torch_atomic_save,
                     unpickling_reason)
 
@@ -96,13 +96,9 @@ register_preset("cpu", "kmeans", k=1600)
 register_preset("paper", "kmeans", k=1600)
 
 
-def output_path(cfg: Config) -> Path:
+def output_path(cfg: Config, key: str) -> Path:
     """runs/kmeans-<K>-<key>/features.h5: another config or data file is built beside, never reused."""
-    return Path(cfg.out) if cfg.out else Path("runs") / f"kmeans-{cfg.k}-{artifact_key(cfg)}" / "features.h5"
-
-
-def artifact_key(cfg: Config) -> str:
-    return feature_key(cfg, source_ids(cfg))
+    return Path(cfg.out) if cfg.out else Path("runs") / f"kmeans-{cfg.k}-{key}" / "features.h5"
 
 
 def load_images(spec: str, cfg: Config) -> store.ImageSet:
@@ -287,7 +283,7 @@ def source_ids(cfg: Config) -> dict[str, str]:
 
 
 def feature_key(cfg: Config, sources: dict[str, str]) -> str:
-    return stage.artifact_key("kmeans", stage.keyed(to_dict(cfg), ADDED_KEYS), ignore=NOT_IN_KEY, **sources)
+    return artifact_key("kmeans", keyed(to_dict(cfg), ADDED_KEYS), ignore=NOT_IN_KEY, **sources)
 
 
 def centroid_key(cfg: Config, train_source: str) -> dict:
@@ -377,7 +373,7 @@ def standardise_in_place(h5, mean: np.ndarray, std: np.ndarray, rows: int = 2048
     h5.create_dataset("feature_std", data=std)
 
 
-def finished(path: Path, key: str) -> bool:
+def finished(cfg: Config, path: Path, key: str) -> bool:
     if not path.exists():
         return False
     try:
@@ -397,19 +393,12 @@ def feature_attrs(cfg: Config, key: str, sources: dict[str, str], precision: str
 
 def run(cfg: Config) -> Path:
     """Coates's single-layer K-means features (patches, ZCA, K-means, triangle encoding) -> feature file."""
-    validate(cfg)   # a Config built in code has not passed `build`
-    out = output_path(cfg)
-    sources = source_ids(cfg)
-    key = feature_key(cfg, sources)
-    with building(out):   # the feature file, centroids.pt and kmeans.json beside it: one process at a time
-        if finished(out, key):
-            print(f"kmeans: {out} is complete for this config and data")
-            return out
-        return encode(cfg, out, key, sources)
+    return STAGE.run(cfg)
 
 
-def encode(cfg: Config, out: Path, key: str, sources: dict[str, str]) -> Path:
+def encode(cfg: Config, out: Path, key: str) -> Path:
     """Centroids (reused when saved for this config), then the encoded splits (the caller holds the lock)."""
+    sources = source_ids(cfg)
     check_writable(out.parent)   # before loading anything
     started = time.perf_counter()
     precision = resolve_precision(cfg.precision, torch.device("cpu"))
@@ -446,3 +435,9 @@ def encode(cfg: Config, out: Path, key: str, sources: dict[str, str]) -> Path:
 
 __all__ = ["Config", "run", "Encoder", "kmeans", "zca", "normalise", "sample_patches", "patch_view",
            "triangle_pool", "quadrant_sums", "QUADRANTS"]
+
+
+# the feature file, centroids.pt and kmeans.json beside it: one process at a time; validate: a Config built
+# in code has not passed `build`
+STAGE = Stage("kmeans", resolve=validate, key=lambda cfg: feature_key(cfg, source_ids(cfg)), out=output_path,
+              finished=finished, build=encode)

@@ -34,8 +34,7 @@ from ..models import nets, zoo
 from ..train import runs
 from .features import recompute_bn_stats
 from ..core.config import ConfigError, register_check, register_preset, require, to_dict, validate
-from ..core.stage import artifact_key
-from ..core.lock import building
+from ..core.stage import Stage, artifact_key
 from ..core.utils import (atomic_write_json, autocast, check_writable, pick_device, provenance, resolve_precision,
                     torch_atomic_save)
 
@@ -209,7 +208,7 @@ def train(cfg: Config, model: Classifier, images: torch.Tensor, labels: torch.Te
 
 
 # ============================================================================ the stage
-def finished(out: Path, key: str) -> bool:
+def finished(cfg: Config, out: Path, key: str) -> bool:
     return (runs.read_json(out / RESULT) or {}).get("key") == key
 
 
@@ -229,14 +228,7 @@ def result_record(cfg: Config, key: str, spec: dict, model: Classifier, train_se
 
 def run(cfg: Config) -> Path:
     """Train the critic architecture with labels (linear head on its pooled features) -> supervised.json."""
-    validate(cfg)   # a Config built in code has not passed `build`
-    key = supervised_key(cfg)
-    out = output_dir(cfg, key)
-    with building(out):   # the folder (last.pt, supervised.json): one process at a time
-        if finished(out, key):
-            print(f"supervised: {out / RESULT} is up to date (key {key})")
-            return out / RESULT
-        return train_and_score(cfg, out, key)
+    return STAGE.run(cfg)
 
 
 def train_and_score(cfg: Config, out: Path, key: str) -> Path:
@@ -266,3 +258,9 @@ def train_and_score(cfg: Config, out: Path, key: str) -> Path:
 
 
 __all__ = ["Config", "run", "Classifier"]
+
+
+# the folder (last.pt, supervised.json): one process at a time; validate: a Config built in code has not
+# passed `build`
+STAGE = Stage("supervised", resolve=validate, key=supervised_key, out=output_dir, finished=finished,
+              build=train_and_score, result=lambda out: out / RESULT)

@@ -231,9 +231,7 @@ def pretrain_cell(label: str, values: dict, root: Path) -> Cell:
             and diverged.get("max_minutes") == run_cfg.max_minutes:
         print(f"study: {run_dir} diverged at step {diverged['step']} before (recorded); not trained again")
         cell.diverged = diverged
-    elif pretrain.is_done(run_cfg):
-        print(f"study: {run_dir} is up to date")
-    else:
+    else:   # a finished run is reused by the pretrain stage
         cell.diverged = train_or_record(run_cfg, key, label)
     cell.end_name, cell.end_step = end_checkpoint(run_dir, run_cfg.steps)
     return cell

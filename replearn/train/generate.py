@@ -23,8 +23,7 @@ import torch
 
 from . import metrics, runs
 from ..core.config import ConfigError, register_check, require, to_dict
-from ..core.stage import artifact_key
-from ..core.lock import building
+from ..core.stage import Stage, artifact_key
 from ..core.utils import atomic_path, atomic_write_json, pick_device, provenance
 
 
@@ -95,13 +94,7 @@ def draw(run: str, checkpoint: str, n: int, seed: int, device) -> np.ndarray:
 
 def run(cfg: Config) -> Path:
     """Draw per_class images from each class's generator -> a labelled HF-layout parquet file."""
-    key = generate_key(cfg)
-    out = Path(cfg.out) if cfg.out else default_out(cfg, key)
-    with building(out):   # the parquet file and its .json sidecar: one process at a time
-        if out.exists() and (runs.read_json(out.with_suffix(".json")) or {}).get("key") == key:
-            print(f"generate: {out} is up to date (key {key})")
-            return out
-        return draw_all(cfg, out, key)
+    return STAGE.run(cfg)
 
 
 def draw_all(cfg: Config, out: Path, key: str) -> Path:
@@ -121,3 +114,9 @@ def draw_all(cfg: Config, out: Path, key: str) -> Path:
 
 
 __all__ = ["Config", "run", "write_parquet"]
+
+
+# the parquet file and its .json sidecar: one process at a time
+STAGE = Stage("generate", key=generate_key, out=lambda cfg, key: Path(cfg.out) if cfg.out else default_out(cfg, key),
+              finished=lambda cfg, out, key: out.exists() and (runs.read_json(out.with_suffix(".json")) or {}).get(
+                  "key") == key, build=draw_all)

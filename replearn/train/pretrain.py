@@ -25,8 +25,7 @@ import torch.nn as nn
 from ..models import nets, zoo
 from . import runs
 from ..core.config import ConfigError, from_dict, register_preset, to_dict
-from ..core.stage import artifact_key, keyed
-from ..core.lock import building
+from ..core.stage import Stage, artifact_key, keyed
 from ..models.losses import LOSSES, build_loss
 from ..core.plots import plot_losses
 from ..models.recipes import RECIPES
@@ -416,9 +415,7 @@ def handle_divergence(run: Runner, stats: dict, rollbacks: int) -> int:
 def run(cfg: Config) -> Path:
     """Train a GAN on unlabelled images; returns the run folder (rerun to resume). One process at a time
     trains a run folder: a second one asking for it refuses in one line naming the first."""
-    cfg, key = plan(cfg)
-    with building(cfg.run_dir):   # before last.pt is read: a resume starts from what the holder left
-        return train(cfg, key)
+    return STAGE.run(cfg)
 
 
 def train(cfg: Config, key: str) -> Path:
@@ -444,22 +441,30 @@ def train(cfg: Config, key: str) -> Path:
     return run_dir
 
 
-def plan(cfg: Config) -> tuple[Config, str]:
-    """(the resolved config with its run folder, the run's key), without loading any images."""
+def planned(cfg: Config) -> Config:
+    """The resolved config (recipe applied, data spec absolute) with its run folder."""
     from .. import data
     cfg = resolve(cfg)
     data.parse_spec(cfg.data)   # a bad spec fails here, as typed (the absolute one has its symlinks resolved)
     cfg = dataclasses.replace(cfg, data=data.absolute_spec(cfg.data))   # later stages read it from anywhere
-    key = run_key(cfg, data_identity(cfg))
-    return dataclasses.replace(cfg, run_dir=default_run_dir(cfg, key)), key
+    return dataclasses.replace(cfg, run_dir=default_run_dir(cfg, run_key(cfg, data_identity(cfg))))
+
+
+def plan(cfg: Config) -> tuple[Config, str]:
+    """(the resolved config with its run folder, the run's key), without loading any images."""
+    cfg = planned(cfg)
+    return cfg, STAGE.key(cfg)
+
+
+def is_finished(cfg: Config, run_dir: Path, key: str) -> bool:
+    """The run finished with this key and the same length settings (nothing to train)."""
+    done = runs.finished_record(run_dir) or {}
+    saved = done.get("config") or {}
+    return done.get("key") == key and saved.get("steps") == cfg.steps and saved.get("max_minutes") == cfg.max_minutes
 
 
 def is_done(cfg: Config) -> bool:
-    """The planned run finished with this key and the same length settings (nothing to train)."""
-    cfg, key = plan(cfg)
-    done = runs.finished_record(cfg.run_dir) or {}
-    saved = done.get("config") or {}
-    return done.get("key") == key and saved.get("steps") == cfg.steps and saved.get("max_minutes") == cfg.max_minutes
+    return STAGE.is_done(cfg)
 
 
 def prepare_run_folder(run_dir: Path, s: State, cfg: Config, data_info: dict, precision: str) -> None:
@@ -548,3 +553,8 @@ def evaluate_checkpoint(cfg: Config, run_dir: Path, step: int) -> None:
               **({"inception_weights": cfg.inception_weights} if cfg.inception_weights else {})}
     evaluate.run(build(evaluate.Config, "evaluate", values))
     report.run(report.Config(run=str(run_dir)))
+
+
+# the lock is taken before last.pt is read: a resume starts from what the holder left
+STAGE = Stage("pretrain", resolve=planned, key=lambda cfg: run_key(cfg, data_identity(cfg)),
+              out=lambda cfg, key: Path(cfg.run_dir), finished=is_finished, build=lambda cfg, out, key: train(cfg, key))

@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from ...core.config import ConfigError, to_dict
-from ...core.lock import building
-from ...core.stage import artifact_key, keyed
+from ...core.stage import Stage, artifact_key, keyed
 from ...train.runs import read_json
 from ...core.store import FeatureFile
 from ...core.utils import atomic_path, atomic_write_json, check_writable, pick_device, provenance
@@ -175,21 +173,28 @@ def plot_curves(results: dict, path: Path, per_class: int = 400) -> None:
 
 def run(cfg: Config) -> Path:
     """Evaluate a feature file with the linear L2-SVM protocol (full and 400 per class) -> results JSON."""
+    return STAGE.run(cfg)
+
+
+def checked(cfg: Config) -> Config:
     check_config(cfg)
+    return cfg
+
+
+def key_of(cfg: Config) -> str:
     with FeatureFile(cfg.features) as ff:
-        features_id = features_identity(ff)
-        key = results_key(cfg, features_id)
-        out = default_out(cfg, key)
-        check_writable(out.parent)
-        with building(out):   # the results and their .partial.json: one process at a time
-            if up_to_date(out, key):
-                print(f"svm: {out} is up to date (key {key}); delete it to recompute", file=sys.stderr)
-                return out
-            record = evaluate(ff, cfg, out, features_id)
-            record["key"] = key
-            atomic_write_json(out, _json_keys(record))
-            plot_curves(record["settings"], out.with_suffix(".png"), cfg.per_class)
-            progress_path(out).unlink(missing_ok=True)
+        return results_key(cfg, features_identity(ff))
+
+
+def fit_and_publish(cfg: Config, out: Path, key: str) -> Path:
+    """Every setting (resuming from the progress file), then the results JSON and its plot."""
+    check_writable(out.parent)
+    with FeatureFile(cfg.features) as ff:
+        record = evaluate(ff, cfg, out, features_identity(ff))
+    record["key"] = key
+    atomic_write_json(out, _json_keys(record))
+    plot_curves(record["settings"], out.with_suffix(".png"), cfg.per_class)
+    progress_path(out).unlink(missing_ok=True)
     return out
 
 
@@ -255,3 +260,8 @@ def _json_keys(obj):
     if isinstance(obj, (list, tuple)):
         return [_json_keys(v) for v in obj]
     return obj
+
+
+# the results and their .partial.json: one process at a time
+STAGE = Stage("svm", resolve=checked, key=key_of, out=default_out,
+              finished=lambda cfg, out, key: up_to_date(out, key), build=fit_and_publish)
