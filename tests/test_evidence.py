@@ -73,7 +73,7 @@ def test_feature_taps_come_after_the_activation_not_before():
 def test_recomputed_batchnorm_statistics_are_the_plain_average_of_batch_statistics():
     critic = small_critic()
     images = random_images(48, seed=5)
-    features.recompute_bn_stats(critic, images, batch=16, device=torch.device("cpu"), channels_last=False, seed=0)
+    nets.recompute_bn_stats(critic, images, batch=16, device=torch.device("cpu"), channels_last=False, seed=0)
     # hand average: the same permutation and batches, statistics of the first BN's input
     order = np.random.default_rng(0).permutation(len(images))
     bn = next(m for m in critic.modules() if isinstance(m, nn.BatchNorm2d))

@@ -12,6 +12,7 @@ replicated); `to_unit(..., channels=1)` takes the luminance, which for a grey im
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -266,3 +267,27 @@ def pooled_features(critic: Critic, x: torch.Tensor, grid: int = 4) -> torch.Ten
         size = (min(grid, fmap.shape[2]), min(grid, fmap.shape[3]))
         pooled.append(F.adaptive_max_pool2d(fmap, size).flatten(1).float())
     return torch.cat(pooled, dim=1)
+
+
+# ============================================================================ BatchNorm statistics
+@torch.no_grad()
+def recompute_bn_stats(critic: nn.Module, images_uint8: np.ndarray, batch: int, device, channels_last: bool,
+                       seed: int = 0) -> int:
+    """Replace BN running stats by the plain average of per-batch statistics over `images_uint8`
+    (momentum=None makes PyTorch keep a cumulative average). Returns the number of batches."""
+    bns = [m for m in critic.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    order = np.random.default_rng(seed).permutation(len(images_uint8))
+    critic.train()
+    n_batches = 0
+    for start in range(0, len(order) - batch + 1, batch):
+        idx = np.sort(order[start:start + batch])
+        critic.features(to_unit(torch.from_numpy(images_uint8[idx]), device, channels_last,
+                                     getattr(critic, "in_channels", 3)))
+        n_batches += 1
+    critic.eval()
+    return n_batches

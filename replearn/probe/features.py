@@ -25,7 +25,7 @@ from ..models import nets
 from ..train import runs
 from ..core.config import ConfigError, register_check, register_preset, require, to_dict
 from ..core.stage import Stage, artifact_key, check_key
-from ..train.pretrain import Dist, init_distributed
+from ..train.distributed import Dist, init_distributed
 from ..core.store import FeatureFile, FeatureWriter
 from ..core.utils import autocast, check_writable, pick_device, resolve_precision
 
@@ -108,30 +108,6 @@ def existing_with_key(cfg: Config, path: Path, key: str) -> bool:
             return ff.attrs.get("key") == key
     except ConfigError:
         return False
-
-
-# ============================================================================ BatchNorm statistics
-@torch.no_grad()
-def recompute_bn_stats(critic: nn.Module, images_uint8: np.ndarray, batch: int, device, channels_last: bool,
-                       seed: int = 0) -> int:
-    """Replace BN running stats by the plain average of per-batch statistics over `images_uint8`
-    (momentum=None makes PyTorch keep a cumulative average). Returns the number of batches."""
-    bns = [m for m in critic.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return 0
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    order = np.random.default_rng(seed).permutation(len(images_uint8))
-    critic.train()
-    n_batches = 0
-    for start in range(0, len(order) - batch + 1, batch):
-        idx = np.sort(order[start:start + batch])
-        critic.features(nets.to_unit(torch.from_numpy(images_uint8[idx]), device, channels_last,
-                                     getattr(critic, "in_channels", 3)))
-        n_batches += 1
-    critic.eval()
-    return n_batches
 
 
 # ============================================================================ extraction
@@ -247,7 +223,7 @@ def extract(cfg: Config, out: Path, key: str) -> Path:
     if cfg.bn_stats == "recompute":
         pre = load_split(run_cfg.data, cfg.cache_dir, size=run_cfg.image_size).images
         pick = np.random.default_rng(0).permutation(len(pre))[:cfg.bn_images]
-        recompute_bn_stats(critic, pre[np.sort(pick)], min(cfg.bn_batch, len(pick)), device, cfg.channels_last)
+        nets.recompute_bn_stats(critic, pre[np.sort(pick)], min(cfg.bn_batch, len(pick)), device, cfg.channels_last)
     splits = {"train": cfg.train, "test": cfg.test}
     sets = {"train": load_split(cfg.train, cfg.cache_dir, cfg.train_rows, run_cfg.image_size),
             "test": load_split(cfg.test, cfg.cache_dir, cfg.test_rows, run_cfg.image_size)}

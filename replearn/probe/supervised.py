@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from ..models import nets, zoo
 from ..train import runs
-from .features import recompute_bn_stats
 from ..core.config import ConfigError, register_check, register_preset, require, to_dict, validate
 from ..core.stage import Stage, artifact_key
 from ..core.utils import (atomic_write_json, autocast, check_writable, pick_device, provenance, resolve_precision,
@@ -188,7 +187,7 @@ def save(model: Classifier, opt, path: Path, key: str, cfg: Config, step: int, s
 def train(cfg: Config, model: Classifier, images: torch.Tensor, labels: torch.Tensor, out: Path, key: str,
           device, precision: str) -> tuple[int, float]:
     """The training loop (resumes from out/last.pt); returns (steps done, training seconds)."""
-    from ..train.pretrain import BatchStream, Dist
+    from ..train.distributed import BatchStream, Dist
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, seconds = restore(model, opt, out / runs.LAST, key, device)
     stream = BatchStream(len(images), min(cfg.batch_size, len(images)), cfg.seed, Dist(), consumed=step)
@@ -245,7 +244,7 @@ def train_and_score(cfg: Config, out: Path, key: str) -> Path:
     steps, seconds = train(cfg, model, torch.from_numpy(train_set.images), torch.from_numpy(labels), out, key,
                            device, precision)
     pick = np.sort(np.random.default_rng(0).permutation(len(labels))[:cfg.bn_images])
-    recompute_bn_stats(model.critic, train_set.images[pick], min(cfg.batch_size, len(pick)), device, True)
+    nets.recompute_bn_stats(model.critic, train_set.images[pick], min(cfg.batch_size, len(pick)), device, True)
     test_acc = accuracy(model, test_set.images, test_labels, device, precision, cfg.channels)
     pick = pick[:10000]   # train accuracy on <= 10k images
     train_acc = accuracy(model, train_set.images[pick], labels[pick], device, precision, cfg.channels)

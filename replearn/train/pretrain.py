@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from ..models import nets, zoo
 from . import runs
 from ..core.config import ConfigError, from_dict, register_preset, to_dict
 from ..core.stage import Stage, artifact_key, keyed
+from .distributed import BatchStream, Dist, init_distributed
 from ..models.losses import LOSSES, build_loss
 from ..core.plots import plot_losses
 from ..models.recipes import RECIPES
@@ -128,32 +128,6 @@ def default_run_dir(cfg: Config, key: str) -> str:
 
 
 # ============================================================================ distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return Dist(dist.get_rank(), world, local)
-
-
 def device_for(cfg: Config, dist_info: Dist) -> torch.device:
     device = pick_device(cfg.device)
     if device.type == "cuda" and dist_info.world > 1:
@@ -162,31 +136,6 @@ def device_for(cfg: Config, dist_info: Dist) -> torch.device:
 
 
 # ============================================================================ data
-class BatchStream:
-    """Deterministic batches of indices: epoch e is randperm(N) seeded by (seed, e), so a resumed
-    run sees exactly the batches an uninterrupted one would. Each rank takes its slice of every
-    global batch."""
-
-    def __init__(self, n: int, batch: int, seed: int, dist_info: Dist, consumed: int = 0):
-        if batch % dist_info.world:
-            raise ConfigError(f"batch_size={batch} is not divisible by the {dist_info.world} processes")
-        if n < batch:
-            raise ConfigError(f"only {n} training images for batch_size={batch}")
-        self.n, self.batch, self.seed, self.dist = n, batch, seed, dist_info
-        self.per_epoch = n // batch            # drop the ragged end of each epoch
-        self.consumed = consumed               # global batches served so far
-        self._epoch, self._perm = -1, None
-
-    def next(self) -> torch.Tensor:
-        epoch, pos = divmod(self.consumed, self.per_epoch)
-        if epoch != self._epoch:
-            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            self._epoch = epoch
-        idx = self._perm[pos * self.batch:(pos + 1) * self.batch]
-        self.consumed += 1
-        return idx[self.dist.rank::self.dist.world]
-
-
 def load_training_images(cfg: Config) -> tuple[torch.Tensor, dict]:
     from .. import data
     images = data.cached(cfg.data, size=cfg.image_size, cache_dir=cfg.cache_dir)
