@@ -111,13 +111,13 @@ def curve_step(cfg: Config, run_dir: Path) -> Path:
 
 
 def kmeans_steps(cfg: Config, root: Path) -> Path:
-    """Coates: features standardised in the file, his C (0.5||w||^2 + 100 * mean hinge^2)."""
+    """Coates: features standardised in the file, his C (kmeans.SVM_SETTINGS)."""
     values = {"preset": cfg.preset, "train": cfg.train, "test": cfg.test, "cache_dir": cfg.cache_dir,
               "image_size": cfg.image_size, "channels": cfg.channels, **words(cfg.kmeans_args)}
     km_cfg = build(kmeans.Config, "kmeans", values)
     if not km_cfg.out:
         km_cfg = dataclasses.replace(km_cfg, out=str(root / f"kmeans-{kmeans.STAGE.key(km_cfg)}" / "features.h5"))
-    return svm_step(cfg, kmeans.run(km_cfg), {"fixed_c": 100, "c_form": "mean"})
+    return svm_step(cfg, kmeans.run(km_cfg), kmeans.SVM_SETTINGS)
 
 
 def supervised_step(cfg: Config, root: Path, run_dir: Path) -> Path:

@@ -2,7 +2,7 @@
 
     python -m replearn subset source=../shared/data/cifar10/train.parquet classes=0,1,2 per_class=400
 
-Reads any source spec (data.py), keeps the rows whose label is in `classes` -- at most `per_class` of
+Reads any source spec (replearn.data), keeps the rows whose label is in `classes` -- at most `per_class` of
 each, a seeded random choice -- and writes them as an image cache (store.py layout) that every stage
 accepts as a source spec. Labels become 0..K-1 in the order of `classes`, with those classes' names,
 so a per-class GAN, its generated images and a classifier all speak the same labels. The choice of

@@ -3,7 +3,7 @@ augmentation, on 32x32 inputs.
 
     python -m replearn classify train=real.h5,generated.parquet test=test.h5 arch=mobilenet_v2 epochs=30
 
-`train` is one or more source specs (data.py), concatenated: real images, then e.g. generated ones
+`train` is one or more source specs (replearn.data), concatenated: real images, then e.g. generated ones
 (generate.py); every source and the test split must carry the same class names (subset.py makes them
 agree). Nets come from torchvision with weights=None (nothing is downloaded) and are adapted to 32x32
 as the CIFAR ports do: MobileNetV2 with its first conv and its second stage at stride 1 (kuangliu's

@@ -88,6 +88,8 @@ register_check(Config, lambda cfg: require(
 NOT_IN_KEY = ("out", "cache_dir", "preset", "batch", "kmeans_batch", "write_rows", "compile")
 # keys added after features were made, at the value those had: left out of the key there
 ADDED_KEYS = {"image_size": 32, "channels": 3}
+# how the svm stage fits these features: Coates's own C, 0.5||w||^2 + 100 * mean_i hinge_i^2 (no C search)
+SVM_SETTINGS = {"fixed_c": 100, "c_form": "mean"}
 
 
 register_preset("smoke", "kmeans", k=400, patches=100_000)
