@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from ..models import nets
 from ..train import runs
 from ..core.config import ConfigError, register_check, register_preset, require, to_dict
-from ..core.stage import Stage, artifact_key
-from ..core.utils import (atomic_write_json, autocast, lookup, make_registry, pick_device, provenance,
+from ..core.stage import Stage, artifact_key, record
+from ..core.utils import (atomic_write_json, autocast, lookup, make_registry, pick_device,
                     resolve_precision)
 
 CLASSIFIERS, register_classifier = make_registry("classifier")
@@ -259,13 +259,13 @@ def fit_and_score(cfg: Config, out: Path, key: str) -> Path:
     precision = resolve_precision(cfg.precision, device)
     net, history, timing = fit(cfg, x, y, len(names), device, precision)
     pred = predict(net, torch.from_numpy(tx), device, precision)
-    atomic_write_json(out, {
-        "key": key, "config": to_dict(cfg), "precision": precision, "class_names": names,
-        "test_acc": float(np.mean(pred == ty)), "per_class_acc": per_class_accuracy(pred, ty, names),
-        "train_counts": np.bincount(y, minlength=len(names)).tolist(), "test_size": len(ty),
-        "sources": {"train": [{"spec": s, "id": data.source_id(s, 32)} for s in cfg.train],
-                    "test": {"spec": cfg.test, "id": data.source_id(cfg.test, 32)}},
-        "history": history, **timing, "provenance": provenance()})
+    atomic_write_json(out, record(
+        cfg, key, precision=precision, class_names=names,
+        test_acc=float(np.mean(pred == ty)), per_class_acc=per_class_accuracy(pred, ty, names),
+        train_counts=np.bincount(y, minlength=len(names)).tolist(), test_size=len(ty),
+        sources={"train": [{"spec": s, "id": data.source_id(s, 32)} for s in cfg.train],
+                 "test": {"spec": cfg.test, "id": data.source_id(cfg.test, 32)}},
+        history=history, **timing))
     print(f"classify: test accuracy {100 * float(np.mean(pred == ty)):.2f}% on {len(ty)} images -> {out}")
     return out
 

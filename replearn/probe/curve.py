@@ -20,8 +20,8 @@ from typing import Any
 from ..train import runs
 from . import features, svm
 from ..core.config import ConfigError, build, register_preset, split_overrides, to_dict
-from ..core.stage import Stage, artifact_key
-from ..core.utils import atomic_path, atomic_write_json, provenance
+from ..core.stage import Stage, artifact_key, record
+from ..core.utils import atomic_path, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,8 @@ def plot_curve(points: list[dict], title: str, path: Path) -> None:
 
 def write_curve(cfg: Config, run_dir: Path, key: str, points: list[dict], out: Path) -> None:
     gain = 100 * (points[-1]["mean"] - points[0]["mean"]) if points[0]["step"] == 0 else None
-    atomic_write_json(out, {"run": str(run_dir), "run_key": runs.run_key(run_dir), "key": key,
-                            "config": to_dict(cfg), "points": points, "gain_points": gain,
-                            "provenance": provenance()})
+    atomic_write_json(out, record(cfg, key, run=str(run_dir), run_key=runs.run_key(run_dir), points=points,
+                                  gain_points=gain))
 
 
 def run(cfg: Config) -> Path:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..models import nets, zoo
 from ..train import runs
 from ..core.config import ConfigError, register_check, register_preset, require, to_dict, validate
-from ..core.stage import Stage, artifact_key
+from ..core.stage import Stage, artifact_key, record
 from ..core.utils import (atomic_write_json, autocast, check_writable, pick_device, provenance, resolve_precision,
                     torch_atomic_save)
 
@@ -219,10 +219,9 @@ def result_record(cfg: Config, key: str, spec: dict, model: Classifier, train_se
              "max_units": max(d // (cfg.grid * cfg.grid) for _, d in layers), "class_names": train_set.class_names,
              "source_train": cfg.train, "source_test": cfg.test, "skipped_train": train_set.skipped,
              "skipped_test": test_set.skipped, "steps": steps, "seconds": seconds, "provenance": provenance()}
-    return {"config": to_dict(cfg), "key": key, "complete": True, "provenance": provenance(),
-            "features": {"path": str(out), "attrs": attrs}, "train_rows": len(train_set),
-            "test_rows": len(test_set),
-            "settings": {"full": {"test_acc": test_acc, "train_acc": train_acc, "steps": steps, "seconds": seconds}}}
+    return record(cfg, key, complete=True, features={"path": str(out), "attrs": attrs}, train_rows=len(train_set),
+                  test_rows=len(test_set),
+                  settings={"full": {"test_acc": test_acc, "train_acc": train_acc, "steps": steps, "seconds": seconds}})
 
 
 def run(cfg: Config) -> Path:

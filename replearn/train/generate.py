@@ -23,8 +23,8 @@ import torch
 
 from . import metrics, runs
 from ..core.config import ConfigError, register_check, require, to_dict
-from ..core.stage import Stage, artifact_key
-from ..core.utils import atomic_path, atomic_write_json, pick_device, provenance
+from ..core.stage import Stage, artifact_key, record
+from ..core.utils import atomic_path, atomic_write_json, pick_device
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,9 @@ def draw_all(cfg: Config, out: Path, key: str) -> Path:
     images = np.concatenate([draw(r, cfg.checkpoint, cfg.per_class, cfg.seed + i, device) for i, r in enumerate(cfg.runs)])
     labels = np.repeat(np.arange(len(cfg.runs)), cfg.per_class)
     write_parquet(out, images, labels, names)
-    atomic_write_json(sidecar, {"key": key, "config": to_dict(cfg), "class_names": names,
-                                "runs": [{"run": r, "key": k, "step": s} for r, (k, s) in
-                                         zip(cfg.runs, (run_identity(r, cfg.checkpoint) for r in cfg.runs))],
-                                "provenance": provenance()})
+    atomic_write_json(sidecar, record(cfg, key, class_names=names,
+                                      runs=[{"run": r, "key": k, "step": s} for r, (k, s) in
+                                            zip(cfg.runs, (run_identity(r, cfg.checkpoint) for r in cfg.runs))]))
     print(f"generate: {len(images)} images, {cfg.per_class} per class of {', '.join(names)} -> {out}")
     return out
 
