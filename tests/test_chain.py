@@ -20,6 +20,7 @@ import pytest
 
 from conftest import REPO, random_images
 from replearn import chain
+from replearn.core import stage
 from replearn.core.config import build
 from replearn.core.store import write_image_cache
 
@@ -63,8 +64,10 @@ def artifact_times(root: Path) -> dict[str, int]:
             if p.is_file() and p.suffix in (".pt", ".h5", ".json")}
 
 
-def test_chain_builds_every_row_then_reuses_everything(sources):
+def test_chain_builds_every_row_then_reuses_everything(sources, capsys, monkeypatch):
     table = chain.run(chain_config(sources))
+    first = capsys.readouterr()
+    assert "up to date" not in first.out + first.err   # the curve reuses what the chain just built: not "up to date"
     text = table.read_text()
     assert table.name == "cifar10-tiny.md"
     for name in ("DCGAN (BCE) (reproduced", "DCGAN (BCE) untrained control (step 0", "WGAN-GP (reproduced",
@@ -81,8 +84,11 @@ def test_chain_builds_every_row_then_reuses_everything(sources):
     assert "[curve](curves/" in text and "1.96 std" in text
     build_dir = sources["root"] / "build"
     before = artifact_times(build_dir)
+    monkeypatch.setattr(stage, "_BUILT", set())                 # as a second process finds them
     chain.run(chain_config(sources))                            # same keys: nothing is rebuilt
     assert artifact_times(build_dir) == before
+    said = capsys.readouterr().err
+    assert re.search(r"^pretrain: \S+ is up to date \(key \w+\)", said, re.M) and "curve: " in said, said
 
 
 def test_a_changed_svm_setting_reruns_only_the_svm_stage(sources):
