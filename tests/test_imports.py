@@ -104,3 +104,26 @@ def test_imports_flow_down_the_layers():
     upward = [f"{a} imports {b}" for a, deps in import_graph().items() for b in sorted(deps) if layer(b) > layer(a)]
     assert not upward, "imports against the flow core <- data, models <- train <- probe <- publish <- studies <- " \
                        "chain/cli: " + "; ".join(upward)
+
+
+def private_imports(path: Path, root: Path = PACKAGE) -> list[str]:
+    """`from <module> import _name` where <module> lies in another subpackage than `path`."""
+    package = module_name(path, root).split(".")[0] if "/" in str(path.relative_to(root)) else ""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level >= 2 or (isinstance(node, ast.ImportFrom)
+                                                                    and (node.module or "").startswith("replearn.")):
+            target = (node.module or "").removeprefix("replearn.")
+            if target.split(".")[0] != package:
+                found += [f"{target}.{a.name}" for a in node.names if a.name.startswith("_")]
+    return found
+
+
+# store.py is being reworked apart from this layout (its attribute encoding): its reader helper stays shared
+SHARED_PRIVATE = {"core.store._load_attr"}
+
+
+def test_no_module_borrows_another_packages_private_helpers():
+    borrowed = {f"{module_name(p)} imports {name}" for p in PACKAGE.rglob("*.py") for name in private_imports(p)
+                if name not in SHARED_PRIVATE}
+    assert not borrowed, "move the helper down and make it public: " + "; ".join(sorted(borrowed))

@@ -8,7 +8,7 @@ import numpy as np
 from .utils import atomic_path, read_jsonl
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -25,7 +25,7 @@ def smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
 
 
 def save_figure(fig, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -37,7 +37,7 @@ def plot_losses(log_path: str | Path, out_png: str | Path) -> Path | None:
     records = read_jsonl(log_path)
     if not records:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     steps = np.array([r["step"] for r in records])
     panels = [k for k in ("d_loss", "g_loss", "wasserstein", "gp") if k in records[-1]]
     # constrained layout leaves room for the figure title above the panels' own titles
@@ -57,7 +57,7 @@ def plot_losses(log_path: str | Path, out_png: str | Path) -> Path | None:
 
 def plot_accuracy_vs_c(curves: dict[str, dict[float, float]], out_png: str | Path, title: str) -> Path:
     """Validation accuracy (percent) against C on a log axis, one line per setting."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for label, curve in curves.items():
         cs = sorted(curve, key=float)
@@ -89,7 +89,7 @@ def plot_metrics_vs_step(records: list[dict], out_png: str | Path, title: str) -
     panels.append(("diversity: mean pairwise distance\n(critic features, that step's critic)",
                    [d["generated"]["mean_pairwise_distance"] for d in div],
                    [d["real"]["mean_pairwise_distance"] for d in div]))
-    plt = _pyplot()
+    plt = pyplot()
     # constrained layout leaves room for the figure title above the panels' own titles
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, layout="constrained")
     for ax, (label, values, reference) in zip(axes[0], panels):
@@ -104,7 +104,7 @@ def plot_metrics_vs_step(records: list[dict], out_png: str | Path, title: str) -
     return save_figure(fig, Path(out_png))
 
 
-def _gap_mosaic(rows: list[list[np.ndarray]], gap: int = 2, split_after: int = 1) -> np.ndarray:
+def gap_mosaic(rows: list[list[np.ndarray]], gap: int = 2, split_after: int = 1) -> np.ndarray:
     """Tile H x W x 3 uint8 images into one array, white gaps, a wider gap after `split_after` columns."""
     h, w = rows[0][0].shape[:2]
     cols = len(rows[0])
@@ -124,8 +124,8 @@ def plot_neighbour_grid(generated: np.ndarray, neighbours: np.ndarray, distances
 
     generated: Q x H x W x 3 uint8; neighbours: Q x k x H x W x 3 uint8; distances: Q x k (L2)."""
     rows = [[g, *nb] for g, nb in zip(generated, neighbours)]
-    mosaic = _gap_mosaic(rows)
-    plt = _pyplot()
+    mosaic = gap_mosaic(rows)
+    plt = pyplot()
     q, k = distances.shape
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * (k + 1), 0.8 + 0.75 * q))
     ax.imshow(mosaic, interpolation="nearest")
@@ -140,7 +140,7 @@ def plot_neighbour_grid(generated: np.ndarray, neighbours: np.ndarray, distances
 def plot_image_row(panels: list[tuple[str, str | Path]], out_png: str | Path, title: str) -> Path:
     """Images (e.g. each family's sample grid) side by side under their labels: one PNG per table row."""
     from PIL import Image
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4.0), squeeze=False)
     for ax, (label, path) in zip(axes[0], panels):
         with Image.open(path) as img:

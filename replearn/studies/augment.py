@@ -239,7 +239,7 @@ COLUMNS = ["method", "scale", "steps", "seeds", "status", "test accuracy (%)", "
 def generated_figure(summaries: list[dict], out_png: Path, cache_dir: str, per_row: int = 8) -> Path | None:
     """Per GAN method, `per_row` generated images of each class (rows: method x class)."""
     from .. import data
-    from ..core.plots import _gap_mosaic, _pyplot, save_figure
+    from ..core.plots import gap_mosaic, pyplot, save_figure
     rows, labels = [], []
     for s in (s for s in summaries if s["generated"] is not None):
         images = data.cached(str(s["generated"]), size=32, cache_dir=cache_dir)
@@ -248,9 +248,9 @@ def generated_figure(summaries: list[dict], out_png: Path, cache_dir: str, per_r
             labels.append(f"{s['method']}: {name}")
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * per_row, 0.4 + 0.6 * len(rows)))
-    ax.imshow(_gap_mosaic(rows, split_after=per_row), interpolation="nearest")
+    ax.imshow(gap_mosaic(rows, split_after=per_row), interpolation="nearest")
     ax.set_yticks([16 + 34 * i for i in range(len(rows))], labels, fontsize=7)
     ax.set_xticks([])
     ax.set_title("generated images per method and class", fontsize=9)

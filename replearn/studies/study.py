@@ -446,8 +446,8 @@ def plot_measure(curves: dict[str, list[tuple[list, list]]], styles: dict[str, d
                  path: Path, dense: bool) -> Path:
     """Every cell's curves of one measure on shared axes, one line per seed in the cell's style (dense log
     series are smoothed)."""
-    from ..core.plots import _pyplot, save_figure, smooth
-    plt = _pyplot()
+    from ..core.plots import pyplot, save_figure, smooth
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, seeds in curves.items():
         style = styles.get(label, {})
@@ -501,8 +501,8 @@ def critic_kind(sc: StudyCell) -> str:
 
 def plot_all(study_cells: list[StudyCell], styles: dict, out_dir: Path, title: str) -> list[Path]:
     """One figure per measure with every cell (each seed a line) on it; figures no cell has are skipped."""
-    from ..core.plots import _pyplot
-    colours = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]   # one colour per cell in every figure
+    from ..core.plots import pyplot
+    colours = pyplot().rcParams["axes.prop_cycle"].by_key()["color"]   # one colour per cell in every figure
     styles = {sc.label: {"color": colours[i % len(colours)], **{k: v for k, v in styles.get(sc.label, {}).items()
                                                                if v is not None}} for i, sc in enumerate(study_cells)}
     written = []
@@ -531,8 +531,8 @@ def sample_mosaic(grid: list[list[Cell | None]], out_png: Path, title: str, row_
     """Each cell's sample grid at its measured step, rows x cols; a diverged cell's title says so."""
     from PIL import Image
 
-    from ..core.plots import _pyplot, save_figure
-    plt = _pyplot()
+    from ..core.plots import pyplot, save_figure
+    plt = pyplot()
     rows, cols = len(grid), len(grid[0])
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
     for r, row in enumerate(grid):
