@@ -141,7 +141,7 @@ svm-table: | $(STAMP)
 kmeans: | $(STAMP)
 	$(CHAIN) upto=table models= controls=0 curve=0 kmeans=1
 
-# the seed papers' studies (replearn/wgan_grid.py, ablation.py, augment.py), each a keyed study that writes
+# the seed papers' studies (replearn/studies/wgan_grid.py, ablation.py, augment.py), each a keyed study that writes
 # tables/<study>-<preset>.md (.csv, .tex) and tables/<study>-<preset>/ (figures): GANs trained on
 # STUDY_DATA (labels unused), probed and scored on TRAIN_DATA / TEST_DATA; FID only with local
 # INCEPTION_WEIGHTS; STUDY_ARGS: extra key=value words (e.g. wgan-grid 'optimizers=rmsprop,adam')

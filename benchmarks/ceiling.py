@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from replearn.utils import atomic_write_json, cpu_vector_units, hardware, provenance  # noqa: E402
+from replearn.core.utils import atomic_write_json, cpu_vector_units, hardware, provenance  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -83,7 +83,7 @@ def gemm(n: int, dtype: torch.dtype, repeats: int) -> dict:
 
 
 def skinny(rows: int, dtype: torch.dtype, repeats: int) -> dict:
-    """The SVM's two CG products on a rows x 28672 design, laid out as `svm._Design` runs them."""
+    """The SVM's two CG products on a rows x 28672 design, laid out as `svm.design._Design` runs them."""
     a = torch.empty(rows, SVM_DIMS).uniform_(-1, 1).to(dtype)               # N x P
     w = torch.rand(SVM_CLASSES, SVM_DIMS).to(dtype)                         # K x P
     r = torch.rand(SVM_CLASSES, rows).to(dtype)                             # K x N

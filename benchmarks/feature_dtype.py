@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from replearn import features, pretrain, svm
-from replearn.config import build
-from replearn.store import FeatureFile
-from replearn.utils import atomic_write_json, hardware, provenance
+from replearn.train import pretrain
+from replearn.probe import features, svm
+from replearn.core.config import build
+from replearn.core.store import FeatureFile
+from replearn.core.utils import atomic_write_json, hardware, provenance
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -70,7 +71,7 @@ def main() -> None:
 
 
 def pretrain_last(run: str) -> str:
-    from replearn import runs
+    from replearn.train import runs
     return runs.interval_checkpoints(run)[-1][1].name
 
 

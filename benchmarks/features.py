@@ -29,10 +29,12 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from replearn import data, features, pretrain, runs, svm  # noqa: E402
-from replearn.config import build  # noqa: E402
-from replearn.store import FeatureFile  # noqa: E402
-from replearn.utils import atomic_write_json, provenance  # noqa: E402
+from replearn.train import pretrain, runs  # noqa: E402
+from replearn.probe import features, svm  # noqa: E402
+from replearn import data  # noqa: E402
+from replearn.core.config import build  # noqa: E402
+from replearn.core.store import FeatureFile  # noqa: E402
+from replearn.core.utils import atomic_write_json, provenance  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import ceiling  # noqa: E402

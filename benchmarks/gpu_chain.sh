@@ -132,7 +132,7 @@ else
     run=$(${PYTHON_BIN:-python3} - "$model" "$PRESET" "$PRE" <<'PYEOF'
 import sys
 from replearn import pretrain
-from replearn.config import build
+from replearn.core.config import build
 cfg, key = pretrain.plan(build(pretrain.Config, "pretrain", {"preset": sys.argv[2], "model": sys.argv[1],
                                                               "data": sys.argv[3]}))
 print(f"build/{sys.argv[2]}/{sys.argv[1]}-{key}")

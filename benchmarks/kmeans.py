@@ -38,10 +38,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from replearn import data, kmeans, svm  # noqa: E402
-from replearn.config import build, to_dict  # noqa: E402
-from replearn.store import FeatureFile  # noqa: E402
-from replearn.utils import atomic_write_json, hardware, provenance  # noqa: E402
+from replearn.probe import kmeans, svm  # noqa: E402
+from replearn import data  # noqa: E402
+from replearn.core.config import build, to_dict  # noqa: E402
+from replearn.core.store import FeatureFile  # noqa: E402
+from replearn.core.utils import atomic_write_json, hardware, provenance  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import ceiling  # noqa: E402

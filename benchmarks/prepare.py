@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from replearn import data  # noqa: E402
-from replearn.utils import atomic_write_json, hardware, provenance  # noqa: E402
+from replearn.core.utils import atomic_write_json, hardware, provenance  # noqa: E402
 
 SIZES = [(500, 375), (640, 480), (800, 600), (375, 500), (500, 333), (600, 800)]   # typical ImageNet shapes
 

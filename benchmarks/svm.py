@@ -31,10 +31,10 @@ svm_quick.json; about half a minute.
 
 --full-setting --features PATH [--presearch ROWS] [--no-refine]: only the full setting, on all train rows of a
 feature file (meant for a TRAINED critic's file: 50000 x 28672 at CIFAR scale). `full_setting_seconds`
-is `svm.run_full` (bracketed C search on train-minus-val, then the refit on all of train); beside it
+is `svm.search.run_full` (bracketed C search on train-minus-val, then the refit on all of train); beside it
 the exhaustive search over the same bracket: every C the search scored (on the subsample too, with
 --presearch) fitted on all train-minus-val rows as one warm-started path and scored, then the refit;
-its fits all stop at svm.TOL, where the search's selection fits stop at --select-stop (default liblinear).
+its fits all stop at svm.solver.TOL, where the search's selection fits stop at --select-stop (default liblinear).
 Records whether both choose the same C and each one's test accuracy, under `full_setting` in the
 results JSON (other keys kept). Feature loading is timed apart. `machine_ceiling` is measured in the same
 run (float32 GEMM rate, a textbook CG pass over X, one read of X), so that runs on different CPU kinds compare:
@@ -60,9 +60,12 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from replearn import data, nets, store, svm, zoo  # noqa: E402
-from replearn.config import build  # noqa: E402
-from replearn.utils import atomic_write_json, autocast, bf16_supported, hardware, provenance, resolve_precision  # noqa: E402
+from replearn.core import store  # noqa: E402
+from replearn.models import nets, zoo  # noqa: E402
+from replearn.probe import svm  # noqa: E402
+from replearn import data  # noqa: E402
+from replearn.core.config import build  # noqa: E402
+from replearn.core.utils import atomic_write_json, autocast, bf16_supported, hardware, provenance, resolve_precision  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import ceiling  # noqa: E402
@@ -133,10 +136,10 @@ def compare_at_4000(ff: store.FeatureFile, X_test: np.ndarray, y_test: np.ndarra
     """replearn vs LinearSVC on one class-balanced 4000 x 28672 draw: every C of the protocol's grid,
     each fitted cold by both (same C, same data), plus replearn's warm-started path over the grid."""
     labels = ff.labels("train")
-    idx = svm.balanced_draw(labels, 400, np.random.default_rng(0))
+    idx = svm.protocol.balanced_draw(labels, 400, np.random.default_rng(0))
     X, y = ff.read("train", idx), labels[idx]
     per_c = {}
-    for C in svm.DEFAULT_C_GRID:
+    for C in svm.protocol.DEFAULT_C_GRID:
         ours, t_ours = timed(svm.fit, X, y, C)
         row = {"replearn_seconds": t_ours, "replearn_test_acc": svm.accuracy(ours, X_test, y_test),
                "replearn_objective": ours.objective(X, y, C)}
@@ -153,10 +156,10 @@ def compare_at_4000(ff: store.FeatureFile, X_test: np.ndarray, y_test: np.ndarra
                        liblinear_converged=not any(issubclass(w.category, ConvergenceWarning) for w in caught))
         per_c[repr(C)] = row
         print(json.dumps({"C": C, **row}), file=sys.stderr)
-    path, t_path = timed(svm.fit_path, X, y, svm.DEFAULT_C_GRID)
+    path, t_path = timed(svm.fit_path, X, y, svm.protocol.DEFAULT_C_GRID)
     return {"n": len(X), "d": X.shape[1], "per_c": per_c, "replearn_c_path_seconds": t_path,
             "replearn_c_path_test_acc": {repr(c): svm.accuracy(m, X_test, y_test)
-                                         for c, m in zip(svm.DEFAULT_C_GRID, path)}}
+                                         for c, m in zip(svm.protocol.DEFAULT_C_GRID, path)}}
 
 
 def large_40000(path: Path, C: float) -> dict:
@@ -173,12 +176,12 @@ def large_40000(path: Path, C: float) -> dict:
         X_test, y_test = ff.read("test"), ff.labels("test")
         row = {"features": str(path), "model": ff.attrs.get("model"), "checkpoint_step": ff.attrs.get("checkpoint_step"),
                "n": len(X), "d": X.shape[1], "C": C}
-    for name, min_elements in (("replearn", svm.BF16_HESSIAN_MIN_ELEMENTS), ("float32_hessian", 1 << 62)):
-        default, svm.BF16_HESSIAN_MIN_ELEMENTS = svm.BF16_HESSIAN_MIN_ELEMENTS, min_elements
+    for name, min_elements in (("replearn", svm.design.BF16_HESSIAN_MIN_ELEMENTS), ("float32_hessian", 1 << 62)):
+        default, svm.design.BF16_HESSIAN_MIN_ELEMENTS = svm.design.BF16_HESSIAN_MIN_ELEMENTS, min_elements
         try:
             model, seconds = timed(svm.fit, X, y, C)
         finally:
-            svm.BF16_HESSIAN_MIN_ELEMENTS = default
+            svm.design.BF16_HESSIAN_MIN_ELEMENTS = default
         row.update({f"{name}_seconds": seconds, f"{name}_test_acc": svm.accuracy(model, X_test, y_test),
                     f"{name}_objective": model.objective(X, y, C), f"{name}_solver": model.info})
         print(json.dumps({name: row[f"{name}_seconds"], **model.info}), file=sys.stderr)
@@ -201,7 +204,7 @@ def preconditioners(path: Path, c_norm: float, rows: int, hessian_rows: int) -> 
         row = {"features": str(path), "model": ff.attrs.get("model"), "checkpoint_step": ff.attrs.get("checkpoint_step"),
                "n": len(X), "d": X.shape[1]}
     mean_sq = float(np.mean(np.einsum("ij,ij->i", X, X, dtype=np.float64)))
-    C = svm._round_c(c_norm * svm.NORM_REFERENCE / mean_sq * hessian_rows / len(X))
+    C = svm.search._round_c(c_norm * svm.protocol.NORM_REFERENCE / mean_sq * hessian_rows / len(X))
     row.update(mean_sq_norm=mean_sq, c_norm=c_norm, hessian_rows=hessian_rows, C=C)
     for name in ("shared", "class"):          # 'auto' is 'class' in the primal
         model, seconds = timed(svm.fit, X, y, C, method="primal", preconditioner=name)
@@ -263,7 +266,7 @@ def one_unit(fn, seconds: float, precision: str, limits: dict, shape, analytic_b
     return row
 
 
-def cg_product(design: svm._Design, limits: dict, repeats: int, precision: str) -> dict:
+def cg_product(design: svm.design._Design, limits: dict, repeats: int, precision: str) -> dict:
     """One CG Hessian product (I + 2C A^T D A) p on all K columns: a forward and a backward pass over A."""
     n, d = design.H.shape
     gen = torch.Generator().manual_seed(0)
@@ -280,16 +283,16 @@ def solver_units(X_small: np.ndarray, y_small: np.ndarray, X_primal: torch.Tenso
     Cholesky factor, a whole cold fit at BENCH_C on X_small (Gram space, N <= D), and a CG product with the
     primal design X_primal (float32, and its bf16 copy where the CPU has bf16 units)."""
     Xs = torch.from_numpy(X_small)
-    gram_s = ceiling.best_seconds(lambda: svm._gram(Xs), repeats)
-    out = {"gram_build": one_unit(lambda: svm._gram(Xs), gram_s, "fp32", limits, Xs.shape)}
-    L, _ = svm._cholesky(svm._gram(Xs).add_(1.0))
-    out["cg_product_gram"] = cg_product(svm._GramDesign(L), limits, repeats, "fp32")
+    gram_s = ceiling.best_seconds(lambda: svm.design._gram(Xs), repeats)
+    out = {"gram_build": one_unit(lambda: svm.design._gram(Xs), gram_s, "fp32", limits, Xs.shape)}
+    L, _ = svm.design._cholesky(svm.design._gram(Xs).add_(1.0))
+    out["cg_product_gram"] = cg_product(svm.design._GramDesign(L), limits, repeats, "fp32")
     fit_s = ceiling.best_seconds(lambda: svm.fit(X_small, y_small, BENCH_C), 1, warmup=0)
     out["fit"] = {**one_unit(lambda: svm.fit(X_small, y_small, BENCH_C), fit_s, "fp32", limits, X_small.shape),
                   "C": BENCH_C, "flops_note": "Cholesky and triangular solves not counted (not in FlopCounterMode's registry)"}
-    out["cg_product_primal"] = {"fp32": cg_product(svm._Design(X_primal, 1.0), limits, repeats, "fp32")}
+    out["cg_product_primal"] = {"fp32": cg_product(svm.design._Design(X_primal, 1.0), limits, repeats, "fp32")}
     if bf16_supported(X_primal.device):
-        out["cg_product_primal"]["bf16"] = cg_product(svm._Design(X_primal, 1.0, torch.bfloat16), limits, repeats, "bf16")
+        out["cg_product_primal"]["bf16"] = cg_product(svm.design._Design(X_primal, 1.0, torch.bfloat16), limits, repeats, "bf16")
     return out
 
 
@@ -308,7 +311,7 @@ def ceiling_full(limits: dict) -> dict:
     """The units on the benchmark's own feature file: the compare part's 4000-row draw, 40,000 primal rows."""
     with store.FeatureFile(FEATURES) as ff:
         labels = ff.labels("train")
-        idx = svm.balanced_draw(labels, 400, np.random.default_rng(0))
+        idx = svm.protocol.balanced_draw(labels, 400, np.random.default_rng(0))
         X, y = ff.read("train", idx), labels[idx]
         primal = torch.from_numpy(ff.read("train"))                                    # 40000 x 28672 float32
     return {**solver_units(X, y, primal, limits), "features": str(FEATURES)}
@@ -351,25 +354,25 @@ def full_setting(args, save: Callable[[dict], None]) -> dict:
                                     "c_presearch": args.presearch, "c_scale": args.c_scale, "device": args.device,
                                     "layer_scale": args.layer_scale, "c_refine": not args.no_refine,
                                     "select_stop": args.select_stop})
-    device = svm.pick_device(cfg.device)
+    device = svm.stage.pick_device(cfg.device)
     start = time.perf_counter()
     with store.FeatureFile(cfg.features) as ff:
-        X, y, n_rest, stats, _ = svm.load_checked(ff, cfg)                  # N x D float32, train-minus-val first
-        test = svm.SplitScorer(ff, cfg, stats)
+        X, y, n_rest, stats, _ = svm.stage.load_checked(ff, cfg)                  # N x D float32, train-minus-val first
+        test = svm.protocol.SplitScorer(ff, cfg, stats)
         attrs = {k: ff.attrs.get(k) for k in ("kind", "model", "key")}
-        features_id = svm.features_identity(ff)
-    factor = svm.c_scale_factor(X, cfg)
+        features_id = svm.stage.features_identity(ff)
+    factor = svm.search.c_scale_factor(X, cfg)
     load_seconds = time.perf_counter() - start
     ceiling = machine_ceiling(X)
     # read before this run's first save replaces the record
     earlier = earlier_record(args) if args.reuse_exhaustive else {}
     bar = tqdm(total=0, desc="full setting fits", unit="fit", file=sys.stderr)   # a long run shows its progress
-    bracketed, seconds = timed(svm.run_full, X, y, n_rest, test, cfg, factor, device, bar)
+    bracketed, seconds = timed(svm.search.run_full, X, y, n_rest, test, cfg, factor, device, bar)
     row = {"machine": hardware(), "features": str(args.features), "feature_attrs": attrs, "n": len(X),
            "d": X.shape[1], "n_rest": n_rest, "presearch_rows": args.presearch, "c_refine": cfg.c_refine,
            "c_scale": cfg.c_scale, "layer_scale": cfg.layer_scale, "c_scale_factor": factor,
-           # the bracketed search's selection fits stop here; the exhaustive reference's at svm.TOL
-           "select_stop": cfg.select_stop, "exhaustive_tol": svm.TOL,
+           # the bracketed search's selection fits stop here; the exhaustive reference's at svm.solver.TOL
+           "select_stop": cfg.select_stop, "exhaustive_tol": svm.solver.TOL,
            "load_seconds": load_seconds, "full_setting_seconds": seconds, "machine_ceiling": ceiling,
            "full_setting_passes": seconds / ceiling["pass_seconds"],
            "bracketed": {k: v for k, v in bracketed.items() if k != "seconds"},
@@ -420,21 +423,21 @@ def exhaustive_full(X, y, n_rest: int, test, cfg, device, bracketed: dict) -> di
     warm-started path, scored on val; the best refit on all of train (same refit C rule)."""
     start = time.perf_counter()
     grid = exhaustive_grid(bracketed)
-    models = svm._Fitter(X[:n_rest], y[:n_rest], cfg, device).path(grid)
+    models = svm.search._Fitter(X[:n_rest], y[:n_rest], cfg, device).path(grid)
     curve = {c: svm.accuracy(m, X[n_rest:], y[n_rest:]) for c, m in zip(grid, models)}
-    chosen = svm._pick(curve)
+    chosen = svm.search._pick(curve)
     refit_c = chosen * n_rest / len(X) if cfg.c_form == "mean" else chosen
-    model = svm._Fitter(X, y, cfg, device).path([refit_c], warm=models[grid.index(chosen)])[0]
+    model = svm.search._Fitter(X, y, cfg, device).path([refit_c], warm=models[grid.index(chosen)])[0]
     fits = [[c, "select", m.info] for c, m in zip(grid, models)] + [[refit_c, "refit", model.info]]
     return {"grid": grid, "val_curve": {repr(c): a for c, a in curve.items()}, "c_select": chosen, "c": refit_c,
-            "test_acc": test.score([model])[0], "solver": svm.solver_summary(fits),
+            "test_acc": test.score([model])[0], "solver": svm.search.solver_summary(fits),
             "seconds": time.perf_counter() - start}
 
 
 def merge_results(path: Path, key: str, value: dict) -> None:
     """Add or replace one top-level key of the results JSON, keeping every other key as it is."""
     record = json.loads(path.read_text()) if path.exists() else {}
-    record[key] = svm._json_keys(value)
+    record[key] = svm.stage._json_keys(value)
     atomic_write_json(path, record)
 
 
@@ -459,15 +462,15 @@ def main() -> None:
                         help="--full-setting: c_presearch rows (0: every C of the bracket on all rows)")
     parser.add_argument("--no-refine", action="store_true",
                         help="--full-setting: c_refine=false (the subsample's C is the choice; one fit on all rows)")
-    parser.add_argument("--select-stop", default="liblinear", choices=svm.SELECT_STOPS,
+    parser.add_argument("--select-stop", default="liblinear", choices=svm.protocol.SELECT_STOPS,
                         help="--full-setting: where the bracketed search's selection fits stop (the exhaustive "
-                             "reference always stops at svm.TOL)")
+                             "reference always stops at svm.solver.TOL)")
     parser.add_argument("--val-size", type=int, default=10000, help="--full-setting: validation rows")
-    parser.add_argument("--c-scale", default="none", choices=svm.C_SCALES, help="--full-setting: c_scale")
+    parser.add_argument("--c-scale", default="none", choices=svm.protocol.C_SCALES, help="--full-setting: c_scale")
     parser.add_argument("--reuse-exhaustive", action="store_true",
                         help="--full-setting: keep the results JSON's exhaustive record if it has the same file and grid")
     parser.add_argument("--note", default="", help="--full-setting: recorded as is (e.g. how the test split was drawn)")
-    parser.add_argument("--layer-scale", default="none", choices=svm.LAYER_SCALES,
+    parser.add_argument("--layer-scale", default="none", choices=svm.protocol.LAYER_SCALES,
                         help="--full-setting: layer_scale; 'equal' is recorded under full_setting_layers_equal")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", type=Path, default=RESULTS, help="--full-setting: the results JSON to merge into")

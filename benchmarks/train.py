@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from replearn import nets, pretrain, zoo  # noqa: E402
-from replearn.utils import atomic_write_json, hardware, provenance  # noqa: E402
+from replearn.models import nets, zoo  # noqa: E402
+from replearn.train import pretrain  # noqa: E402
+from replearn.core.utils import atomic_write_json, hardware, provenance  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ceiling  # noqa: E402

@@ -11,8 +11,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .config import ConfigError, build, words
-from .utils import human_bytes
+from .core.config import ConfigError, build, words
+from .core.utils import human_bytes
 
 MARGIN = 1 << 30        # checkpoints, sample grids, results, temp files: well under 1 GB in every preset
 
@@ -25,7 +25,8 @@ def _rows(spec: str, size: int, cache_dir: str, limit: int) -> int:
 
 def _critic_dims(cfg, model: str) -> int:
     """Sum of the pooled feature layers' widths of `model`'s critic, read off a freshly built net."""
-    from . import nets, pretrain, zoo
+    from .models import nets, zoo
+    from .train import pretrain
     values = {"preset": cfg.preset, "model": model, "data": cfg.pretrain_data, "image_size": cfg.image_size,
               "channels": cfg.channels, **words(cfg.pretrain_args)}
     planned = pretrain.resolve(build(pretrain.Config, "pretrain", values))
@@ -35,7 +36,7 @@ def _critic_dims(cfg, model: str) -> int:
 
 def estimate(cfg, root: Path) -> dict[str, int]:
     """Peak bytes by part (before anything is built): what `chain.run` will hold on disk at once."""
-    from . import curve, features, kmeans
+    from .probe import curve, features, kmeans
     feat = build(features.Config, "features", {"preset": cfg.preset, **words(cfg.features_args)})
     width = 0 if cfg.upto == "pretrain" or not cfg.models else max(_critic_dims(cfg, m) for m in cfg.models)
     item = 2 if feat.dtype == "float16" else 4

@@ -15,8 +15,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import curve, features, kmeans, pretrain, runs, supervised, svm, tables
-from .config import ConfigError, build, register_preset, words
+from .train import pretrain, runs
+from .probe import curve, features, kmeans, supervised, svm
+from .publish import tables
+from .core.config import ConfigError, build, register_preset, words
 
 UPTO = ("pretrain", "features", "svm", "curve", "table")
 
@@ -24,7 +26,7 @@ UPTO = ("pretrain", "features", "svm", "curve", "table")
 @dataclass(frozen=True)
 class Config:
     preset: str = ""               # tiny | smoke | cpu | paper: required, as the scales differ by hours
-    models: tuple[str, ...] = ("dcgan", "wgan-gp")    # recipes (replearn.recipes); one table row each
+    models: tuple[str, ...] = ("dcgan", "wgan-gp")    # recipes (replearn.models.recipes); one table row each
     pretrain_data: str = "hf:benjamin-paine/imagenet-1k-32x32:train"
     train: str = "hf:uoft-cs/cifar10:train"          # the labelled split the SVMs fit
     test: str = "hf:uoft-cs/cifar10:test"            # the split they are scored on
@@ -64,12 +66,7 @@ def pretrain_step(cfg: Config, model: str, root: Path, seed: int | None = None) 
               "image_size": cfg.image_size, "channels": cfg.channels, **words(cfg.pretrain_args),
               **({} if seed is None else {"seed": seed})}
     planned, key = pretrain.plan(build(pretrain.Config, "pretrain", values))
-    run_cfg = dataclasses.replace(planned, run_dir=str(root / f"{model}-{key}"))
-    if pretrain.is_done(run_cfg):
-        print(f"chain: {run_cfg.run_dir} is up to date")
-    else:
-        pretrain.run(run_cfg)
-    return Path(run_cfg.run_dir)
+    return pretrain.run(dataclasses.replace(planned, run_dir=str(root / f"{model}-{key}")))
 
 
 def features_config(cfg: Config, run_dir: Path, checkpoint: str) -> features.Config:
@@ -114,13 +111,13 @@ def curve_step(cfg: Config, run_dir: Path) -> Path:
 
 
 def kmeans_steps(cfg: Config, root: Path) -> Path:
-    """Coates: features standardised in the file, his C (0.5||w||^2 + 100 * mean hinge^2)."""
+    """Coates: features standardised in the file, his C (kmeans.SVM_SETTINGS)."""
     values = {"preset": cfg.preset, "train": cfg.train, "test": cfg.test, "cache_dir": cfg.cache_dir,
               "image_size": cfg.image_size, "channels": cfg.channels, **words(cfg.kmeans_args)}
     km_cfg = build(kmeans.Config, "kmeans", values)
     if not km_cfg.out:
-        km_cfg = dataclasses.replace(km_cfg, out=str(root / f"kmeans-{kmeans.artifact_key(km_cfg)}" / "features.h5"))
-    return svm_step(cfg, kmeans.run(km_cfg), {"fixed_c": 100, "c_form": "mean"})
+        km_cfg = dataclasses.replace(km_cfg, out=str(root / f"kmeans-{kmeans.STAGE.key(km_cfg)}" / "features.h5"))
+    return svm_step(cfg, kmeans.run(km_cfg), kmeans.SVM_SETTINGS)
 
 
 def supervised_step(cfg: Config, root: Path, run_dir: Path) -> Path:
@@ -146,7 +143,7 @@ def final_checkpoint(run_dir: Path) -> str:
 
 def command_line(cfg: Config) -> str:
     """The chain as a command that rebuilds this table: every key that differs from its preset's value."""
-    from .config import PRESETS, to_dict
+    from .core.config import PRESETS, to_dict
     base = {**to_dict(Config()), **PRESETS.get(cfg.preset, {}).get("chain", {})}
     words_ = []
     for key, value in to_dict(cfg).items():
@@ -161,7 +158,7 @@ def command_line(cfg: Config) -> str:
 def run(cfg: Config) -> Path:
     """Run the whole chain (or up to `upto`) with keyed, reused artifacts; publish the table."""
     if not cfg.preset:   # no silent default: `paper` is GPU-sized and downloads ImageNet
-        from .config import PRESETS
+        from .core.config import PRESETS
         presets = sorted((p for p, stages in PRESETS.items() if "chain" in stages),
                          key=lambda p: ("tiny", "smoke", "cpu", "paper", p).index(p))   # smallest first
         raise ConfigError(f"no preset given: choose one of {', '.join(presets)} (preset=tiny; through make: "

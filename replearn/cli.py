@@ -12,28 +12,28 @@ import importlib.util
 import os
 import sys
 
-from .config import ConfigError, build, did_you_mean, field_help, to_dict
+from .core.config import ConfigError, build, did_you_mean, field_help, to_dict
 
 # stage name -> module holding `Config` and `run`
 STAGES = {
-    "prepare": "replearn.data",
-    "pretrain": "replearn.pretrain",
-    "features": "replearn.features",
-    "svm": "replearn.svm",
-    "kmeans": "replearn.kmeans",
-    "table": "replearn.tables",
-    "evaluate": "replearn.evaluate",
-    "report": "replearn.report",
-    "curve": "replearn.curve",
-    "supervised": "replearn.supervised",
+    "prepare": "replearn.data.cache",
+    "pretrain": "replearn.train.pretrain",
+    "features": "replearn.probe.features",
+    "svm": "replearn.probe.svm.stage",
+    "kmeans": "replearn.probe.kmeans",
+    "table": "replearn.publish.tables",
+    "evaluate": "replearn.train.evaluate",
+    "report": "replearn.train.report",
+    "curve": "replearn.probe.curve",
+    "supervised": "replearn.probe.supervised",
     "chain": "replearn.chain",
     # the seed papers' studies (issue 18)
-    "wgan-grid": "replearn.wgan_grid",
-    "ablation": "replearn.ablation",
-    "augment": "replearn.augment",
-    "subset": "replearn.subset",
-    "generate": "replearn.generate",
-    "classify": "replearn.classifier",
+    "wgan-grid": "replearn.studies.wgan_grid",
+    "ablation": "replearn.studies.ablation",
+    "augment": "replearn.studies.augment",
+    "subset": "replearn.data.subset",
+    "generate": "replearn.train.generate",
+    "classify": "replearn.probe.classifier",
 }
 
 # keys holding a data source spec, checked before any work (a bad test split must not wait for an hour of

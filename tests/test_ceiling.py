@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from replearn import zoo
+from replearn.models import zoo
 
 
 def load_ceiling():

@@ -20,8 +20,9 @@ import pytest
 
 from conftest import REPO, random_images
 from replearn import chain
-from replearn.config import build
-from replearn.store import write_image_cache
+from replearn.core import stage
+from replearn.core.config import build
+from replearn.core.store import write_image_cache
 
 
 def labelled_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,8 +64,10 @@ def artifact_times(root: Path) -> dict[str, int]:
             if p.is_file() and p.suffix in (".pt", ".h5", ".json")}
 
 
-def test_chain_builds_every_row_then_reuses_everything(sources):
+def test_chain_builds_every_row_then_reuses_everything(sources, capsys, monkeypatch):
     table = chain.run(chain_config(sources))
+    first = capsys.readouterr()
+    assert "up to date" not in first.out + first.err   # the curve reuses what the chain just built: not "up to date"
     text = table.read_text()
     assert table.name == "cifar10-tiny.md"
     for name in ("DCGAN (BCE) (reproduced", "DCGAN (BCE) untrained control (step 0", "WGAN-GP (reproduced",
@@ -81,8 +84,11 @@ def test_chain_builds_every_row_then_reuses_everything(sources):
     assert "[curve](curves/" in text and "1.96 std" in text
     build_dir = sources["root"] / "build"
     before = artifact_times(build_dir)
+    monkeypatch.setattr(stage, "_BUILT", set())                 # as a second process finds them
     chain.run(chain_config(sources))                            # same keys: nothing is rebuilt
     assert artifact_times(build_dir) == before
+    said = capsys.readouterr().err
+    assert re.search(r"pretrain: \S+ is up to date \(key \w+\)", said) and "curve: " in said, said
 
 
 def test_a_changed_svm_setting_reruns_only_the_svm_stage(sources):
@@ -99,8 +105,8 @@ def test_a_changed_svm_setting_reruns_only_the_svm_stage(sources):
 
 
 def test_a_stage_refuses_an_input_with_another_key(sources):
-    from replearn import features
-    from replearn.config import ConfigError
+    from replearn.probe import features
+    from replearn.core.config import ConfigError
     run_dir = next((sources["root"] / "build" / "tiny").glob("dcgan-*"))
     with pytest.raises(ConfigError, match="not the expected"):
         features.run(build(features.Config, "features", {"run": str(run_dir), "train": sources["train"],

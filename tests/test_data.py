@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from replearn import cli, data, store
-from replearn.config import ConfigError
+from replearn.core import store
+from replearn import cli, data
+from replearn.data import cache as data_cache, readers as data_readers
+from replearn.core.config import ConfigError
 
 from conftest import random_images
 
@@ -182,7 +184,7 @@ def test_hub_dataset_rows_are_decoded_like_parquet(monkeypatch):
     features = datasets.Features({"image": datasets.Image(), "fine": datasets.ClassLabel(names=["p", "q"])})
     ds = datasets.Dataset.from_dict({"image": list(images), "fine": [0, 1, 1, 0, 1]}, features=features)
     asked = []
-    monkeypatch.setattr(data, "_reachable", lambda host, timeout: True)
+    monkeypatch.setattr(data_readers, "_reachable", lambda host, timeout: True)
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: asked.append((name, split)) or ds)
     out = data.load_source("hf:someone/tiny:validation[1:4]", progress=False)
     assert asked == [("someone/tiny", "validation")]
@@ -273,7 +275,7 @@ def test_cache_round_trip_reuse_and_provenance(tmp_path, monkeypatch, capsys):
 
     def no_decoding(*args, **kw):
         raise AssertionError("the cache should have been reused")
-    monkeypatch.setattr(data, "load_source", no_decoding)
+    monkeypatch.setattr(data_cache, "load_source", no_decoding)
     again = data.cached(spec, cache_dir=str(cache_dir))
     assert np.array_equal(again.images, first.images)
     assert data.run(data.Config(source=spec, cache_dir=str(cache_dir))) == path
@@ -419,7 +421,7 @@ def test_label_column_picks_another_column(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         data.load_source(str(path), progress=False, label_column="label")
     assert "no label column 'label'" in single_line(err) and "fine_label" in str(err.value)
-    monkeypatch.setattr(data, "_reachable", lambda host, timeout: True)
+    monkeypatch.setattr(data_readers, "_reachable", lambda host, timeout: True)
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: ds)
     assert data.load_source("hf:someone/c100", progress=False, label_column="fine_label").class_names == ["p", "q", "r"]
     # prepare keeps one cache per label column

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from replearn import chain, supervised
-from replearn.config import build, field_names
+from replearn.probe import supervised
+from replearn import chain
+from replearn.core.config import build, field_names
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

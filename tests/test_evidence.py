@@ -11,9 +11,12 @@ import torch
 import torch.nn as nn
 
 from conftest import random_images
-from replearn import features, nets, pretrain, runs, zoo
-from replearn.config import ConfigError, build
-from replearn.store import FeatureFile, write_image_cache
+from replearn.models import nets, zoo
+from replearn.train import pretrain, runs
+from replearn.probe import features
+from replearn.core import stage
+from replearn.core.config import ConfigError, build
+from replearn.core.store import FeatureFile, write_image_cache
 
 
 def small_critic() -> nets.Critic:
@@ -70,7 +73,7 @@ def test_feature_taps_come_after_the_activation_not_before():
 def test_recomputed_batchnorm_statistics_are_the_plain_average_of_batch_statistics():
     critic = small_critic()
     images = random_images(48, seed=5)
-    features.recompute_bn_stats(critic, images, batch=16, device=torch.device("cpu"), channels_last=False, seed=0)
+    nets.recompute_bn_stats(critic, images, batch=16, device=torch.device("cpu"), channels_last=False, seed=0)
     # hand average: the same permutation and batches, statistics of the first BN's input
     order = np.random.default_rng(0).permutation(len(images))
     bn = next(m for m in critic.modules() if isinstance(m, nn.BatchNorm2d))
@@ -100,12 +103,12 @@ def test_log_spaced_steps():
 
 
 def test_artifact_keys_follow_what_determines_the_artifact():
-    base = runs.artifact_key("svm", {"c": 1, "out": "a"}, ignore=("out",), features="k1")
-    assert base == runs.artifact_key("svm", {"out": "b", "c": 1}, ignore=("out",), features="k1")
-    assert base != runs.artifact_key("svm", {"c": 2, "out": "a"}, ignore=("out",), features="k1")
-    assert base != runs.artifact_key("svm", {"c": 1, "out": "a"}, ignore=("out",), features="k2")
+    base = stage.artifact_key("svm", {"c": 1, "out": "a"}, ignore=("out",), features="k1")
+    assert base == stage.artifact_key("svm", {"out": "b", "c": 1}, ignore=("out",), features="k1")
+    assert base != stage.artifact_key("svm", {"c": 2, "out": "a"}, ignore=("out",), features="k1")
+    assert base != stage.artifact_key("svm", {"c": 1, "out": "a"}, ignore=("out",), features="k2")
     with pytest.raises(ConfigError, match="not the expected"):
-        runs.check_key("x.h5", "k1", "k2")
+        stage.check_key("x.h5", "k1", "k2")
 
 
 @pytest.fixture()

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import random_images
-from replearn import features, pretrain
-from replearn.config import ConfigError, build
-from replearn.store import FeatureFile, write_image_cache
+from replearn.train import pretrain
+from replearn.probe import features
+from replearn.core.config import ConfigError, build
+from replearn.core.store import FeatureFile, write_image_cache
 
 
 @pytest.fixture(scope="module")

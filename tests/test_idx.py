@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from replearn import data
-from replearn.config import ConfigError
+from replearn.core.config import ConfigError
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:

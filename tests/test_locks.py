@@ -1,7 +1,8 @@
-"""One lock per artifact (replearn/lock.py): a second process asking for an artifact that is being built refuses
+"""One lock per artifact (replearn/core/lock.py): a second process asking for an artifact that is being built refuses
 in one line naming the first (two `replearn pretrain` on one run folder, two `replearn features` into one file);
 a stale lock (its holder dead) is taken over; the lock is re-entrant in one process and released on success,
-exception and Ctrl-C; shared caches wait instead of refusing; temporary files get names no other process shares.
+exception and Ctrl-C; shared caches wait instead of refusing; temporary files get names no other process shares;
+the Stage every stage runs through reuses by key and says "up to date" only of what an earlier run built.
 
 The CLI tests freeze the first process (SIGSTOP) once it holds its lock, run the second, then let the first
 finish: the outcome does not depend on how fast this machine is."""
@@ -20,10 +21,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, random_images
-from replearn import lock, pretrain
-from replearn.config import ConfigError, build
-from replearn.store import FeatureFile, write_image_cache
-from replearn.utils import read_jsonl, remove_stale_temps, temp_name
+from replearn.core import lock, stage
+from replearn.train import pretrain
+from replearn.core.config import ConfigError, build
+from replearn.core.store import FeatureFile, write_image_cache
+from replearn.core.utils import read_jsonl, remove_stale_temps, temp_name
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 PRETRAIN = ["width=0.125", "batch_size=8", "n_critic=1", "precision=fp32", "log_every=1", "sample_every=100",
@@ -79,7 +81,7 @@ def assert_refused_by(second: subprocess.CompletedProcess, artifact: str, pid: i
 
 def hold_in_child(path: Path, seconds: float) -> subprocess.Popen:
     """Another process holding `path`'s lock for `seconds` (it prints 'held' once it has it)."""
-    code = (f"import time; from replearn.lock import building\n"
+    code = (f"import time; from replearn.core.lock import building\n"
             f"with building({str(path)!r}):\n    print('held', flush=True); time.sleep({seconds})\n")
     proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -176,3 +178,43 @@ def test_temporary_names_are_never_shared(tmp_path):
         p.write_text("")
     remove_stale_temps(path)
     assert not gone.exists() and not old_style.exists() and live.exists()
+
+
+# ----------------------------------------------------------------------------- the Stage that every stage uses
+def counting_stage(tmp_path: Path, built: list, wait: bool = False) -> stage.Stage:
+    def build_it(cfg, out, key):
+        built.append(key)
+        out.write_text(key)
+        return out
+    return stage.Stage("demo", key=lambda cfg: f"k{cfg}", out=lambda cfg, key: tmp_path / f"{key}.txt",
+                       finished=lambda cfg, out, key: out.exists() and out.read_text() == key, build=build_it, wait=wait)
+
+
+def test_the_stage_builds_once_and_calls_up_to_date_only_what_an_earlier_run_built(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(stage, "_BUILT", set())
+    built: list = []
+    demo = counting_stage(tmp_path, built)
+    assert demo.run(1) == tmp_path / "k1.txt" and built == ["k1"]
+    assert demo.run(1) == tmp_path / "k1.txt" and built == ["k1"]      # reused ...
+    assert "up to date" not in capsys.readouterr().err                 # ... silently: this process built it
+    monkeypatch.setattr(stage, "_BUILT", set())                        # as a later process finds it
+    demo.run(1)
+    assert capsys.readouterr().err == f"demo: {tmp_path / 'k1.txt'} is up to date (key k1); delete it to recompute\n"
+    assert demo.plan(2) == (tmp_path / "k2.txt", "k2") and not demo.is_done(2)
+    assert built == ["k1"]
+
+
+def test_the_stage_refuses_while_another_process_builds_and_waits_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr(stage, "_BUILT", set())
+    built: list = []
+    holder = hold_in_child(tmp_path / "k1.txt", 1.5)
+    try:
+        with pytest.raises(ConfigError, match=rf"k1.txt is being built by pid {holder.pid} \(started "):
+            counting_stage(tmp_path, built).run(1)
+        assert built == []
+        (tmp_path / "k1.txt").write_text("k1")                          # what the holder publishes
+        counting_stage(tmp_path, built, wait=True).run(1)               # waits, then reuses it
+        assert built == []
+    finally:
+        holder.kill()
+        holder.wait()

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 
 from conftest import random_images, random_inception_weights
-from replearn import evaluate, metrics, pretrain, report
-from replearn.config import ConfigError, build
-from replearn.store import write_image_cache
+from replearn.train import evaluate, metrics, pretrain, report
+from replearn.core.config import ConfigError, build
+from replearn.core.store import write_image_cache
 
 
 class TinyExtractor(nn.Module):

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from replearn import losses, nets, zoo
-from replearn.config import ConfigError
+from replearn.models import losses, nets, zoo
+from replearn.core.config import ConfigError
 
 
 def test_dcgan_critic_matches_protocol_layout():

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, random_images
-from replearn import chain, cli, data, pretrain
-from replearn.config import ConfigError, build, field_help
+from replearn.train import pretrain
+from replearn import chain, cli, data
+from replearn.core.config import ConfigError, build, field_help
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 

@@ -1,4 +1,4 @@
-"""The gradient penalty's cheaper forward pass (replearn.penalty) gives exactly the penalty
+"""The gradient penalty's cheaper forward pass (replearn.models.penalty) gives exactly the penalty
 gradients of PyTorch's standard double backward, for every critic it accepts, and is refused
 where it would not be exact."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from replearn import losses, nets, penalty, zoo
+from replearn.models import losses, nets, penalty, zoo
 
 
 def penalty_grads(critic: torch.nn.Module, real, fake, alpha, fast: bool, bf16: bool = False) -> dict:

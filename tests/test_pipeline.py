@@ -11,7 +11,7 @@ import pytest
 
 from conftest import random_images
 from replearn.cli import main
-from replearn.store import FeatureFile, write_image_cache
+from replearn.core.store import FeatureFile, write_image_cache
 
 
 def write_cifar_batches(folder: Path, n_train: int, n_test: int) -> None:
@@ -83,8 +83,8 @@ def test_stage_help_lists_keys(capsys):
 
 
 def test_overrides_parse_lists_words_and_numbers():
-    from replearn import svm
-    from replearn.config import build
+    from replearn.probe import svm
+    from replearn.core.config import build
     cfg = build(svm.Config, "svm", ["settings=full,400", "layers=3,4,5", "c_grid=1e-3,1e-2", "standardize=true"])
     assert cfg.settings == ("full", "400") and cfg.layers == (3, 4, 5) and cfg.c_grid == (1e-3, 1e-2)
     assert cfg.standardize is True

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import random_images
-from replearn import pretrain, runs
-from replearn.config import ConfigError, build
-from replearn.store import write_image_cache
-from replearn.utils import read_jsonl
+from replearn.train import pretrain, runs
+from replearn.core.config import ConfigError, build
+from replearn.core.store import write_image_cache
+from replearn.core.utils import read_jsonl
 
 TINY = dict(width=0.125, batch_size=8, n_critic=2, precision="fp32", log_every=1, sample_every=2, ckpt_every=2)
 

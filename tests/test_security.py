@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from replearn import data, evaluate, kmeans, metrics, runs, store
-from replearn.config import ConfigError
+from replearn.core import store
+from replearn.train import evaluate, metrics, runs
+from replearn.probe import kmeans
+from replearn import data
+from replearn.core.config import ConfigError
 
 from conftest import random_images
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 
 from conftest import random_images
-from replearn import pretrain
-from replearn.config import build
-from replearn.store import write_image_cache
+from replearn.train import pretrain
+from replearn.core.config import build
+from replearn.core.store import write_image_cache
 
 
 def test_the_seed003_preset_is_the_seeds_schedule():

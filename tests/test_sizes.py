@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from conftest import REPO, random_images
-from replearn import features, nets, pretrain, zoo
-from replearn.config import ConfigError, build
-from replearn.store import with_channels, write_image_cache
+from replearn.models import nets, zoo
+from replearn.train import pretrain
+from replearn.probe import features
+from replearn.core.config import ConfigError, build
+from replearn.core.store import with_channels, write_image_cache
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -64,8 +66,8 @@ def test_a_default_run_keeps_its_key():
     """channels=3 (the old implicit value) is left out of the key, so existing runs are not rebuilt."""
     cfg = pretrain.resolve(pretrain.Config(model="dcgan"))
     record = {k: v for k, v in pretrain.to_dict(cfg).items() if k not in ("channels", "inception_weights")}
-    from replearn import runs
-    old = runs.artifact_key("pretrain", record, ignore=pretrain.RESUMABLE_KEYS, data="d", trainer=pretrain.TRAINER_VERSION)
+    from replearn.core import stage
+    old = stage.artifact_key("pretrain", record, ignore=pretrain.RESUMABLE_KEYS, data="d", trainer=pretrain.TRAINER_VERSION)
     assert pretrain.run_key(cfg, "d") == old
     assert pretrain.run_key(pretrain.resolve(pretrain.Config(model="dcgan", channels=1)), "d") != old
 

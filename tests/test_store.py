@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from replearn.store import FeatureFile, FeatureWriter, read_attrs, read_image_cache, write_attrs, write_image_cache
+from replearn.core.store import FeatureFile, FeatureWriter, read_attrs, read_image_cache, write_attrs, write_image_cache
 
 
 ATTRS = {"model": "dcgan", "checkpoint_step": 2000, "seconds": 1.5, "bn_stats": True, "note": None,

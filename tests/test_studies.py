@@ -14,9 +14,13 @@ import pytest
 import torch
 
 from conftest import REPO, random_images, random_inception_weights
-from replearn import ablation, augment, classifier, data, generate, pretrain, subset, wgan_grid
-from replearn.config import ConfigError, build
-from replearn.store import write_image_cache
+from replearn.data import subset
+from replearn.train import generate, pretrain
+from replearn.probe import classifier
+from replearn.studies import ablation, augment, wgan_grid
+from replearn import data
+from replearn.core.config import ConfigError, build
+from replearn.core.store import read_image_cache, write_image_cache
 from test_chain import artifact_times, labelled_images
 
 TINY_PROBE = "per_class=10 val_size=40 select_draws=1 final_draws=2 train_rows=0 test_rows=0 svm_args=c_extend=1"
@@ -148,7 +152,7 @@ def test_a_study_refuses_steps_and_seeds_in_pretrain_args(sources):
 
 
 def test_noise_marks_use_the_larger_half_width():
-    from replearn import study_tables as st
+    from replearn.studies import study_tables as st
     a, b = st.stats([0.60, 0.62, 0.64]), st.stats([0.50, 0.52, 0.54, None])
     assert a["std"] == pytest.approx(0.02) and b["n"] == 3                 # ddof=1; a missing seed is left out
     seeds = st.seed_half_width(a, b)
@@ -199,9 +203,9 @@ def test_augment_study_rows_and_generated_images(sources):
 
 # ============================================================================ the class filter and generated data
 def test_subset_keeps_classes_with_the_same_images_per_class(sources, tmp_path):
-    both = data.read_image_cache(subset.run(subset.Config(source=sources["train"], classes=(2, 0), per_class=7,
+    both = read_image_cache(subset.run(subset.Config(source=sources["train"], classes=(2, 0), per_class=7,
                                                           out_dir=str(tmp_path))))
-    one = data.read_image_cache(subset.run(subset.Config(source=sources["train"], classes=(0,), per_class=7,
+    one = read_image_cache(subset.run(subset.Config(source=sources["train"], classes=(0,), per_class=7,
                                                          out_dir=str(tmp_path))))
     assert both.class_names == ["c", "a"] and np.bincount(both.labels).tolist() == [7, 7]
     assert np.array_equal(both.images[both.labels == 1], one.images)      # class 0 is label 1 of (2, 0)

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from replearn import svm
-from replearn.config import ConfigError, build
-from replearn.store import FeatureWriter
+from replearn.probe import svm
+from replearn.core.config import ConfigError, build
+from replearn.core.store import FeatureWriter
 
 
 def blobs(n: int, d: int, k: int, seed: int, spread: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -81,8 +81,8 @@ def test_nystrom_preconditioner_is_exact_at_full_rank(monkeypatch):
     """Rank >= P+1: the randomized preconditioner equals the dense (I + mu S)^-1."""
     torch = pytest.importorskip("torch")
     X, _ = blobs(80, 12, 3, seed=8)
-    design = svm._Design(torch.from_numpy(X), 1.0)
-    monkeypatch.setattr(svm, "NYSTROM_RANK", 13)
+    design = svm.design._Design(torch.from_numpy(X), 1.0)
+    monkeypatch.setattr(svm.design, "NYSTROM_RANK", 13)
     r = torch.randn(13, 3, dtype=torch.float64)
     dense, low_rank = design._dense(0.3)(r), design._nystrom(0.3)(r)
     assert torch.allclose(dense, low_rank, rtol=1e-4, atol=1e-6)
@@ -91,7 +91,7 @@ def test_nystrom_preconditioner_is_exact_at_full_rank(monkeypatch):
 def test_gram_preconditioner_inverts_i_plus_mu_ztz(monkeypatch):
     """In Gram space (Z = L, N x N) the preconditioner at full rank is exactly (I + mu Z^T Z)^-1."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(svm, "NYSTROM_RANK", 41)
+    monkeypatch.setattr(svm.design, "NYSTROM_RANK", 41)
     X, y = blobs(40, 60, 3, seed=9)
     problem = svm.prepare(X, y, method="gram", device="cpu")
     Z = problem.design.A.double()
@@ -105,8 +105,8 @@ def test_gram_preconditioner_inverts_i_plus_mu_ztz(monkeypatch):
 @pytest.mark.parametrize("fit_intercept", [True, False])
 def test_wide_primal_with_nystrom_matches_linearsvc(monkeypatch, fit_intercept):
     """Designs wider than the dense limit take the randomized (Nystrom) preconditioner."""
-    monkeypatch.setattr(svm, "DENSE_PRECONDITIONER_MAX_DIM", 16)
-    monkeypatch.setattr(svm, "NYSTROM_RANK", 8)
+    monkeypatch.setattr(svm.design, "DENSE_PRECONDITIONER_MAX_DIM", 16)
+    monkeypatch.setattr(svm.design, "NYSTROM_RANK", 8)
     X, y = blobs(300, 50, 3, seed=10)
     X += 2.0                                         # a large mean direction, as trained features have
     for C in (1e-3, 0.1):
@@ -122,11 +122,11 @@ def test_bf16_hessian_reaches_the_float32_optimum(monkeypatch, dense):
     X, y = blobs(400, 60, 3, seed=11)
     X += 2.0
     if not dense:                                    # the Nystrom sketch runs on the bf16 copy too
-        monkeypatch.setattr(svm, "DENSE_PRECONDITIONER_MAX_DIM", 16)
-        monkeypatch.setattr(svm, "NYSTROM_RANK", 8)
+        monkeypatch.setattr(svm.design, "DENSE_PRECONDITIONER_MAX_DIM", 16)
+        monkeypatch.setattr(svm.design, "NYSTROM_RANK", 8)
     exact = svm.fit(X, y, 0.05, method="primal", device="cpu")
-    monkeypatch.setattr(svm, "BF16_HESSIAN_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(svm, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(svm.design, "BF16_HESSIAN_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(svm.design, "bf16_supported", lambda device: True)
     fast = svm.fit(X, y, 0.05, method="primal", device="cpu")
     assert exact.info["hessian"] == "float32" and fast.info["hessian"] == "bfloat16"
     assert fast.info["converged"] and fast.info["cg_iterations"] >= fast.info["iterations"] > 0
@@ -138,9 +138,9 @@ def test_bf16_hessian_reaches_the_float32_optimum(monkeypatch, dense):
 def test_draws_are_class_balanced_and_reproducible():
     labels = np.repeat(np.arange(10), 50)
     np.random.default_rng(0).shuffle(labels)
-    a = svm.balanced_draw(labels, 7, svm.draw_rng(0, 3, 5))
-    b = svm.balanced_draw(labels, 7, svm.draw_rng(0, 3, 5))
-    c = svm.balanced_draw(labels, 7, svm.draw_rng(0, 3, 6))
+    a = svm.protocol.balanced_draw(labels, 7, svm.protocol.draw_rng(0, 3, 5))
+    b = svm.protocol.balanced_draw(labels, 7, svm.protocol.draw_rng(0, 3, 5))
+    c = svm.protocol.balanced_draw(labels, 7, svm.protocol.draw_rng(0, 3, 6))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert np.bincount(labels[a]).tolist() == [7] * 10
     assert len(np.unique(a)) == len(a)
@@ -148,13 +148,13 @@ def test_draws_are_class_balanced_and_reproducible():
 
 def test_validation_split_is_disjoint_and_draws_respect_it():
     labels = np.repeat(np.arange(5), 100)
-    rest, val = svm.split_validation(labels, 100, seed=0)
+    rest, val = svm.protocol.split_validation(labels, 100, seed=0)
     assert np.bincount(labels[val]).tolist() == [20] * 5
     assert len(np.intersect1d(rest, val)) == 0 and len(rest) + len(val) == len(labels)
-    draw = svm.balanced_draw(labels, 10, svm.draw_rng(0, 2, 0), pool=rest)
+    draw = svm.protocol.balanced_draw(labels, 10, svm.protocol.draw_rng(0, 2, 0), pool=rest)
     assert len(np.intersect1d(draw, val)) == 0
     with pytest.raises(ConfigError):
-        svm.balanced_draw(labels, 90, svm.draw_rng(0, 2, 0), pool=rest)
+        svm.protocol.balanced_draw(labels, 90, svm.protocol.draw_rng(0, 2, 0), pool=rest)
 
 
 # ----------------------------------------------------------------------------- protocol end to end
@@ -271,12 +271,12 @@ def test_class_preconditioner_inverts_each_class_hessian_at_full_rank(monkeypatc
     """With the sketch spanning the whole space, M_k is class k's own Hessian I + 2C A^T D_k A (formed
     here by hand from the augmented design), so M_k^-1 H_k v = v for every class at once."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(svm, "DENSE_PRECONDITIONER_MAX_DIM", 8)
+    monkeypatch.setattr(svm.design, "DENSE_PRECONDITIONER_MAX_DIM", 8)
     X, y = blobs(60, 20, 3, seed=12)
     X += 1.5
     problem = svm.prepare(X, y, method=method, device="cpu", preconditioner="class")
     design = problem.design
-    monkeypatch.setattr(svm, "NYSTROM_RANK", design.A.shape[1] + 1)
+    monkeypatch.setattr(svm.design, "NYSTROM_RANK", design.A.shape[1] + 1)
     assert design.preconditioning == "class"
     A = torch.cat([design.A.double(), torch.full((len(X), 1), float(design.scale), dtype=torch.float64)], 1)
     active = (torch.rand(len(X), 3, generator=torch.Generator().manual_seed(0)) > 0.4).double()
@@ -291,8 +291,8 @@ def test_class_preconditioner_inverts_each_class_hessian_at_full_rank(monkeypatc
 @pytest.mark.parametrize("method", ["gram", "primal"])
 def test_class_preconditioner_reaches_the_same_optimum(monkeypatch, method):
     """A preconditioner changes the path, not the optimum: per-class and shared fits agree with LinearSVC."""
-    monkeypatch.setattr(svm, "DENSE_PRECONDITIONER_MAX_DIM", 16)
-    monkeypatch.setattr(svm, "NYSTROM_RANK", 8)
+    monkeypatch.setattr(svm.design, "DENSE_PRECONDITIONER_MAX_DIM", 16)
+    monkeypatch.setattr(svm.design, "NYSTROM_RANK", 8)
     X, y = blobs(300, 50, 3, seed=13)
     X += 2.0
     C = 0.05
@@ -314,7 +314,7 @@ def test_class_preconditioner_reaches_the_same_optimum(monkeypatch, method):
 def test_blocked_backward_product_matches_a_float64_reference(monkeypatch):
     """[A | s]^T R summed over row blocks (a ragged last block included) against a float64 product."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(svm, "BACKWARD_ROWS", 7)
+    monkeypatch.setattr(svm.design, "BACKWARD_ROWS", 7)
     X, y = blobs(60, 20, 3, seed=17)
     design = svm.prepare(X, y, method="primal", device="cpu").design
     R = torch.randn(60, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -329,10 +329,10 @@ def test_adopted_sketch_serves_a_design_over_more_rows(monkeypatch):
     B are [A | s] U for every row, hand-formed; at full rank its M_k is still each class's own Hessian
     over all rows; the refit reaches LinearSVC's optimum; a sketch of other dims is refused."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(svm, "DENSE_PRECONDITIONER_MAX_DIM", 8)
+    monkeypatch.setattr(svm.design, "DENSE_PRECONDITIONER_MAX_DIM", 8)
     X, y = blobs(120, 20, 3, seed=18)
     X += 1.5
-    monkeypatch.setattr(svm, "NYSTROM_RANK", 21)                          # full rank: P + 1
+    monkeypatch.setattr(svm.design, "NYSTROM_RANK", 21)                          # full rank: P + 1
     first = svm.prepare(X[:90], y[:90], method="primal", device="cpu").design
     assert first.sketch_state() is None                                  # nothing built yet
     first.class_preconditioner(0.03, torch.ones(90, 3, dtype=torch.float64))
@@ -347,11 +347,11 @@ def test_adopted_sketch_serves_a_design_over_more_rows(monkeypatch):
     Hv = torch.stack([(torch.eye(21, dtype=torch.float64) + 2 * C * A.T @ (active[:, k:k + 1] * A)) @ v[:, k]
                       for k in range(3)], 1)
     assert torch.allclose(design.class_preconditioner(C, active)(Hv), v, rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr(svm, "NYSTROM_RANK", 6)                           # a low-rank sketch, as at scale
+    monkeypatch.setattr(svm.design, "NYSTROM_RANK", 6)                           # a low-rank sketch, as at scale
     small = svm.prepare(X[:90], y[:90], method="primal", device="cpu").design
     small.class_preconditioner(0.03, torch.ones(90, 3, dtype=torch.float64))
     problem = svm.prepare(X, y, method="primal", device="cpu", sketch=small.sketch_state())
-    V, info = svm._newton(problem, 0.05, None, svm.TOL, svm.MAX_ITER)
+    V, info = svm.solver._newton(problem, 0.05, None, svm.solver.TOL, svm.solver.MAX_ITER)
     ours, ref = problem.to_model(V, info), svm.fit_liblinear(X, y, 0.05, tol=1e-7, max_iter=200000)
     assert info["converged"] and ours.objective(X, y, 0.05) == pytest.approx(ref.objective(X, y, 0.05), rel=1e-4)
     with pytest.raises(ValueError, match="does not fit"):
@@ -363,7 +363,7 @@ def test_sampled_preconditioner_inverts_each_class_hessian_when_the_sample_is_ev
     """With ROW_SAMPLE >= N the sample is every row (c = 2C), so M_k is class k's own Hessian
     I + 2C A^T D_k A, formed here by hand from the augmented design: M_k^-1 H_k v = v for every class."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(svm, "ROW_SAMPLE", 1000)
+    monkeypatch.setattr(svm.design, "ROW_SAMPLE", 1000)
     X, y = blobs(60, 80, 3, seed=15)
     X += 1.5
     design = svm.prepare(X, y, method=method, device="cpu", preconditioner="rows").design
@@ -380,8 +380,8 @@ def test_sampled_preconditioner_inverts_each_class_hessian_when_the_sample_is_ev
 def test_sampled_preconditioner_on_a_subsample_reaches_linearsvc_and_the_shared_optimum(monkeypatch):
     """A sample of 64 of 400 rows: M_k is only an estimate of H_k, so CG takes more than one step, and the
     fit still reaches LinearSVC's optimum (the preconditioner changes the path, not the point)."""
-    monkeypatch.setattr(svm, "ROW_SAMPLE", 64)
-    monkeypatch.setattr(svm, "DENSE_PRECONDITIONER_MAX_DIM", 16)
+    monkeypatch.setattr(svm.design, "ROW_SAMPLE", 64)
+    monkeypatch.setattr(svm.design, "DENSE_PRECONDITIONER_MAX_DIM", 16)
     X, y = blobs(400, 60, 4, seed=16)
     X += 2.0
     for C in (0.05, 2.0):
@@ -395,7 +395,7 @@ def test_sampled_preconditioner_on_a_subsample_reaches_linearsvc_and_the_shared_
 def test_jittered_cholesky_raises_the_shift_until_the_matrix_is_positive_definite():
     torch = pytest.importorskip("torch")
     G = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)        # eigenvalues 3 and -1
-    L = svm._jittered_cholesky(G, 0.5)                                      # 0.5 fails, 5.0 works
+    L = svm.design._jittered_cholesky(G, 0.5)                                      # 0.5 fails, 5.0 works
     assert torch.allclose(L @ L.T, G + 5.0 * torch.eye(2, dtype=torch.float64))
     assert L.is_contiguous()
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from replearn import svm
+from replearn.core import stage as core_stage
+from replearn.probe import svm
 from replearn.cli import main as cli
-from replearn.config import ConfigError, build
+from replearn.core.config import ConfigError, build
 
 TIMING = ("seconds", "selection_seconds", "final_seconds")
 
@@ -72,32 +73,32 @@ def peaked(at: float):
 
 def test_bracket_extends_upward_until_the_best_is_interior():
     score, calls = peaked(100.0)
-    curve, added = svm.bracket(score, [1e-1, 1e-2, 1.0], cap=4)
+    curve, added = svm.search.bracket(score, [1e-1, 1e-2, 1.0], cap=4)
     assert sorted(curve) == [1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0]
-    assert added == {"up": 3, "down": 0} and svm._pick(curve) == 100.0
+    assert added == {"up": 3, "down": 0} and svm.search._pick(curve) == 100.0
     assert calls[0] == [1e-2, 1e-1, 1.0] and calls[1:] == [[10.0], [100.0], [1000.0]]   # increasing, one per decade
-    assert not svm._search_fields(curve, added, 1.0)["c_at_edge"]
+    assert not svm.search._search_fields(curve, added, 1.0)["c_at_edge"]
 
 
 def test_bracket_extends_downward_and_stops_at_the_cap():
     score, _ = peaked(1e-5)
-    curve, added = svm.bracket(score, [1e-2, 1e-1], cap=4)
+    curve, added = svm.search.bracket(score, [1e-2, 1e-1], cap=4)
     assert min(curve) == pytest.approx(1e-6) and added == {"up": 0, "down": 4}
-    assert svm._pick(curve) == pytest.approx(1e-5)
+    assert svm.search._pick(curve) == pytest.approx(1e-5)
     score, _ = peaked(1e6)                          # beyond the cap: the edge is recorded
-    curve, added = svm.bracket(score, [1e-2, 1e-1], cap=2)
+    curve, added = svm.search.bracket(score, [1e-2, 1e-1], cap=2)
     assert max(curve) == pytest.approx(10.0) and added == {"up": 2, "down": 0}
-    assert svm._search_fields(curve, added, 1.0)["c_at_edge"]
-    curve, added = svm.bracket(score, [1e-2, 1e-1], cap=0)     # c_extend=0: the grid only
-    assert sorted(curve) == [1e-2, 1e-1] and svm._search_fields(curve, added, 1.0)["c_at_edge"]
+    assert svm.search._search_fields(curve, added, 1.0)["c_at_edge"]
+    curve, added = svm.search.bracket(score, [1e-2, 1e-1], cap=0)     # c_extend=0: the grid only
+    assert sorted(curve) == [1e-2, 1e-1] and svm.search._search_fields(curve, added, 1.0)["c_at_edge"]
 
 
 def test_bracket_walks_candidates_before_adding_decades():
     score, calls = peaked(2e-3)
     candidates = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2]
-    curve, added = svm.bracket(score, [2e-4, 5e-4, 1e-3], cap=4, candidates=candidates)
+    curve, added = svm.search.bracket(score, [2e-4, 5e-4, 1e-3], cap=4, candidates=candidates)
     assert calls[1:] == [[2e-3], [5e-3]] and added == {"up": 0, "down": 0}
-    assert svm._pick(curve) == 2e-3
+    assert svm.search._pick(curve) == 2e-3
 
 
 def test_ties_do_not_stop_the_search():
@@ -105,11 +106,11 @@ def test_ties_do_not_stop_the_search():
     has not fallen anywhere); a plateau of the best score is followed to the cap on both sides."""
     def chance_then_peak(cs):
         return {c: max(1 / 3, 1 - abs(np.log10(c) + 2) / 3) for c in cs}      # chance below 1e-5, best at 1e-2
-    curve, added = svm.bracket(chance_then_peak, [1e-7, 1e-6], cap=6)
-    assert svm._pick(curve) == pytest.approx(1e-2) and added == {"up": 5, "down": 0}
-    curve, added = svm.bracket(lambda cs: {c: 1.0 for c in cs}, [1.0, 10.0], cap=3)
-    assert added == {"up": 3, "down": 3} and svm._pick(curve) == pytest.approx(1e-3)
-    assert svm._search_fields(curve, added, 1.0)["c_at_edge"]
+    curve, added = svm.search.bracket(chance_then_peak, [1e-7, 1e-6], cap=6)
+    assert svm.search._pick(curve) == pytest.approx(1e-2) and added == {"up": 5, "down": 0}
+    curve, added = svm.search.bracket(lambda cs: {c: 1.0 for c in cs}, [1.0, 10.0], cap=3)
+    assert added == {"up": 3, "down": 3} and svm.search._pick(curve) == pytest.approx(1e-3)
+    assert svm.search._search_fields(curve, added, 1.0)["c_at_edge"]
 
 
 def test_run_brackets_both_settings_from_a_low_grid(tmp_path):
@@ -131,13 +132,13 @@ def test_c_scale_norm_multiplies_the_grid(tmp_path):
     features = write_h5(tmp_path / "f.h5", train=(X, y))
     cfg = config(features, tmp_path / "r.json", settings=("full",), c_grid=(1e-3, 1e-2, 1e-1), c_scale="norm")
     record = json.loads(svm.run(cfg).read_text())
-    factor = float(f"{svm.NORM_REFERENCE / np.mean(np.sum(X.astype(np.float64) ** 2, 1)):.3g}")
+    factor = float(f"{svm.protocol.NORM_REFERENCE / np.mean(np.sum(X.astype(np.float64) ** 2, 1)):.3g}")
     full = record["settings"]["full"]
     assert full["c_scale_factor"] == record["c_scale"]["factor"] == factor != 1.0
     for c in (1e-3, 1e-2, 1e-1):
-        assert svm._round_c(c * factor) in full["grid"]
+        assert svm.search._round_c(c * factor) in full["grid"]
     assert build(svm.Config, "svm", {"preset": "smoke"}).c_scale == "norm"
-    assert build(svm.Config, "svm", {"preset": "paper"}).c_grid == svm.DEFAULT_C_GRID
+    assert build(svm.Config, "svm", {"preset": "paper"}).c_grid == svm.protocol.DEFAULT_C_GRID
     assert build(svm.Config, "svm", {"preset": "paper"}).c_scale == "none"
 
 
@@ -146,8 +147,8 @@ def test_c_scale_norm_multiplies_the_grid(tmp_path):
 def test_refit_c_rule(tmp_path, monkeypatch, form):
     """The full setting's refit on all n = 300 rows after choosing C on n_rest = 240."""
     fitted = []
-    path = svm._Fitter.path
-    monkeypatch.setattr(svm._Fitter, "path", lambda self, cs, warm=None: fitted.append((len(self.X), list(cs)))
+    path = svm.search._Fitter.path
+    monkeypatch.setattr(svm.search._Fitter, "path", lambda self, cs, warm=None: fitted.append((len(self.X), list(cs)))
                         or path(self, cs, warm))
     grid = (1e-4, 1e-3, 1e-2) if form == "sum" else (0.024, 0.24, 2.4)
     cfg = config(write_h5(tmp_path / "f.h5"), tmp_path / "r.json", settings=("full",), c_form=form, c_grid=grid)
@@ -168,8 +169,8 @@ def test_presearch_fits_the_subsample_in_mean_form_and_refines_only_when_asked(t
     curve is keyed by the 240-row C; c_refine=false fits nothing else on 240 rows, and the refit on all
     300 starts from the subsample's model at the chosen C."""
     fitted = []
-    path = svm._Fitter.path
-    monkeypatch.setattr(svm._Fitter, "path", lambda self, cs, warm=None: fitted.append(
+    path = svm.search._Fitter.path
+    monkeypatch.setattr(svm.search._Fitter, "path", lambda self, cs, warm=None: fitted.append(
         (len(self.X), list(cs), warm is not None)) or path(self, cs, warm))
     cfg = config(write_h5(tmp_path / "f.h5"), tmp_path / "r.json", settings=("full",), c_presearch=120,
                  c_refine=refine, c_grid=(1e-4, 1e-3, 1e-2))
@@ -194,10 +195,10 @@ def test_presearch_fits_the_subsample_in_mean_form_and_refines_only_when_asked(t
 def test_refit_adopts_the_selection_designs_sketch(tmp_path, monkeypatch):
     """A sketched primal design (d = 12 > the dense limit, n > d): the refit on all 300 rows is prepared
     with the 240-row selection design's sketch, and still reaches the same point as a cold refit."""
-    monkeypatch.setattr(svm, "DENSE_PRECONDITIONER_MAX_DIM", 4)
-    monkeypatch.setattr(svm, "NYSTROM_RANK", 6)
+    monkeypatch.setattr(svm.design, "DENSE_PRECONDITIONER_MAX_DIM", 4)
+    monkeypatch.setattr(svm.design, "NYSTROM_RANK", 6)
     prepared, prepare = [], svm.prepare
-    monkeypatch.setattr(svm, "prepare", lambda X, y, *a, **kw: prepared.append((len(X), kw.get("sketch")))
+    monkeypatch.setattr(svm.search, "prepare", lambda X, y, *a, **kw: prepared.append((len(X), kw.get("sketch")))
                         or prepare(X, y, *a, **kw))
     cfg = config(write_h5(tmp_path / "f.h5"), tmp_path / "r.json", settings=("full",), c_grid=(1e-4, 1e-3, 1e-2))
     full = json.loads(svm.run(cfg).read_text())["settings"]["full"]
@@ -205,7 +206,7 @@ def test_refit_adopts_the_selection_designs_sketch(tmp_path, monkeypatch):
     assert (n_select, n_refit, none) == (240, 300, None)
     assert sketch is not None and sketch[3] == 240 and sketch[0].shape == (13, 6)
     X, y = blobs(300, seed=1)
-    order = np.concatenate(svm.split_validation(y, 60, cfg.seed))
+    order = np.concatenate(svm.protocol.split_validation(y, 60, cfg.seed))
     cold = svm.fit(X[order], y[order], full["c"], device="cpu")
     assert full["test_acc"] == pytest.approx(svm.accuracy(cold, *blobs(150, seed=2)), abs=1 / 150)
 
@@ -215,19 +216,19 @@ def test_fit_records_convergence_iterations_and_jitter(monkeypatch):
     X, y = blobs(200, seed=3)
     model = svm.fit(X, y, 0.01, device="cpu")
     assert model.info["converged"] and model.info["stop"] == "gradient"
-    assert model.info["iterations"] >= 1 and model.info["rel_grad"] <= svm.TOL and model.info["jitter"] == 0.0
+    assert model.info["iterations"] >= 1 and model.info["rel_grad"] <= svm.solver.TOL and model.info["jitter"] == 0.0
     capped = svm.fit(X, y, 10.0, max_iter=1, device="cpu")
     assert capped.info["stop"] == "max_iter" and not capped.info["converged"] and capped.info["iterations"] == 1
-    assert capped.info["rel_grad"] > svm.TOL
+    assert capped.info["rel_grad"] > svm.solver.TOL
     assert all(m.info["converged"] for m in svm.fit_path(X, y, [1e-3, 1e-1], device="cpu"))
     assert svm.fit_liblinear(X, y, 0.01).info is None
 
 
 def test_gram_jitter_is_recorded(monkeypatch):
-    _, rel = svm._cholesky(torch.ones(3, 3, dtype=torch.float64))      # rank one: needs a jitter
+    _, rel = svm.design._cholesky(torch.ones(3, 3, dtype=torch.float64))      # rank one: needs a jitter
     assert rel > 0
-    cholesky = svm._cholesky
-    monkeypatch.setattr(svm, "_cholesky", lambda G: (cholesky(G)[0], 1e-7))
+    cholesky = svm.design._cholesky
+    monkeypatch.setattr(svm.design, "_cholesky", lambda G: (cholesky(G)[0], 1e-7))
     X, y = blobs(30, d=60, seed=4)
     assert svm.fit(X, y, 0.01, method="gram", device="cpu").info["jitter"] == 1e-7
 
@@ -235,20 +236,20 @@ def test_gram_jitter_is_recorded(monkeypatch):
 def test_no_progress_counts_as_converged_only_under_liblinears_rule():
     X, y = blobs(90, seed=5)                       # 3 balanced classes: min(#pos, #neg) / N = 1/3
     problem = svm.prepare(X, y, device="cpu")
-    rule = svm.LIBLINEAR_TOL / 3
-    assert svm._solver_record(problem, torch.tensor([0.5 * rule] * 3), "no-progress", 7)["converged"]
-    assert not svm._solver_record(problem, torch.tensor([0.5 * rule, 2 * rule, 0.0]), "no-progress", 7)["converged"]
-    assert not svm._solver_record(problem, torch.tensor([1e-9] * 3), "max_iter", 100)["converged"]
+    rule = svm.solver.LIBLINEAR_TOL / 3
+    assert svm.solver._solver_record(problem, torch.tensor([0.5 * rule] * 3), "no-progress", 7)["converged"]
+    assert not svm.solver._solver_record(problem, torch.tensor([0.5 * rule, 2 * rule, 0.0]), "no-progress", 7)["converged"]
+    assert not svm.solver._solver_record(problem, torch.tensor([1e-9] * 3), "max_iter", 100)["converged"]
 
 
 def test_a_stalled_stop_needs_liblinears_rule_and_a_small_last_step(monkeypatch):
     X, y = blobs(600, d=40, seed=6)                # 3 balanced classes, N > D: primal design
-    rule = svm.LIBLINEAR_TOL * 200 / 600
-    monkeypatch.setattr(svm, "STALL_DECREASE", 1e300)  # any step counts as small: only the gradient rule holds it
+    rule = svm.solver.LIBLINEAR_TOL * 200 / 600
+    monkeypatch.setattr(svm.solver, "STALL_DECREASE", 1e300)  # any step counts as small: only the gradient rule holds it
     loose = svm.fit(X, y, 10.0, tol=1e-14, device="cpu")
     assert loose.info["stop"] == "stalled" and loose.info["converged"]
     assert loose.info["rel_grad"] <= rule and loose.info["iterations"] >= 1
-    monkeypatch.setattr(svm, "STALL_DECREASE", 0.0)    # never small: the fit goes on to its other rules
+    monkeypatch.setattr(svm.solver, "STALL_DECREASE", 0.0)    # never small: the fit goes on to its other rules
     tight = svm.fit(X, y, 10.0, tol=1e-14, device="cpu")
     assert tight.info["stop"] != "stalled" and tight.info["iterations"] > loose.info["iterations"]
     assert tight.info["rel_grad"] < loose.info["rel_grad"]
@@ -265,7 +266,7 @@ def test_results_summarise_every_fit(tmp_path):
         assert solver["max_iterations"] >= 1 and solver["max_jitter"] == 0.0 and solver["max_rel_grad"] < 1e-4
         assert set(solver["fit_seconds"]) == ({"select", "refit"} if res is full else {"select", "final"})
         assert all(t > 0 for t in solver["fit_seconds"].values()) and solver["cg_iterations"] >= 0
-    summary = svm.solver_summary([[1.0, "refit", {"converged": False, "stop": "max_iter", "iterations": 100,
+    summary = svm.search.solver_summary([[1.0, "refit", {"converged": False, "stop": "max_iter", "iterations": 100,
                                                   "rel_grad": 0.1, "jitter": 0.0}], [2.0, "final 0", None]])
     assert summary["not_converged"] == [[1.0, "refit", 0.1, "max_iter"]] and summary["recorded"] == 1
 
@@ -277,7 +278,7 @@ def check_fails(tmp_path, match: str, **arrays):
     with pytest.raises(ConfigError, match=match) as err:
         svm.run(config(features, out))
     assert str(features) in str(err.value) and "\n" not in str(err.value)
-    assert not out.exists() and not svm.progress_path(out).exists()
+    assert not out.exists() and not svm.stage.progress_path(out).exists()
 
 
 def test_checks_rows_against_labels(tmp_path):
@@ -298,7 +299,7 @@ def test_checks_labels_are_non_negative_integers(tmp_path):
 
 def test_checks_finite_features(tmp_path, monkeypatch):
     fitted = []
-    monkeypatch.setattr(svm._Fitter, "path", lambda *a, **k: fitted.append(1))
+    monkeypatch.setattr(svm.search._Fitter, "path", lambda *a, **k: fitted.append(1))
     X, y = blobs(300, seed=1)
     X[17, 3] = np.nan
     check_fails(tmp_path, "train features hold NaN or inf", train=(X, y))
@@ -343,24 +344,24 @@ def test_resume_after_a_kill_in_the_final_draws(tmp_path, monkeypatch):
 
     out = tmp_path / "killed.json"
     scored = []
-    score = svm.SplitScorer.score
+    score = svm.protocol.SplitScorer.score
 
     def dies_after_three_draws(self, models):     # call 1: the full setting's refit; then one per final draw
         if len(scored) == 1 + 3:
             raise Killed
         scored.append(1)
         return score(self, models)
-    monkeypatch.setattr(svm.SplitScorer, "score", dies_after_three_draws)
+    monkeypatch.setattr(svm.protocol.SplitScorer, "score", dies_after_three_draws)
     with pytest.raises(Killed):
         svm.run(config(features, out))
-    monkeypatch.setattr(svm.SplitScorer, "score", score)
-    progress = json.loads(svm.progress_path(out).read_text())
+    monkeypatch.setattr(svm.protocol.SplitScorer, "score", score)
+    progress = json.loads(svm.stage.progress_path(out).read_text())
     assert not out.exists() and "full" in progress["settings"] and len(progress["partial"]["400"]["draws"]) == 3
 
-    full_runs = count_calls(monkeypatch, svm, "run_full")
-    fits = count_calls(monkeypatch, svm._Fitter, "path")
+    full_runs = count_calls(monkeypatch, svm.stage, "run_full")
+    fits = count_calls(monkeypatch, svm.search._Fitter, "path")
     resumed = json.loads(svm.run(config(features, out)).read_text())
-    assert not full_runs and not svm.progress_path(out).exists()
+    assert not full_runs and not svm.stage.progress_path(out).exists()
     assert len(fits) == 1 + 2                      # draw 0 again (the warm start), then draws 3 and 4
     assert resumed["resumed_from"]["settings_done"] == ["full"] and resumed["resumed_from"]["final_draws_done"] == 3
     assert whole["resumed_from"] is None
@@ -376,16 +377,16 @@ def test_resume_inside_an_upward_extension_round(tmp_path, monkeypatch):
     assert whole["settings"]["400"]["c_extended"]["up"] >= 2
 
     out = tmp_path / "killed.json"
-    select_fit = svm.Setting400.select_fit
+    select_fit = svm.search.Setting400.select_fit
 
     def dies_in_the_second_extension(self, draw, cs):
         if cs[0] > self.grid[-1] * 50 and draw == 1:
             raise Killed
         return select_fit(self, draw, cs)
-    monkeypatch.setattr(svm.Setting400, "select_fit", dies_in_the_second_extension)
+    monkeypatch.setattr(svm.search.Setting400, "select_fit", dies_in_the_second_extension)
     with pytest.raises(Killed):
         svm.run(config(features, out, **values))
-    monkeypatch.setattr(svm.Setting400, "select_fit", select_fit)
+    monkeypatch.setattr(svm.search.Setting400, "select_fit", select_fit)
     resumed = json.loads(svm.run(config(features, out, **values)).read_text())
     assert resumed["resumed_from"]["select_scores"] > 0
     assert settings_without_timing(resumed) == settings_without_timing(whole)
@@ -394,17 +395,17 @@ def test_resume_inside_an_upward_extension_round(tmp_path, monkeypatch):
 def test_progress_of_another_config_is_ignored_and_replaced(tmp_path, monkeypatch):
     features = write_h5(tmp_path / "f.h5")
     out = tmp_path / "r.json"
-    svm.atomic_write_json(svm.progress_path(out), {"identity": {"config": {"seed": 99}, "features": "x"},
+    svm.stage.atomic_write_json(svm.stage.progress_path(out), {"identity": {"config": {"seed": 99}, "features": "x"},
                                                    "settings": {"full": {"c": 1.0}}, "partial": {}})
-    finish = svm.Progress.finish
+    finish = svm.stage.Progress.finish
 
     def dies_after_saving(self, name, result):
         finish(self, name, result)
         raise Killed
-    monkeypatch.setattr(svm.Progress, "finish", dies_after_saving)
+    monkeypatch.setattr(svm.stage.Progress, "finish", dies_after_saving)
     with pytest.raises(Killed):
         svm.run(config(features, out, settings=("full",)))
-    progress = json.loads(svm.progress_path(out).read_text())
+    progress = json.loads(svm.stage.progress_path(out).read_text())
     assert progress["identity"]["config"]["seed"] == 0 and progress["settings"]["full"]["c"] != 1.0
 
 
@@ -414,12 +415,13 @@ def test_reuse_by_key(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r.json"
     cfg = config(features, out, settings=("full",))
     first = json.loads(svm.run(cfg).read_text())
-    expected = svm.artifact_key("svm", svm.keyed(svm.to_dict(cfg), svm.ADDED_KEYS),
+    expected = svm.stage.artifact_key("svm", svm.stage.keyed(svm.stage.to_dict(cfg), svm.stage.ADDED_KEYS),
                                 ignore=("out", "device", "gram_cache", "preset"), features="0123456789")
     assert first["key"] == expected and first["features"]["identity"] == "0123456789" and first["complete"]
 
-    fits = count_calls(monkeypatch, svm._Fitter, "path")
+    fits = count_calls(monkeypatch, svm.search._Fitter, "path")
     capsys.readouterr()
+    monkeypatch.setattr(core_stage, "_BUILT", set())                     # as a later process finds it
     assert svm.run(dataclasses.replace(cfg, device="auto", gram_cache="on")) == out   # ignored by the key
     assert not fits and "up to date" in capsys.readouterr().err
     assert json.loads(out.read_text()) == first
@@ -430,8 +432,8 @@ def test_reuse_by_key(tmp_path, monkeypatch, capsys):
 
 def test_key_without_a_features_key_uses_path_size_mtime(tmp_path):
     features = write_h5(tmp_path / "f.h5")
-    with svm.FeatureFile(features) as ff:
-        identity = svm.features_identity(ff)
+    with svm.stage.FeatureFile(features) as ff:
+        identity = svm.stage.features_identity(ff)
     stat = features.stat()
     assert identity == f"{features.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
@@ -441,7 +443,7 @@ def test_a_key_added_with_its_old_value_re_keys_nothing():
     select_stop, whose default is now 'liblinear'), the key is the one computed without them."""
     cfg = build(svm.Config, "svm", {"select_stop": "tight"})
     before = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("c_refine", "select_stop")}
-    old_key = svm.artifact_key("svm", before, ignore=("out", "device", "gram_cache", "preset"), features="f")
+    old_key = svm.stage.artifact_key("svm", before, ignore=("out", "device", "gram_cache", "preset"), features="f")
     assert svm.results_key(cfg, "f") == old_key
     assert svm.results_key(dataclasses.replace(cfg, c_refine=False), "f") != old_key
     assert svm.results_key(build(svm.Config, "svm", {}), "f") != old_key
@@ -451,8 +453,9 @@ def test_test_split_read_in_blocks_scores_the_same(tmp_path, monkeypatch):
     """Without room for the test split in memory, it is scanned, then re-read per batch of draws."""
     features = write_h5(tmp_path / "f.h5")
     in_memory = json.loads(svm.run(config(features, tmp_path / "a.json")).read_text())
-    monkeypatch.setattr(svm, "_available_memory", lambda: 1000)
-    batches = count_calls(monkeypatch, svm, "score_on_split")
+    monkeypatch.setattr(svm.design, "_available_memory", lambda: 1000)
+    monkeypatch.setattr(svm.protocol, "_available_memory", lambda: 1000)
+    batches = count_calls(monkeypatch, svm.protocol, "score_on_split")
     streamed = json.loads(svm.run(config(features, tmp_path / "b.json")).read_text())
     assert [len(args[2]) for args in batches] == [1, 5]          # the full setting's refit, then 5 draws at once
     assert settings_without_timing(streamed) == settings_without_timing(in_memory)
@@ -475,11 +478,11 @@ def liblinear_gradient_norms(model, X, y, C: float) -> np.ndarray:
 def test_a_liblinear_stop_meets_linearsvcs_rule_and_takes_no_more_steps():
     X, y = blobs(600, d=40, seed=7)                # 3 balanced classes: liblinear's rule is 1e-4 / 3
     C = 1.0
-    loose = svm.fit(X, y, C, tol=svm.LIBLINEAR, device="cpu")
+    loose = svm.fit(X, y, C, tol=svm.solver.LIBLINEAR, device="cpu")
     tight = svm.fit(X, y, C, device="cpu")
-    assert loose.info["tol"] == "liblinear" and tight.info["tol"] == svm.TOL and loose.info["converged"]
+    assert loose.info["tol"] == "liblinear" and tight.info["tol"] == svm.solver.TOL and loose.info["converged"]
     rel = liblinear_gradient_norms(loose, X, y, C)
-    assert (rel <= 1.5 * svm.LIBLINEAR_TOL / 3).all()          # float32 weights: a little slack on the rule
+    assert (rel <= 1.5 * svm.solver.LIBLINEAR_TOL / 3).all()          # float32 weights: a little slack on the rule
     assert (liblinear_gradient_norms(tight, X, y, C) <= 1e-5).all()
     assert loose.info["iterations"] <= tight.info["iterations"]
     assert loose.objective(X, y, C) == pytest.approx(tight.objective(X, y, C), rel=1e-4)
@@ -490,8 +493,8 @@ def test_full_setting_selection_fits_stop_at_select_stop_and_the_refit_at_tol(tm
     cfg = config(write_h5(tmp_path / "f.h5"), tmp_path / "r.json", settings=("full",), select_stop=stop,
                  c_presearch=120, c_grid=(1e-4, 1e-3, 1e-2))
     rules = json.loads(svm.run(cfg).read_text())["settings"]["full"]["solver"]["stop_rules"]
-    expected = "liblinear" if stop == "liblinear" else svm.TOL
-    assert rules == {"presearch": [expected], "select": [expected], "refit": [svm.TOL]}
+    expected = "liblinear" if stop == "liblinear" else svm.solver.TOL
+    assert rules == {"presearch": [expected], "select": [expected], "refit": [svm.solver.TOL]}
     with pytest.raises(ConfigError, match="select_stop.*liblinear, tight"):
         config(tmp_path / "f.h5", tmp_path / "r.json", select_stop="loose")
 
@@ -502,8 +505,8 @@ def test_the_all_row_bracket_starts_at_the_subsample_optimum_and_steps_down_only
     candidates = [1e-4, 1e-3, 1e-2, 1e-1]
     start = candidates[1:3]                         # as select_full cuts them around a presearch optimum 1e-3
     score, calls = peaked(5e-3)                      # all rows want more C: nothing below is fitted
-    svm.bracket(score, start, cap=4, candidates=candidates)
+    svm.search.bracket(score, start, cap=4, candidates=candidates)
     assert calls == [[1e-3, 1e-2], [1e-1]]
     score, calls = peaked(1e-3)                      # the subsample's optimum wins: its lower neighbour follows
-    curve, _ = svm.bracket(score, start, cap=4, candidates=candidates)
-    assert calls == [[1e-3, 1e-2], [1e-4]] and svm._pick(curve) == 1e-3
+    curve, _ = svm.search.bracket(score, start, cap=4, candidates=candidates)
+    assert calls == [[1e-3, 1e-2], [1e-4]] and svm.search._pick(curve) == 1e-3

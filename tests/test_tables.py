@@ -9,9 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from replearn import budget, tables
-from replearn.config import ConfigError
-from replearn.svm import pack_correct, unpack_correct
+from replearn.publish import noise, tables
+from replearn import budget
+from replearn.core.config import ConfigError
+from replearn.probe.svm import pack_correct, unpack_correct
 
 
 def test_packed_correctness_round_trips():
@@ -24,13 +25,13 @@ def test_mcnemar_counts_discordant_pairs_and_its_p_value():
     a = np.zeros(n, bool)
     b = np.zeros(n, bool)
     a[:600], b[:560] = True, True          # a right on 40 images b misses, never the reverse
-    res = tables.mcnemar(pack_correct(a), pack_correct(b), n)
+    res = noise.mcnemar(pack_correct(a), pack_correct(b), n)
     assert res["only_a"] == 40 and res["only_b"] == 0 and res["diff"] == pytest.approx(0.04)
     assert res["p"] < 1e-10                 # 40 of 40 discordant pairs one way: 2 * 0.5^40
     se = np.sqrt(40 - 40 ** 2 / n) / n
     assert res["ci95"] == pytest.approx(1.96 * se)
     b[560:600], b[600:640] = False, True    # now 40 each way: no evidence of a difference
-    same = tables.mcnemar(pack_correct(a), pack_correct(b), n)
+    same = noise.mcnemar(pack_correct(a), pack_correct(b), n)
     assert same["diff"] == 0 and same["p"] == pytest.approx(1.0)
 
 
@@ -41,7 +42,7 @@ def row(k_draws, correct=None, full=None, full_correct=None, n=1000):
 
 def test_gain_k_pairs_draws_and_adds_the_test_images_noise():
     trained, control = [0.60, 0.62, 0.61, 0.63], [0.55, 0.56, 0.55, 0.57]
-    g = tables.gain_k(row(trained), row(control))
+    g = noise.gain_k(row(trained), row(control))
     diffs = np.subtract(trained, control)
     assert g["gain"] == pytest.approx(diffs.mean())
     assert g["ci95"] == pytest.approx(1.96 * diffs.std(ddof=1) / 2)      # draws only: no per-image record
@@ -49,16 +50,16 @@ def test_gain_k_pairs_draws_and_adds_the_test_images_noise():
     n = 1000
     a, b = np.zeros(n, bool), np.zeros(n, bool)
     a[:600], b[:550], b[600:630] = True, True, True
-    with_test = tables.gain_k(row(trained, pack_correct(a), n=n), row(control, pack_correct(b), n=n))
+    with_test = noise.gain_k(row(trained, pack_correct(a), n=n), row(control, pack_correct(b), n=n))
     assert with_test["ci95"] > g["ci95"] and with_test["covers"] == "draws + test sampling"
-    assert tables.gain_text(with_test).endswith("*")
-    small = tables.gain_k(row([0.60, 0.58]), row([0.59, 0.60]))
-    assert tables.gain_text(small).endswith("(n.s.)")
+    assert noise.gain_text(with_test).endswith("*")
+    small = noise.gain_k(row([0.60, 0.58]), row([0.59, 0.60]))
+    assert noise.gain_text(small).endswith("(n.s.)")
 
 
 def test_test_sampling_interval_is_binomial():
-    assert tables.test_ci95(0.5, 10_000) == pytest.approx(1.96 * 0.005)
-    assert tables.test_ci95(None, 100) is None
+    assert noise.test_ci95(0.5, 10_000) == pytest.approx(1.96 * 0.005)
+    assert noise.test_ci95(None, 100) is None
 
 
 def test_scale_says_what_ran_not_which_preset_was_named():
@@ -115,7 +116,7 @@ def test_chain_refuses_before_any_work_when_the_disk_cannot_hold_its_peak(tmp_pa
     from collections import namedtuple
 
     from test_chain import chain_config, labelled_images   # noqa: F401  (the chain's tiny sources)
-    from replearn.store import write_image_cache
+    from replearn.core.store import write_image_cache
     from conftest import random_images
     images, labels = labelled_images(40, seed=1)
     src = {"root": tmp_path,

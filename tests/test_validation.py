@@ -15,8 +15,12 @@ import h5py
 import numpy as np
 import pytest
 
-from replearn import cli, data, evaluate, kmeans, store, utils
-from replearn.config import ConfigError, build, from_dict, register_check, require, validate
+from replearn.core import store, utils
+from replearn.train import evaluate
+from replearn.probe import kmeans
+from replearn import cli, data
+from replearn.data import cache as data_cache
+from replearn.core.config import ConfigError, build, from_dict, register_check, require, validate
 
 from conftest import random_images
 
@@ -108,8 +112,8 @@ def test_prepare_checks_the_output_before_decoding(tmp_path, monkeypatch):
     def spy(folder, expected_bytes=None):
         seen.append(expected_bytes)
         return real(folder, expected_bytes)
-    monkeypatch.setattr(data, "check_writable", spy)
-    monkeypatch.setattr(data, "fit_array", lambda *a: pytest.fail("decoded before the space check"))
+    monkeypatch.setattr(data_cache, "check_writable", spy)
+    monkeypatch.setattr(data_cache, "fit_array", lambda *a: pytest.fail("decoded before the space check"))
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(utils.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 100))
     with pytest.raises(ConfigError, match="not enough free space"):
@@ -139,7 +143,7 @@ def test_feature_writer_turns_a_full_disk_into_one_line(tmp_path, monkeypatch):
 
 
 def test_a_background_writer_thread_reports_the_full_disk(tmp_path, monkeypatch):
-    from replearn.features import BackgroundWriter
+    from replearn.probe.features import BackgroundWriter
     out = tmp_path / "f.h5"
     calls = []
 
@@ -223,7 +227,7 @@ def test_skipped_images_travel_with_the_cache(tmp_path):
 
 def test_hardware_names_the_cpu_vector_units():
     # the same model name has come with and without bf16 units: timings must say which
-    from replearn.utils import cpu_vector_units
+    from replearn.core.utils import cpu_vector_units
     assert cpu_vector_units("flags : fpu sse2 avx avx2 fma") == "AVX2"
     assert cpu_vector_units("flags : avx2 avx512f avx512bw avx512_bf16") == "AVX512-BF16"
     assert cpu_vector_units("flags : avx2 avx512f avx512_bf16 amx_bf16 amx_tile") == "AMX-BF16"

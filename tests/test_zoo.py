@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import random_images
-from replearn import losses, nets, pretrain, zoo
-from replearn.recipes import RECIPES
+from replearn.models import losses, nets, zoo
+from replearn.train import pretrain
+from replearn.models.recipes import RECIPES
 
 # small nets and batches: the whole file runs in well under a minute on 2 cores
 TINY = dict(width=0.125, batch_size=4, z_dim=32, precision="fp32", device="cpu")

@@ -1,0 +1,1 @@
+"""Results -> tables: the headline table (markdown, csv, LaTeX) with its rows, gains and notes."""
