@@ -115,30 +115,35 @@ if [ "$STEP" = data ]; then
   rc=$?
 else
   CH=(chain "preset=$PRESET" "${DATA[@]}" "data_note=shared CIFAR-10 copy, JPEG q75" seed_repeats= curve=0 kmeans=0)
-  # 1. the four pretraining runs side by side (each keyed as the chain's own: seed_repeats add seed=N)
-  $PY "${CH[@]}" models=dcgan upto=pretrain > "$OUT/p-dcgan.log" 2>&1 &
-  $PY "${CH[@]}" models=wgan-gp-bn-ttur upto=pretrain > "$OUT/p-wgan.log" 2>&1 &
-  $PY "${CH[@]}" models=dcgan pretrain_args=seed=1 upto=pretrain > "$OUT/p-seed1.log" 2>&1 &
-  $PY "${CH[@]}" models=dcgan pretrain_args=seed=2 upto=pretrain > "$OUT/p-seed2.log" 2>&1 &
-  wait_all "${PRETRAIN_TIMEOUT:-300}"
-  stamp "pretraining done"
-  # 2. probes (both SVM inputs for the two models, the unscaled protocol for the seed repeats), the two
-  #    curves and K-means, side by side
-  $PY "${CH[@]}" models=dcgan upto=svm > "$OUT/s-dcgan.log" 2>&1 &
-  $PY "${CH[@]}" models=wgan-gp-bn-ttur upto=svm > "$OUT/s-wgan.log" 2>&1 &
-  $PY "${CH[@]}" models=dcgan pretrain_args=seed=1 layer_rows=0 upto=svm > "$OUT/s-seed1.log" 2>&1 &
-  $PY "${CH[@]}" models=dcgan pretrain_args=seed=2 layer_rows=0 upto=svm > "$OUT/s-seed2.log" 2>&1 &
-  for model in dcgan wgan-gp-bn-ttur; do
-    run=$(${PYTHON_BIN:-python3} - "$model" "$PRESET" "$PRE" <<'PYEOF'
+  # the preset's GANs (its models, then its seed repeats of the first) and the run folders the chain keys
+  mapfile -t RUNS < <(${PYTHON_BIN:-python3} - "$PRESET" "${DATA[@]}" <<'PYEOF'
 import sys
-from replearn import pretrain
+from replearn import chain
 from replearn.core.config import build
-cfg, key = pretrain.plan(build(pretrain.Config, "pretrain", {"preset": sys.argv[2], "model": sys.argv[1],
-                                                              "data": sys.argv[3]}))
-print(f"build/{sys.argv[2]}/{sys.argv[1]}-{key}")
+cfg = build(chain.Config, "chain", {"preset": sys.argv[1], **dict(a.split("=", 1) for a in sys.argv[2:])})
+for model, seed, run_dir in chain.planned_runs(cfg):
+    print(model, "-" if seed is None else seed, run_dir, int(cfg.curve))
 PYEOF
 )
-    $PY curve "preset=$PRESET" "run=$run" "${DATA[@]:1}" > "$OUT/c-$model.log" 2>&1 &
+  ((${#RUNS[@]})) || { echo "no GANs planned for preset $PRESET" >&2; exit 2; }
+  # 1. every pretraining run side by side (each keyed as the chain's own: a seed repeat adds seed=N)
+  for line in "${RUNS[@]}"; do
+    read -r model seed run curve <<< "$line"
+    args=(models="$model"); [ "$seed" = - ] || args+=(pretrain_args="seed=$seed")
+    $PY "${CH[@]}" "${args[@]}" upto=pretrain > "$OUT/p-$(basename "$run").log" 2>&1 &
+  done
+  wait_all "${PRETRAIN_TIMEOUT:-300}"
+  stamp "pretraining done"
+  # 2. probes (both SVM inputs for the models, the unscaled protocol for the seed repeats), the curves
+  #    and K-means, side by side
+  for line in "${RUNS[@]}"; do
+    read -r model seed run curve <<< "$line"
+    if [ "$seed" = - ]; then
+      $PY "${CH[@]}" models="$model" upto=svm > "$OUT/s-$(basename "$run").log" 2>&1 &
+      [ "$curve" = 1 ] && $PY curve "preset=$PRESET" "run=$run" "${DATA[@]:1}" > "$OUT/c-$(basename "$run").log" 2>&1 &
+    else
+      $PY "${CH[@]}" models="$model" pretrain_args="seed=$seed" layer_rows=0 upto=svm > "$OUT/s-$(basename "$run").log" 2>&1 &
+    fi
   done
   $PY chain "preset=$PRESET" "${DATA[@]}" models= controls=0 curve=0 kmeans=1 upto=svm > "$OUT/k.log" 2>&1 &
   wait_all "${PROBE_TIMEOUT:-420}"

@@ -61,12 +61,24 @@ class Config:
     supervised_args: str = ""
 
 
-def pretrain_step(cfg: Config, model: str, root: Path, seed: int | None = None) -> Path:
+def pretrain_config(cfg: Config, model: str, root: Path, seed: int | None = None) -> pretrain.Config:
     values = {"preset": cfg.preset, "model": model, "data": cfg.pretrain_data, "cache_dir": cfg.cache_dir,
               "image_size": cfg.image_size, "channels": cfg.channels, **words(cfg.pretrain_args),
               **({} if seed is None else {"seed": seed})}
     planned, key = pretrain.plan(build(pretrain.Config, "pretrain", values))
-    return pretrain.run(dataclasses.replace(planned, run_dir=str(root / f"{model}-{key}")))
+    return dataclasses.replace(planned, run_dir=str(root / f"{model}-{key}"))
+
+
+def pretrain_step(cfg: Config, model: str, root: Path, seed: int | None = None) -> Path:
+    return pretrain.run(pretrain_config(cfg, model, root, seed))
+
+
+def planned_runs(cfg: Config) -> list[tuple[str, int | None, Path]]:
+    """(model, seed repeat or None, run folder) of every GAN the chain trains, without training any:
+    benchmarks/gpu_chain.sh starts them side by side under the keys the chain will ask for."""
+    root = Path(cfg.build_dir) / cfg.preset
+    runs = [(m, None) for m in cfg.models] + [(cfg.models[0], s) for s in cfg.seed_repeats if cfg.models]
+    return [(m, s, Path(pretrain_config(cfg, m, root, s).run_dir)) for m, s in runs]
 
 
 def features_config(cfg: Config, run_dir: Path, checkpoint: str) -> features.Config:

@@ -170,6 +170,10 @@ def test_the_paper_preset_chain_runs_on_local_files(sources):
     assert all(r["config"]["select_draws"] == 10 for r in res)
 
 
+def runs_seed(run_dir: Path) -> int:
+    return json.loads((run_dir / "config.json").read_text())["config"]["seed"]
+
+
 def test_results_outlive_their_features_and_seed_repeats_give_a_spread(sources, capsys):
     """keep_features=false: every critic's file is gone once its SVM results are written, and a rerun
     reuses the results by key without extracting again; seed_repeats add a seed-spread section."""
@@ -177,6 +181,10 @@ def test_results_outlive_their_features_and_seed_repeats_give_a_spread(sources, 
     cfg = chain_config(sources, models="dcgan", curve=False, kmeans=False, layer_rows=False, keep_features=False,
                        seed_repeats="1", build_dir=str(root))
     text = chain.run(cfg).read_text()
+    # benchmarks/gpu_chain.sh starts the GANs side by side from planned_runs: the very folders the chain built
+    assert {(m, s, p.name) for m, s, p in chain.planned_runs(cfg)} == {
+        ("dcgan", seed, p.name) for seed, p in zip((None, 1), sorted((root / "tiny").glob("dcgan-*"),
+                                                               key=lambda p: runs_seed(p)))}
     assert not list(root.rglob("features-*.h5"))
     assert len(list(root.rglob("*.svm-full+10pc-*.json"))) == 4       # seeds 0 and 1, each with its control
     assert "Spread over pretraining seeds: DCGAN (BCE) (reproduced)" in text and "mean ± std over 2 seeds" in text
