@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import h5py
 import numpy as np
@@ -125,6 +126,27 @@ def test_run_brackets_both_settings_from_a_low_grid(tmp_path):
     few = record["settings"]["400"]
     assert all(len(v) == 2 for v in few["val_draws"].values())          # every C on the same 2 draws
     assert record["settings"]["full"]["test_acc"] > 0.9
+
+
+def bar_states(err: str) -> dict[str, list[tuple[int, int]]]:
+    """Each tqdm bar's (done, total) states by its name, read from the carriage-return-separated stderr."""
+    bars: dict[str, list[tuple[int, int]]] = {}
+    for m in re.finditer(r"(svm [^:\r\n]+: [^:\r\n]+?):\s+\d+%\|[^|]*\| (\d+)/(\d+)", err):
+        bars.setdefault(m.group(1), []).append((int(m.group(2)), int(m.group(3))))
+    return bars
+
+
+def test_every_progress_bar_keeps_its_total_and_an_extension_gets_its_own(tmp_path, capsys):
+    features = write_h5(tmp_path / "f.h5")
+    record = json.loads(svm.run(config(features, tmp_path / "r.json", c_extend=6)).read_text())
+    bars = bar_states(capsys.readouterr().err)
+    for name, states in bars.items():
+        assert len({total for _, total in states}) == 1, (name, states)       # a total never moves
+        assert states[-1][0] == states[-1][1], (name, states)                  # and every bar ends full
+    assert bars["svm full: C search"][-1][1] == 2 and bars["svm full: refit at the chosen C"][-1][1] == 1
+    assert bars["svm 20pc: C selection (2 draws)"][-1][1] == 2 * 2 and bars["svm 20pc: final draws"][-1][1] == 5
+    ups = record["settings"]["full"]["c_extended"]["up"]
+    assert ups >= 2 and sum(s[-1][1] for n, s in bars.items() if n.startswith("svm full: C search, extended up to C=")) == ups
 
 
 def test_c_scale_norm_multiplies_the_grid(tmp_path):

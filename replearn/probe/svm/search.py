@@ -158,10 +158,33 @@ def solver_summary(fits: list) -> dict:
             "max_jitter": max((i["jitter"] for _, _, i in infos), default=None)}
 
 
-def _grow(bar, n: int) -> None:
-    """Extensions add fits the progress bar did not count."""
-    bar.total = (bar.total or 0) + n
-    bar.refresh()
+class PhaseBars:
+    """One progress bar per phase of the search (C on a subsample, C search, refit, selection draws, final
+    draws), each opened with its known total; a search extended past its grid's edge opens a new bar with
+    the extension's own total, so no bar's total moves while it runs."""
+
+    def __init__(self, prefix: str = "svm"):
+        self.prefix, self.bar = prefix, None
+
+    def start(self, phase: str, total: int, done: int = 0) -> None:
+        from tqdm import tqdm
+        self.close()
+        self.bar = tqdm(total=total, initial=done, desc=f"{self.prefix} {phase}", unit="fit")
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _phase(start: list[float], cs: list[float], name: str) -> str:
+    """The bar's name for scoring `cs`: the phase itself, or the extension above or below its grid."""
+    if cs == start:
+        return name
+    return f"{name}, extended up to C={max(cs):.3g}" if cs[0] > max(start) else f"{name}, extended down to C={min(cs):.3g}"
 
 
 # ============================================================================ the full setting
@@ -177,6 +200,7 @@ def run_full(X: np.ndarray, y: np.ndarray, n_rest: int, test: SplitScorer, cfg: 
         search = select_full(X, y, n_rest, cfg, factor, device, bar, fits)
         chosen = search["c"] * n_rest / len(X) if cfg.c_form == "mean" else search["c"]
     # warm: the chosen C's model; X[:n_rest] are the selection's rows, so the refit adopts their sketch
+    bar.start("full: refit at the chosen C", 1)
     model = _Fitter(X, y, cfg, device, sketch=search["sketch"]).path([chosen], warm=search["model"])[0]
     fits.append([chosen, "refit", model.info])
     bar.update(1)
@@ -212,8 +236,7 @@ def select_full(X, y, n_rest: int, cfg: Config, factor: float, device, bar, fits
     fitter, models = _Fitter(X[:n_rest], y[:n_rest], cfg, device, tol=_select_tol(cfg)), {}   # row views
 
     def score(cs):
-        if cs != start:
-            _grow(bar, len(cs))
+        bar.start(_phase(start, cs, "full: C search"), len(cs))
         # the first path starts from the subsample's model at the same mean-form C: a cold start at a
         # large C spends its first Newton steps on an active set of every row
         for c, model in zip(cs, fitter.path(cs, warm=sub_model if cs == start else None)):
@@ -237,7 +260,7 @@ def _presearch(X, y, n_rest: int, cfg: Config, grid: list[float], device, bar, f
     fitter, ratio, models = _Fitter(X[idx], y[idx], cfg, device, tol=_select_tol(cfg)), n_rest / len(idx), {}
 
     def score(cs):
-        _grow(bar, len(cs))
+        bar.start(_phase(grid, cs, f"full: C on {len(idx)} rows"), len(cs))
         for c, m in zip(cs, fitter.path([c * ratio for c in cs])):
             models[c] = m
             fits.append([c * ratio, "presearch", m.info])
@@ -306,8 +329,8 @@ class Setting400:
         """Mean validation accuracy over the selection draws of every C in `cs` (all below, or all above,
         what is scored already, or the starting grid), fitting only the draws not scored yet."""
         val_draws = self.state.setdefault("val_draws", {})
-        if cs != self.grid:
-            _grow(self.bar, len(cs) * self.cfg.select_draws)
+        self.bar.start(_phase(self.grid, cs, f"{self.cfg.per_class}pc: C selection ({self.cfg.select_draws} draws)"),
+                       len(cs) * self.cfg.select_draws)
         for draw in range(self.cfg.select_draws):
             if all(len(val_draws.get(c, [])) > draw for c in cs):
                 self.bar.update(len(cs))
@@ -347,6 +370,7 @@ class Setting400:
         the first draw's model (as close as any other draw's solution, and it keeps each draw's fit
         independent of the order it is done in: a resumed run refits draw 0 for it, cold, identically)."""
         draws, fits = self.state.setdefault("draws", []), self.state.setdefault("fits", [])
+        self.bar.start(f"{self.cfg.per_class}pc: final draws", self.cfg.final_draws, done=len(draws))
         first, pending = None, []
         for draw in range(len(draws), self.cfg.final_draws):
             if first is None and draw > 0:

@@ -41,20 +41,15 @@ from ...core.store import FeatureFile
 from ...core.utils import atomic_path, atomic_write_json, check_writable, pick_device, provenance
 from .protocol import (Config, NORM_REFERENCE, SplitScorer, _column_stats, _preprocess_inplace, check_config,
                        check_features, layer_bounds, layer_factors, load_train, split_validation)
-from .search import Setting400, c_scale_factor, run_full
+from .search import PhaseBars, Setting400, c_scale_factor, run_full
 
 
 # ============================================================================ progress and reuse
 def features_identity(ff: FeatureFile) -> str:
     """The feature file's `key` attr when it has one, else path|size|mtime_ns."""
-    raw = ff.h5.attrs.get("key")
-    if raw is not None:
-        raw = raw.decode() if isinstance(raw, bytes) else str(raw)
-        try:   # stored JSON-encoded (store._json_attrs) or as a bare string
-            decoded = json.loads(raw)
-            return decoded if isinstance(decoded, str) else raw
-        except json.JSONDecodeError:
-            return raw
+    key = ff.attrs.get("key")       # read_attrs: native or (files from before attrs_format=2) JSON text
+    if isinstance(key, str) and key:
+        return key
     stat = ff.path.stat()
     return f"{ff.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
@@ -200,17 +195,13 @@ def fit_and_publish(cfg: Config, out: Path, key: str) -> Path:
 
 def evaluate(ff: FeatureFile, cfg: Config, out: Path, features_id: str) -> dict:
     """Checks, loads, then runs every setting not finished in the progress file -> the results record."""
-    from tqdm import tqdm
     X, y, n_rest, stats, layer_factors_used = load_checked(ff, cfg)                  # N x D, N
     test = SplitScorer(ff, cfg, stats)          # scanned (finite) before any fit
     factor = c_scale_factor(X, cfg)
     progress = Progress(out, {"config": to_dict(cfg), "features": features_id})
     device = pick_device(cfg.device)
-    n_sel = len(cfg.c_grid) if cfg.fixed_c <= 0 else 0
-    total = ("400" in cfg.settings) * (n_sel * cfg.select_draws + cfg.final_draws) \
-        + ("full" in cfg.settings) * (n_sel + 1)                                   # before any extension
-    results = {}
-    with tqdm(total=total, desc="svm fits", unit="fit") as bar:
+    results, bar = {}, PhaseBars()
+    try:
         for name in cfg.settings:
             if name in progress.data["settings"]:
                 results[name] = progress.data["settings"][name]
@@ -221,6 +212,8 @@ def evaluate(ff: FeatureFile, cfg: Config, out: Path, features_id: str) -> dict:
             else:
                 results[name] = run_full(X, y, n_rest, test, cfg, factor, device, bar)
             progress.finish(name, results[name])
+    finally:
+        bar.close()
     return {"config": to_dict(cfg), "complete": True, "provenance": provenance(),
             "features": {"path": str(cfg.features), "attrs": ff.attrs, "identity": features_id},
             "validation": {"size": int(len(X) - n_rest), "seed": cfg.seed, "from": "train"}, "train_rows": int(len(X)),
