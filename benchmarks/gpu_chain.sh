@@ -5,8 +5,8 @@
 #     `benchmarks/gpu_chain.sh --pack`) is checked file by file against the blobs' hashes, and the
 #     commit is passed on as REPLEARN_SOURCE_COMMIT (with -dirty if any file differs);
 #   - the data arrive in .devdata/ (one parquet file per call: a call carries at most 64 MiB) and are
-#     put at /work/shared/data with their mtimes, and the tree at /work/main, so that `../shared/data`
-#     resolves to the same path, size and mtime that the data identities hash;
+#     put at /work/shared/data, and the tree at /work/main, so that `../shared/data` resolves to the
+#     same path (the data identities hash it with a digest of the bytes);
 #   - the small artifacts (results, curves, logs, sample grids, the table) come back as one tarball.
 #   - the chain's independent parts run side by side (one GPU, 16 cores: the nets are small), each a
 #     `replearn chain` / `replearn curve` call whose artifacts carry the keys the whole chain asks for;
@@ -34,9 +34,6 @@ if [ "${1:-}" = "--pack" ]; then
   cp "../shared/data/${2:?cifar10 or tinyimagenet}/train.parquet" ".devdata/$2.parquet"
   git rev-parse --short=12 HEAD > .devdata/commit
   git ls-files -s > .devdata/manifest
-  for f in cifar10 tinyimagenet; do
-    stat -c %.9Y "../shared/data/$f/train.parquet" > ".devdata/$f.mtime"
-  done
   echo "packed $(cat .devdata/commit)"
   exit 0
 fi
@@ -46,12 +43,11 @@ OUT=${OUT:-/tmp/gpu-chain-out}
 mkdir -p "$OUT"
 SRC=$(pwd)
 
-# the data, where and as old as they were when the keys were computed
+# the data, where they were when the keys were computed
 for f in cifar10 tinyimagenet; do
   if [ -f ".devdata/$f.parquet" ]; then
     mkdir -p "/work/shared/data/$f"
     cp ".devdata/$f.parquet" "/work/shared/data/$f/train.parquet"
-    touch -d "@$(cat .devdata/$f.mtime)" "/work/shared/data/$f/train.parquet"
   fi
 done
 

@@ -158,6 +158,19 @@ def test_a_changed_data_file_is_another_run(tmp_path, unlabelled):
     assert key_a != key_b and key_a in cfg_a.run_dir
 
 
+def test_the_same_data_copied_again_is_the_same_run(tmp_path, unlabelled):
+    """Content names the data, not its mtime: a fresh machine or a shared folder copied in again (new
+    mtimes, same bytes) resumes the runs built before instead of starting over."""
+    import os
+    _, key_a = pretrain.plan(tiny_pretrain(tmp_path, unlabelled, run_dir=""))
+    copy = unlabelled.read_bytes()
+    unlabelled.unlink()
+    unlabelled.write_bytes(copy)
+    os.utime(unlabelled, ns=(10**18, 10**18))
+    _, key_b = pretrain.plan(tiny_pretrain(tmp_path, unlabelled, run_dir=""))
+    assert key_a == key_b
+
+
 def test_out_of_range_values_fail_when_built(tmp_path, unlabelled):
     for bad in (dict(steps=-1), dict(batch_size=0), dict(width=0.0), dict(n_critic=0), dict(ckpt_every=0),
                 dict(lr_g=0.0), dict(max_minutes=-1.0)):

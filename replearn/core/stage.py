@@ -3,7 +3,7 @@
 Keys. Every artifact (run folder, feature file, results JSON) carries a `key`: a short hash of
 everything that determines it -- the stage's resolved config less the keys that only say where or
 how fast to compute it, the keys of its input artifacts, and the identity of its data sources
-(`data.source_id`: resolved path, slice, size and mtime of the files). The same key means the
+(`data.source_id`: resolved path, slice, size and a digest of the files' bytes). The same key means the
 artifact can be reused; a different key builds a new artifact beside the old one. A stage asked for
 an input with an expected key refuses, in one line, an input whose recorded key differs.
 """

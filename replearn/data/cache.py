@@ -224,27 +224,42 @@ def _decode_rows(spec: str, raw: RawSource, rows: np.ndarray, size: int, workers
 
 
 # ============================================================================ cache naming
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """blake2b of the file's bytes, once per process for each (path, size, mtime). Content, not mtime,
+    names a file: a copy of the same data (a fresh machine, the shared folder copied in again, the GPU
+    machine) keys the same artifacts, so a chain resumes there instead of starting over."""
+    st = path.stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[memo] = hashlib.file_digest(f, "blake2b").hexdigest()[:20]
+    return _DIGESTS[memo]
+
+
 def _fingerprint(spec: Spec) -> list:
-    """What identifies the source's content cheaply: size and mtime of the path and its entries."""
+    """What identifies the source's content: a digest of each file the spec names (parquet, batch, h5,
+    idx files), or, for folders of images, every file's relative path and size (reading every image's
+    bytes of a large tree at each start would cost more than it guards against)."""
     if spec.kind == "hf":
         return []
     path = Path(spec.location)
-    if spec.kind == "images":   # every file: a nested folder's mtime misses files that come or go deeper down
-        root = path / spec.split if spec.split else path
-        stats = [(f, os.stat(f)) for f in _image_files(root)]
-        return [(os.path.relpath(f, root), st.st_size, st.st_mtime_ns) for f, st in stats]
-    if spec.kind == "parquet":
-        entries = _parquet_files(path, spec.split)
-    else:   # batch files, or a tree's class folders (whose mtime changes when files come or go)
-        entries = [path] + (sorted(path.iterdir()) if path.is_dir() else [])
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in entries]
+    if spec.kind in ("images", "jpeg-tree"):
+        root = path / spec.split if spec.split and (path / spec.split).is_dir() else path
+        return [(os.path.relpath(f, root), os.stat(f).st_size) for f in _image_files(root)]
+    entries = _parquet_files(path, spec.split) if spec.kind == "parquet" else \
+        [path] + (sorted(path.iterdir()) if path.is_dir() else [])
+    return [(p.name, p.stat().st_size, file_digest(p)) for p in entries if p.is_file()]
 
 
 def source_id(spec: str, size: int) -> str:
-    """Short hash of the resolved source (absolute path or id, split, slice, stat) and size."""
+    """Short hash of the resolved source (absolute path or id, split, slice, content) and size."""
     parsed = parse_spec(spec)
     key = [parsed.kind, parsed.location, parsed.split, parsed.start, parsed.stop, size, _fingerprint(parsed),
-           f"shuffled-slice-{SLICE_SEED}"]   # slices became shuffled carve-outs: older caches are stale
+           f"shuffled-slice-{SLICE_SEED}",   # slices became shuffled carve-outs: older caches are stale
+           "content"]                          # files named by content digest, not mtime (stop 44)
     return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]
 
 

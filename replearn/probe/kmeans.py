@@ -277,7 +277,7 @@ class Encoder:
 
 # ============================================================================ the stage
 def source_ids(cfg: Config) -> dict[str, str]:
-    """The identity of the data (path, slice, size, mtime: `data.source_id`), so a changed file is
+    """The identity of the data (path, slice, size, content digest: `data.source_id`), so a changed file is
     never mistaken for the one an earlier result was computed from."""
     from .. import data
     size = cfg.image_size
