@@ -199,6 +199,11 @@ def test_augment_study_rows_and_generated_images(sources):
     assert float(dcgan["gain_vs_reference"]) == pytest.approx(float(dcgan["test_acc_mean"]) - float(none["test_acc_mean"]))
     assert dcgan["gain_vs_reference_noise_from"] in ("seeds", "test")
     assert (tables / "augment-tiny" / "generated.png").exists()
+    # paired seeds: seed s's classifier trains on the images of GANs trained with seed s (2 classes x 2 seeds)
+    gans = [json.loads((p / "config.json").read_text())["config"]
+            for p in (sources["root"] / "build" / "tiny" / "augment" / "gans").glob("dcgan-*")]
+    assert sorted((g["seed"], g["data"]) for g in gans) == sorted((s, d) for s in (0, 1) for d in {g["data"] for g in gans})
+    assert "so the spread covers the GANs' randomness" in text and "seed(s) 0, 1" in text
 
 
 # ============================================================================ the class filter and generated data

@@ -44,7 +44,9 @@ class Config:
     per_class: int = 1000              # real labelled images per class (seed 004: 1207 and 664 of its two classes)
     generated_per_class: int = 2000    # seed 004: each class expanded with 2000 generated images
     methods: tuple[str, ...] = ("none", "traditional", "dcgan", "wgan", "wgan+res+sn+sa")   # table rows
-    seeds: tuple[int, ...] = (0, 1, 2)  # classifier seeds: the spread of each row (the GANs are fixed, seed 0)
+    seeds: tuple[int, ...] = (0, 1, 2)  # the spread of each row: seed s trains the classifier with seed s, and
+                                       # (paired_seeds) each class's GAN with seed s, generating its images
+    paired_seeds: bool = True          # false: every classifier seed uses the same GANs (pretrain_args seed, or 0)
     wgan_loss: str = "wgan"            # for the WGAN-family variants (wgan-no-warmup at CPU scale)
     # equal work: generator steps of every per-class GAN, which generates from its checkpoint of that step.
     # Seed 004's "10,000 epochs of iterations", read as generator steps
@@ -76,7 +78,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("augment: methods must not be empty; choose from: "
                           + ", ".join([*BASELINES, *study.VARIANTS]))
     study.check_seeds(cfg.seeds, "augment")
-    study.check_pretrain_args(cfg.pretrain_args, "augment", GAN_KEYS)
+    study.check_pretrain_args(cfg.pretrain_args, "augment", {**GAN_KEYS, **({"seed": "seeds="} if cfg.paired_seeds else {})})
 
 
 
@@ -110,14 +112,22 @@ def class_ids(cfg: Config) -> tuple[int, ...]:
     return tuple(sorted(set(labels.tolist()) - {-1}))
 
 
-def gan_images(cfg: Config, method: str, classes: tuple[int, ...], names: list[str], root: Path) -> tuple[Path, list]:
-    """One GAN per class on that class's real subset, then their generated images as one parquet file."""
+def gan_seed(cfg: Config, seed: int) -> int:
+    """The GANs' seed for classifier seed `seed`: the same (paired_seeds), else pretrain_args' seed or 0."""
+    return seed if cfg.paired_seeds else int(study.words(cfg.pretrain_args).get("seed", 0))
+
+
+def gan_images(cfg: Config, method: str, classes: tuple[int, ...], names: list[str], root: Path,
+               seed: int) -> tuple[Path, list]:
+    """One GAN per class (GAN seed `seed`) on that class's real subset, then their generated images as one
+    parquet file."""
     label, values = study.variant_values(method, cfg.wgan_loss)
     cells = []
     for c, name in zip(classes, names):
         data_c = subset_step(cfg, cfg.train, (c,), cfg.per_class, root)
         pre = {"preset": cfg.preset, "data": str(data_c), "cache_dir": cfg.cache_dir, "device": cfg.device,
-               **values, **study.words(cfg.pretrain_args), "steps": cfg.gan_steps, "max_minutes": cfg.gan_max_minutes}
+               **values, **study.words(cfg.pretrain_args), "seed": seed, "steps": cfg.gan_steps,
+               "max_minutes": cfg.gan_max_minutes}
         cells.append(study.pretrain_cell(f"{label}, class {name}", pre, root / "gans"))
     ends = {c.end_name for c in cells}
     checkpoint = ends.pop() if len(ends) == 1 else runs.LAST    # else some GAN stopped early: flagged in status
@@ -146,10 +156,15 @@ def run_study(cfg: Config) -> list[dict]:
     names = read_image_cache(real).class_names
     out = []
     for method in cfg.methods:
-        generated, cells = (None, []) if method in BASELINES else gan_images(cfg, method, classes, names, root)
-        train = (str(real),) + ((str(generated),) if generated else ())
         augment = "traditional" if method == "traditional" else "none"
-        results = [classify_step(cfg, train, test, augment, seed, root) for seed in cfg.seeds]
+        results, cells, generated = [], [], None
+        for seed in cfg.seeds:
+            made, made_cells = (None, []) if method in BASELINES else \
+                gan_images(cfg, method, classes, names, root, gan_seed(cfg, seed))
+            generated, cells = generated or made, cells + [c for c in made_cells if c.run_dir not in
+                                                           {k.run_dir for k in cells}]
+            train = (str(real),) + ((str(made),) if made else ())
+            results.append(classify_step(cfg, train, test, augment, seed, root))
         st = study_tables.stats([r["test_acc"] for r in results])
         label = BASELINES.get(method) or f"{study.VARIANTS[method]()[0]} images (one GAN per class)"
         out.append({"method": method, "label": label, "stats": st, "mean": st["mean"], "std": st["std"],
@@ -187,9 +202,10 @@ def gan_text(cells: list[study.Cell]) -> str:
     state = cells[0].end
     run_cfg, prov = state.get("config") or {}, state.get("provenance") or {}
     steps = ", ".join(f"{c.end_step} ({c.end_name})" for c in cells)
+    seeds = ", ".join(str(x) for x in dict.fromkeys(c.seed for c in cells))
     return (f"GANs: {run_cfg.get('arch')} G/D, loss {run_cfg.get('loss')}, {run_cfg.get('optimizer')} lr "
-            f"{run_cfg.get('lr_d')}, batch {run_cfg.get('batch_size')}, width {run_cfg.get('width')}, seed "
-            f"{run_cfg.get('seed')}, one per class on its real images, {run_cfg.get('steps')} G steps wanted (cap "
+            f"{run_cfg.get('lr_d')}, batch {run_cfg.get('batch_size')}, width {run_cfg.get('width')}, seed(s) "
+            f"{seeds}, one per class and seed on its real images, {run_cfg.get('steps')} G steps wanted (cap "
             f"{run_cfg.get('max_minutes') or 'none'} min), measured and generated at step per class {steps}, on "
             f"{prov.get('hardware', '?')}; ")
 
@@ -266,16 +282,19 @@ def write(cfg: Config, summaries: list[dict]) -> Path:
     """The table, its record and the generated-images figure of the study's summaries."""
     out_dir, name = Path(cfg.tables_dir), f"{cfg.name}-{cfg.preset}"
     figure = generated_figure(summaries, out_dir / name / "generated.png", cfg.cache_dir)
-    gan_seed = int(study.words(cfg.pretrain_args).get("seed", 0))
-    scale = study.scale_and_data_note(cfg, "GAN method", steps=cfg.gan_steps, seeds=(gan_seed,))
+    gan_seeds = tuple(dict.fromkeys(gan_seed(cfg, seed) for seed in cfg.seeds))
+    scale = study.scale_and_data_note(cfg, "GAN method", steps=cfg.gan_steps, seeds=gan_seeds)
+    spread = ("seed s trains each class's GAN with seed s, generates from it and trains the classifier with seed s, "
+              "so the spread covers the GANs' randomness as well as the classifier's" if cfg.paired_seeds else
+              f"the GANs, seed {gan_seeds[0]}, and their images are fixed: the spread is the classifier's only")
     reference = ("no augmentation: the classifier on the real subset alone" if REFERENCE in cfg.methods
                  else "not run: no gains")
     intro = (f"Seed 004's comparison: a classifier trained on a small labelled subset, without augmentation, with "
              f"traditional augmentation, and with each GAN's generated images added (one GAN per class, trained on "
              f"that class's real images only, generating from its checkpoint of the study's step count: column \"steps\")."
              f"{scale} "
-             f"Test accuracy: mean ± std (ddof=1) over the classifier seeds in \"seeds\" (the GANs, seed {gan_seed}, "
-             f"and their images are fixed); the csv has each seed's accuracy. "
+             f"Test accuracy: mean ± std (ddof=1) over the seeds in \"seeds\" ({spread}); the csv has each seed's "
+             f"accuracy. "
              + study_tables.noise_note(reference, "gain vs no augmentation", own_control=False)
              + (f"\n\nGenerated images: [generated]({figure.relative_to(out_dir).as_posix()})" if figure else ""))
     return study_tables.write(cfg, out_dir, name, "Generated images as augmentation (seed 004)", intro,
