@@ -168,6 +168,14 @@ def test_a_missing_run_folder_is_named_as_such(capsys, tmp_path):
     assert f"(did you mean '{tmp_path}/runs/dcgan-1a2b3c'?)" in err and "set run=" in err
 
 
+@pytest.mark.parametrize("stage", ["features", "curve", "report", "evaluate", "svm"])
+def test_an_input_left_at_its_empty_default_says_what_to_give(capsys, stage):
+    """No default points at a file that does not exist: each stage's input names the chain's layout."""
+    err = mistake(capsys, stage)
+    key = "features" if stage == "svm" else "run"
+    assert f"{key}= is required" in err and "build/<preset>/<model>-<key>" in err
+
+
 # ----------------------------------------------------------------------------- data errors name their key
 def test_a_missing_source_names_the_key_to_set(capsys, tmp_path):
     err = mistake(capsys, "pretrain", f"data={tmp_path}/nope.parquet")

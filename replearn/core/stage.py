@@ -22,6 +22,18 @@ from .utils import provenance
 
 
 # ============================================================================ keys
+def default_root(preset: str) -> Path:
+    """Where a stage run on its own puts what it builds when no path is given: the chain's own layout,
+    build/<preset>/ (build/default/ without a preset), so `make` and a bare stage find each other's work."""
+    return Path("build") / (preset or "default")
+
+
+def require_input(value: str, key: str, what: str) -> None:
+    """A stage's input path left empty: one line naming the key and what to give it."""
+    if not value:
+        raise ConfigError(f"{key}= is required: {what}")
+
+
 def artifact_key(stage: str, config: dict[str, Any], ignore: Iterable[str] = (), **inputs: Any) -> str:
     """10 hex digits identifying what `stage` makes from `config` (less `ignore`) and `inputs`."""
     kept = {k: v for k, v in sorted(config.items()) if k not in set(ignore)}

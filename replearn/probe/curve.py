@@ -1,6 +1,6 @@
 """The pretraining curve: linear-probe accuracy of a run's interval checkpoints against the step.
 
-    python -m replearn curve run=runs/dcgan-<key> train=... test=...
+    python -m replearn curve run=build/<preset>/dcgan-<key> train=... test=...
 
 Every `ckpt_<step>.pt` of the run (step 0, the untrained critic, included; pretraining keeps them at
 log-spaced steps) goes through the same features stage and a cheap fixed SVM protocol: 400 per
@@ -26,7 +26,7 @@ from ..core.utils import atomic_path, atomic_write_json
 
 @dataclass(frozen=True)
 class Config:
-    run: str = "runs/dcgan"       # a pretrain run folder
+    run: str = ""       # a pretrain run folder (build/<preset>/<model>-<key>)
     train: str = "hf:uoft-cs/cifar10:train"
     test: str = "hf:uoft-cs/cifar10:test"
     train_rows: int = 20000       # seeded subset of train for each point (0 = all): 10k validation + draws

@@ -1,6 +1,6 @@
 """Critic features -> HDF5: every conv layer after norm + LeakyReLU, max-pooled to 4x4, concatenated.
 
-    python -m replearn features run=runs/dcgan train=... test=...
+    python -m replearn features run=build/<preset>/dcgan-<key> train=... test=...
 
 The critic runs in inference mode (BatchNorm with statistics averaged over pretraining images,
 as the released DCGAN code did, or the running averages), `channels_last`, and bf16 autocast
@@ -31,7 +31,7 @@ from ..core.utils import autocast, check_writable, pick_device, resolve_precisio
 
 @dataclass(frozen=True)
 class Config:
-    run: str = "runs/dcgan"                 # a pretrain run folder (or a checkpoint file)
+    run: str = ""                 # a pretrain run folder (build/<preset>/<model>-<key>) (or a checkpoint file)
     checkpoint: str = "last.pt"             # or ckpt_0000000.pt: the untrained control (step 0)
     train: str = "hf:uoft-cs/cifar10:train"  # the labelled split the SVM trains on
     test: str = "hf:uoft-cs/cifar10:test"    # the split it is scored on

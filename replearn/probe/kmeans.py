@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from ..core.config import ConfigError, register_check, register_preset, require, to_dict, validate
 from ..core import store
-from ..core.stage import Stage, artifact_key, keyed
+from ..core.stage import Stage, artifact_key, default_root, keyed
 from ..core.utils import (atomic_write_json, check_writable, provenance, resolve_precision, torch_atomic_save,
                     unpickling_reason)
 
@@ -71,7 +71,7 @@ class Config:
     write_rows: int = 512           # rows gathered before each HDF5 write
     compile: bool = True            # fuse the encoding's elementwise work with torch.compile
     precision: str = "fp32"         # 'fp32', 'bf16' (matmuls only) or 'auto' (bf16 where the CPU has it)
-    out: str = ""                   # feature file; "" -> runs/kmeans-<k>/features.h5
+    out: str = ""                   # feature file; "" -> build/<preset>/kmeans-<key>/features.h5, as the chain
     cache_dir: str = "cache"        # uint8 image caches (replearn.data)
     dtype: str = "float32"          # feature storage: float32 or float16
     image_size: int = 32            # images are read at this size (28 for MNIST-style data: 23 x 23 positions)
@@ -99,8 +99,8 @@ register_preset("paper", "kmeans", k=1600)
 
 
 def output_path(cfg: Config, key: str) -> Path:
-    """runs/kmeans-<K>-<key>/features.h5: another config or data file is built beside, never reused."""
-    return Path(cfg.out) if cfg.out else Path("runs") / f"kmeans-{cfg.k}-{key}" / "features.h5"
+    """build/<preset>/kmeans-<key>/features.h5: another config or data file is built beside, never reused."""
+    return Path(cfg.out) if cfg.out else default_root(cfg.preset or "") / f"kmeans-{key}" / "features.h5"
 
 
 def load_images(spec: str, cfg: Config) -> store.ImageSet:

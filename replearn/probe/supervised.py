@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..models import nets, zoo
 from ..train import runs
 from ..core.config import ConfigError, register_check, register_preset, require, to_dict, validate
-from ..core.stage import Stage, artifact_key, record
+from ..core.stage import Stage, artifact_key, default_root, record
 from ..core.utils import (atomic_write_json, autocast, check_writable, pick_device, provenance, resolve_precision,
                     torch_atomic_save)
 
@@ -60,7 +60,7 @@ class Config:
     seed: int = 0
     ckpt_every: int = 1000        # resume point
     log_every: int = 100
-    out: str = ""                 # folder; '' = runs/supervised-<model>-<key>
+    out: str = ""                 # folder; '' = build/<preset>/supervised-<model>-<key>, as the chain
     device: str = "auto"
     precision: str = "auto"       # bf16 autocast where the hardware has bf16 units
     cache_dir: str = "cache"
@@ -126,7 +126,7 @@ def supervised_key(cfg: Config) -> str:
 
 
 def output_dir(cfg: Config, key: str) -> Path:
-    return Path(cfg.out) if cfg.out else Path("runs") / f"supervised-{cfg.model}-{key}"
+    return Path(cfg.out) if cfg.out else default_root(cfg.preset) / f"supervised-{cfg.model}-{key}"
 
 
 def checked_labels(images, spec: str) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Results JSON -> comparison tables (markdown, CSV, LaTeX) beside the literature's numbers.
 
-    python -m replearn table results='runs/**/*.svm.json'
+    python -m replearn table results='build/<preset>/**/*.svm-*.json'
 
 Quoted rows (docs/protocol.md s.4) are marked `quoted`; every reproduced row says how it was produced:
 pretraining data and steps, hardware, precision, the SVM's C and draws, the evaluation split,

@@ -1,7 +1,7 @@
 """Generator quality at checkpoints: FID, the critic's Wasserstein estimate, diversity, nearest neighbours.
 
-    python -m replearn evaluate run=runs/wgan-gp                       # the last checkpoint
-    python -m replearn evaluate run=runs/wgan-gp checkpoint=all preset=paper \
+    python -m replearn evaluate run=build/<preset>/wgan-gp-<key>                       # the last checkpoint
+    python -m replearn evaluate run=build/<preset>/wgan-gp-<key> checkpoint=all preset=paper \
         inception_weights=/data/pt_inception-2015-12-05-6726825d.pth
 
 Writes into the run folder:
@@ -34,7 +34,7 @@ NN_SPACES = ("pixel", "critic", "both")
 
 @dataclass(frozen=True)
 class Config:
-    run: str = "runs/dcgan"          # a pretrain run folder
+    run: str = ""          # a pretrain run folder (build/<preset>/<model>-<key>)
     checkpoint: str = "last.pt"      # a checkpoint in the run folder, or `all` (every ckpt_*.pt and last.pt)
     real: str = ""                   # FID reference images; '' = the run's training data (FID's usual reference)
     heldout: str = ""                # real images for E[D(real)] - E[D(fake)]; '' = `real` (then not held out: flagged)
@@ -269,6 +269,7 @@ def run(cfg: Config) -> Path:
     """FID, Wasserstein estimate, diversity and nearest-neighbour grids for a run's checkpoints -> evaluate.json."""
     from ..core.config import from_dict
     validate(cfg)   # a Config built in code has not passed `build`
+    runs.require_run(cfg.run)
     run_dir = Path(cfg.run)
     names = checkpoint_names(run_dir, cfg.checkpoint)
     run_cfg = from_dict(runs.Config, saved_checkpoint(run_dir / names[-1])["config"])

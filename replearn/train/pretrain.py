@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..models import nets, zoo
 from . import runs
 from ..core.config import ConfigError, from_dict, register_preset, to_dict
-from ..core.stage import Stage, artifact_key, keyed
+from ..core.stage import Stage, artifact_key, default_root, keyed
 from .distributed import BatchStream, Dist, init_distributed
 from ..models.losses import LOSSES, build_loss
 from ..core.plots import plot_losses
@@ -124,7 +124,7 @@ def run_key(cfg: Config, data_id: str) -> str:
 
 
 def default_run_dir(cfg: Config, key: str) -> str:
-    return cfg.run_dir or f"runs/{cfg.model}-{key}"
+    return cfg.run_dir or str(default_root(cfg.preset) / f"{cfg.model}-{key}")
 
 
 # ============================================================================ distributed

@@ -1,6 +1,6 @@
 """One markdown page per run: the plots and numbers a reader wants, gathered from the run folder.
 
-    python -m replearn report run=runs/wgan-gp          # -> runs/wgan-gp/report.md
+    python -m replearn report run=build/<preset>/wgan-gp-<key>   # -> <run>/report.md
 
 Reads what earlier stages left (config.json, finished.json, log.jsonl, losses.png, samples/,
 evaluate.json and its PNGs, `*.svm.json` / `*.svm.png`) and says plainly what is missing and
@@ -20,11 +20,12 @@ from typing import Any
 from ..core.config import ConfigError
 from ..core.plots import plot_image_row
 from ..core.utils import atomic_write_text, read_jsonl
+from . import runs
 
 
 @dataclass(frozen=True)
 class Config:
-    run: str = "runs/dcgan"   # a pretrain run folder
+    run: str = ""   # a pretrain run folder (build/<preset>/<model>-<key>)
     out: str = ""             # '' = <run>/report.md (beside the images it links)
 
 
@@ -160,6 +161,7 @@ def render(run_dir: Path) -> str:
 
 def run(cfg: Config) -> Path:
     """Gather a run's plots and numbers into one markdown page (report.md in the run folder)."""
+    runs.require_run(cfg.run)
     run_dir = Path(cfg.run)
     if not (run_dir / "config.json").exists():
         raise ConfigError(f"{run_dir} is not a pretrain run folder (no config.json); pass run=<run folder>")

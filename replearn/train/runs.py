@@ -30,7 +30,7 @@ CKPT_PATTERN = re.compile(r"ckpt_(\d+)\.pt")
 @dataclass(frozen=True)
 class Config:
     model: str = "dcgan"          # a recipe: arch + loss + options (see RECIPES); explicit keys override it
-    run_dir: str = ""             # default runs/<model>
+    run_dir: str = ""             # default build/<preset>/<model>-<key>, as the chain
     data: str = "hf:benjamin-paine/imagenet-1k-32x32:train"  # unlabelled images, any source; ImageNet-1k 32x32 (docs/protocol.md s.1)
     image_size: int = 32          # 28, 32, 64 for dcgan (stride-2 stages follow the size), any for mlp
     channels: int = 3             # 1: grayscale nets (the critic reads the luminance; MNIST-style data)
@@ -117,8 +117,16 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+def require_run(run: str | Path) -> None:
+    """An empty run= (every stage that reads a run has it empty by default): one line saying what to give."""
+    if not str(run):
+        raise ConfigError("run= is required: a folder that `replearn pretrain` wrote (build/<preset>/<model>-<key>) "
+                          "or a checkpoint file in one")
+
+
 def run_record(run_dir: str | Path) -> dict:
     """The run's config.json (resolved config, data identity, key); one line if it is missing."""
+    require_run(run_dir)
     record = read_json(Path(run_dir) / CONFIG)
     if record is None:
         raise ConfigError(f"{Path(run_dir) / CONFIG} is missing or unreadable: not a pretrain run folder "
@@ -135,9 +143,10 @@ def finished_record(run_dir: str | Path) -> dict | None:
 
 
 def checkpoint_path(run: str | Path, which: str = LAST) -> Path:
+    require_run(run)
     if not Path(run).exists() and Path(run).suffix != ".pt":   # the folder itself is missing, not a checkpoint in it
         raise ConfigError(f"run folder not found: {run}{_near_folder(Path(run))}; set run= to a folder that "
-                          f"`replearn pretrain` wrote (runs/<model>-<key>; under make, build/<preset>/<model>-<key>)")
+                          f"`replearn pretrain` wrote (build/<preset>/<model>-<key>)")
     path = Path(run) / which if Path(run).is_dir() else Path(run)
     if not path.exists():
         found = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []

@@ -44,7 +44,7 @@ SETTINGS = ("full", "400")
 # ============================================================================ protocol
 @dataclass(frozen=True)
 class Config:
-    features: str = "runs/features.h5"     # a feature file with `train` and `test` splits
+    features: str = ""                      # a feature file with `train` and `test` splits (`replearn features`)
     out: str = ""                          # results JSON; '' = <features stem>.svm.json beside it
     settings: tuple[str, ...] = SETTINGS   # 'full' and/or '400'
     c_grid: tuple[float, ...] = DEFAULT_C_GRID   # dcgan_code's grid (LinearSVC sum form): where the search starts

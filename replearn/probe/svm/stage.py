@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ...core.config import ConfigError, to_dict
-from ...core.stage import Stage, artifact_key, keyed
+from ...core.stage import Stage, artifact_key, keyed, require_input
 from ...train.runs import read_json
 from ...core.store import FeatureFile
 from ...core.utils import atomic_path, atomic_write_json, check_writable, pick_device, provenance
@@ -172,6 +172,8 @@ def run(cfg: Config) -> Path:
 
 
 def checked(cfg: Config) -> Config:
+    require_input(cfg.features, "features", "a feature file that `replearn features` (or `kmeans`) wrote, e.g. "
+                  "build/<preset>/<model>-<key>/features-step<N>-<key>.h5")
     check_config(cfg)
     return cfg
 
