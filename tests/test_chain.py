@@ -194,18 +194,18 @@ def test_results_outlive_their_features_and_seed_repeats_give_a_spread(sources, 
 
 
 @pytest.mark.shared_data
-@pytest.mark.slow
 def test_readme_command_on_a_fresh_clone(tmp_path, shared_data):
-    """The regression net for the README: `make svm-table PRESET=tiny ...` from a fresh clone."""
+    """The regression net for the README: `make svm-table PRESET=tiny ...` from a fresh clone (in
+    `make test`: a newcomer's first command is checked by the default suite)."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     readme = (clone / "README.md").read_text()
-    assert "make svm-table PRESET=tiny" in readme
+    assert "make svm-table PRESET=tiny" in readme and "TRAIN_DATA='../shared/data/cifar10/train.parquet[:2500]'" in readme
     data = shared_data.resolve()
     make = ["make", "-C", str(clone), "svm-table", "PRESET=tiny", f"PY={sys.executable}", "STAMP=",
             f"PRETRAIN_DATA={data}/tinyimagenet/train.parquet[:3000]",
-            f"CIFAR_TRAIN={data}/cifar10/train.parquet[:2500]",
-            f"CIFAR_TEST={data}/cifar10/train.parquet[2500:3500]"]
+            f"TRAIN_DATA={data}/cifar10/train.parquet[:2500]",
+            f"TEST_DATA={data}/cifar10/train.parquet[2500:3500]"]
     done = subprocess.run(make, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (clone / "tables" / "cifar10-tiny.md").read_text()
