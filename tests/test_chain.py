@@ -4,6 +4,7 @@ preset's keys and layout stay valid, and (with ../shared/data) the README's make
 `git clone` of this tree writes a table with every row it promises."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -82,6 +83,10 @@ def test_chain_builds_every_row_then_reuses_everything(sources, capsys, monkeypa
     # the scale says what ran: the tiny preset with 3 steps is not "tiny"
     assert "**How each row was produced**" in text and "custom (tiny preset, steps=3" in text
     assert "[curve](curves/" in text and "1.96 std" in text
+    assert re.search(r"\| figures +\|", text) and re.search(r"1\. \*DCGAN[^\n]*, seed 0, ", text)   # every note names its seed
+    with open(table.with_suffix(".csv"), newline="") as fh:                 # counts read as counts, not 40.0
+        critics = [r for r in csv.DictReader(fh) if r["pretrain_steps"]]
+    assert len(critics) == 8 and all(r["seed"] == "0" and r["pretrain_steps"] in ("0", "3") for r in critics)
     build_dir = sources["root"] / "build"
     before = artifact_times(build_dir)
     monkeypatch.setattr(stage, "_BUILT", set())                 # as a second process finds them

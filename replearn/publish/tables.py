@@ -94,7 +94,8 @@ def pretrain_text(feat: dict) -> str:
     return (f"pretrained on {split_name(str(data.get('spec', '?')))} ({data.get('num_images', '?')} images{skipped}"
             f"{geometry(cfg)}), "
             f"{feat.get('checkpoint_step')} G steps and {pre.get('critic_batches', '?')} critic steps x batch "
-            f"{cfg.get('batch_size')} ({cfg.get('optimizer')} lr {cfg.get('lr_d')}), {pre.get('precision')}, "
+            f"{cfg.get('batch_size')} ({cfg.get('optimizer')} lr {cfg.get('lr_d')}), seed {cfg.get('seed', '?')}, "
+            f"{pre.get('precision')}, "
             f"{duration(pre.get('seconds') or 0)} on {prov.get('hardware', '?')}, pretrain commit "
             f"{prov.get('git_commit', '?')}")
 
@@ -404,7 +405,7 @@ def md_cells(row: dict, note: int | None, k_name: str) -> dict[str, str]:
             k_name: k + (" †" if "k" in edge else ""),
             "gain full": row.get("_gain_full_text", ""), f"gain {k_name.split()[0]}": row.get("_gain_k_text", ""),
             "notes": f"[{note}]" if note else row.get("how_produced", ""),
-            "": row.get("samples", "")}
+            "figures": row.get("samples", "")}
 
 
 def cost_text(rows: list[dict], curves: list[dict]) -> str:
@@ -498,6 +499,7 @@ def latex_table(rows: list[dict], k_name: str) -> str:
 
 
 CSV_DROP = ("samples", "seconds")
+INTEGER_COLUMNS = {"seed", "pretrain_steps", "k_per_class", "k_draws"}
 
 
 def csv_frame(rows: list[dict], k_name: str) -> pd.DataFrame:
@@ -512,6 +514,8 @@ def csv_frame(rows: list[dict], k_name: str) -> pd.DataFrame:
             rec[f"seconds_{key.replace(' ', '_')}"] = value
         records.append(rec)
     frame = pd.DataFrame(records)
+    for column in INTEGER_COLUMNS & set(frame):     # a quoted row's blank would otherwise make every seed read 0.0
+        frame[column] = pd.to_numeric(frame[column]).astype("Int64")
     first = ["model", "status", "scale", "seed", "pretrain_steps", "full_acc", "full_ci95_test", "k_per_class", "k_acc",
              "k_ci95_draws", "k_ci95_test", "gain_full", "gain_full_ci95", "gain_full_p", "gain_full_beyond_noise",
              "gain_k", "gain_k_ci95", "gain_k_beyond_noise"]
@@ -570,6 +574,6 @@ def run(cfg: Config) -> Path:
     atomic_write_text(out / f"{cfg.name}.md", build_markdown(cfg, rows, shown, groups, k_name, footer))
     atomic_write_text(out / f"{cfg.name}.csv", csv_frame(every, k_name).to_csv(index=False))
     atomic_write_text(out / f"{cfg.name}.tex", latex_table((quoted_rows() if cfg.quoted else []) + shown, k_name))
-    frame = pd.DataFrame([md_cells(r, None, k_name) for r in every]).drop(columns=["notes", ""])
+    frame = pd.DataFrame([md_cells(r, None, k_name) for r in every]).drop(columns=["notes", "figures"])
     print(frame.to_markdown(index=False))
     return out / f"{cfg.name}.md"
