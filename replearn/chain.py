@@ -18,6 +18,7 @@ from pathlib import Path
 from .train import pretrain, runs
 from .probe import curve, features, kmeans, supervised, svm
 from .publish import tables
+from .core import carry
 from .core.config import ConfigError, build, register_preset, words
 
 UPTO = ("pretrain", "features", "svm", "curve", "table")
@@ -43,6 +44,10 @@ class Config:
     # false: a critic's feature file is deleted once all its SVM results are written; a rerun reuses those
     # results by key without extracting again (the cpu chain's float16 files are 2.9 GB each)
     keep_features: bool = True
+    # keep each finished run's small results (records, SVM and curve JSON, the table's pictures; no
+    # checkpoints or features) in <tables_dir>/<name>-<preset>-results/, to commit: a fresh machine's chain
+    # puts them back and reuses them by key instead of training again (core/carry.py)
+    carry: bool = False
     upto: str = "table"            # pretrain | features | svm | curve | table: the last stage to run
     build_dir: str = "build"       # every artifact, in folders named by their keys
     tables_dir: str = "tables"     # where the table is published
@@ -93,10 +98,6 @@ def svm_config(cfg: Config, feature_file: Path, extra: dict | None = None) -> sv
     return build(svm.Config, "svm", values)
 
 
-def svm_step(cfg: Config, feature_file: Path, extra: dict | None = None) -> Path:
-    return svm.run(svm_config(cfg, feature_file, extra))
-
-
 def probe_step(cfg: Config, run_dir: Path, checkpoint: str, variants: list[dict], upto_svm: bool) -> list[Path]:
     """One checkpoint's features, then its SVM results under each variant of the protocol. Results already
     made (by key) are reused without extracting their features again; with keep_features=false the
@@ -129,7 +130,12 @@ def kmeans_steps(cfg: Config, root: Path) -> Path:
     km_cfg = build(kmeans.Config, "kmeans", values)
     if not km_cfg.out:
         km_cfg = dataclasses.replace(km_cfg, out=str(root / f"kmeans-{kmeans.STAGE.key(km_cfg)}" / "features.h5"))
-    return svm_step(cfg, kmeans.run(km_cfg), kmeans.SVM_SETTINGS)
+    km_path, km_key = kmeans.STAGE.plan(km_cfg)
+    svm_cfg = svm_config(cfg, km_path, kmeans.SVM_SETTINGS)
+    planned = svm.planned_out(svm_cfg, km_key)
+    if svm.up_to_date(planned, svm.results_key(svm_cfg, km_key)):   # e.g. carried here without its features
+        return planned
+    return svm.run(dataclasses.replace(svm_cfg, features=str(kmeans.run(km_cfg))))
 
 
 def supervised_step(cfg: Config, root: Path, run_dir: Path) -> Path:
@@ -147,7 +153,7 @@ def supervised_step(cfg: Config, root: Path, run_dir: Path) -> Path:
 
 def final_checkpoint(run_dir: Path) -> str:
     """The run's last step as a step-named file: `last.pt` changes when a run is extended."""
-    saved = runs.interval_checkpoints(run_dir)
+    saved = runs.recorded_checkpoints(run_dir)
     if not saved:
         raise ConfigError(f"{run_dir} has no ckpt_*.pt; rerun `replearn pretrain` for it")
     return saved[-1][1].name
@@ -179,28 +185,36 @@ def run(cfg: Config) -> Path:
         raise ConfigError(f"unknown upto {cfg.upto!r}; choose from: {', '.join(UPTO)}")
     stop = UPTO.index(cfg.upto)
     root = Path(cfg.build_dir) / cfg.preset
+    carry_root = Path(cfg.tables_dir) / f"{cfg.name}-{cfg.preset}-results"
+    if cfg.carry:
+        carry.restore(carry_root, root)
     from .budget import check_disk
     check_disk(cfg, root)
-    run_dirs = [pretrain_step(cfg, model, root) for model in cfg.models]
-    repeat_dirs = [pretrain_step(cfg, cfg.models[0], root, seed) for seed in cfg.seed_repeats] if cfg.models else []
+    planned = [(m, None) for m in cfg.models] + [(cfg.models[0], s) for s in cfg.seed_repeats if cfg.models]
     if stop < UPTO.index("features"):
+        for model, seed in planned:
+            pretrain_step(cfg, model, root, seed)
         return root
     results = []
     upto_svm = stop >= UPTO.index("svm")
     variants = [{}] + ([{"layer_scale": "equal"}] if cfg.layer_rows else [])
-    for run_dir in run_dirs:
+    # one run at a time, from pretraining to its last result, so that a chain cut short (the end of a
+    # session) has whole runs finished, and carried, rather than every run half done
+    for model, seed in planned:
+        run_dir = pretrain_step(cfg, model, root, seed)
         checkpoints = [final_checkpoint(run_dir)] + (["ckpt_0000000.pt"] if cfg.controls else [])
-        for name in checkpoints:
-            results += probe_step(cfg, run_dir, name, variants, upto_svm)
-        if stop >= UPTO.index("curve") and cfg.curve:
+        for name in checkpoints:   # seed repeats give the seed spread: the unscaled protocol only
+            results += probe_step(cfg, run_dir, name, variants if seed is None else [{}], upto_svm)
+        if seed is None and stop >= UPTO.index("curve") and cfg.curve:
             curve_step(cfg, run_dir)
-    for run_dir in repeat_dirs:   # the seed spread: unscaled protocol only
-        for name in [final_checkpoint(run_dir)] + (["ckpt_0000000.pt"] if cfg.controls else []):
-            results += probe_step(cfg, run_dir, name, [{}], upto_svm)
+        if cfg.carry and upto_svm:
+            carry.export_folder(run_dir, carry_root, root)
     if stop >= UPTO.index("svm") and cfg.kmeans:
         results.append(kmeans_steps(cfg, root))
-    if stop >= UPTO.index("svm") and cfg.supervised and run_dirs:
-        results.append(supervised_step(cfg, root, run_dirs[0]))
+        if cfg.carry:
+            carry.export_folder(results[-1].parent, carry_root, root)
+    if stop >= UPTO.index("svm") and cfg.supervised and cfg.models:
+        results.append(supervised_step(cfg, root, pretrain_step(cfg, cfg.models[0], root)))
     if stop < UPTO.index("table"):
         return root
     table_cfg = tables.Config(results=",".join(str(r) for r in results), out_dir=cfg.tables_dir,
@@ -217,5 +231,6 @@ register_preset("smoke", "chain", models=("dcgan",))
 # cpu: DCGAN ~67 min on 2 AVX512-BF16 cores; WGAN-GP as wgan-gp-bn-ttur (BatchNorm critic, 1 critic step at 4x
 # the generator's rate): 48 min, +5.8 over its control at 2000 steps. The reference wgan-gp's 2000 steps take
 # ~3.3 h here (+3.0); the TTUR critics without BN, or with layer or spectral norm, did not gain (recipes.py)
-register_preset("cpu", "chain", models=("dcgan", "wgan-gp-bn-ttur"), seed_repeats=(1, 2), keep_features=False)
+register_preset("cpu", "chain", models=("dcgan", "wgan-gp-bn-ttur"), seed_repeats=(1, 2), keep_features=False,
+                carry=True)
 register_preset("paper", "chain")

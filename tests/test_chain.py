@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO, random_images
 from replearn import chain
 from replearn.core import stage
-from replearn.core.config import build
+from replearn.core.config import ConfigError, build
 from replearn.core.store import write_image_cache
 
 
@@ -94,6 +94,27 @@ def test_chain_builds_every_row_then_reuses_everything(sources, capsys, monkeypa
     assert artifact_times(build_dir) == before
     said = capsys.readouterr().err
     assert re.search(r"pretrain: \S+ is up to date \(key \w+\)", said) and "curve: " in said, said
+
+
+def test_carried_results_give_the_same_table_on_a_machine_without_build(sources, monkeypatch):
+    """What a session on a fresh machine finds after `git clone`: the committed small results of a finished
+    chain (no checkpoint, no feature file) are put back and reused by key; nothing trains or extracts."""
+    over = dict(carry=True, build_dir=str(sources["root"] / "carry-build"),
+                tables_dir=str(sources["root"] / "carry-tables"))
+    first = chain.run(chain_config(sources, **over)).read_text()
+    carried = [p for p in (sources["root"] / "carry-tables" / "cifar10-tiny-results").rglob("*") if p.is_file()]
+    assert {p.suffix for p in carried} <= {".json", ".jsonl", ".png"}
+    assert any(p.name == "finished.json" for p in carried) and any(p.name.startswith("curve-") for p in carried)
+    assert any(p.parent.name.startswith("kmeans-") for p in carried)
+    shutil.rmtree(sources["root"] / "carry-build")
+    monkeypatch.setattr(stage, "_BUILT", set())
+    again = chain.run(chain_config(sources, **over)).read_text()
+    build_dir = sources["root"] / "carry-build"
+    assert not list(build_dir.rglob("*.pt")) and not list(build_dir.rglob("*.h5"))   # nothing trained or extracted
+    assert again == first
+    # a result that was not carried needs the checkpoint: one line says it is not here and what to do
+    with pytest.raises(ConfigError, match="not on this machine.*delete"):
+        chain.run(chain_config(sources, **over, svm_args=TINY_ARGS["svm_args"] + " seed=1"))
 
 
 def test_a_changed_svm_setting_reruns_only_the_svm_stage(sources):

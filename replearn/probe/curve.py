@@ -130,7 +130,7 @@ def run(cfg: Config) -> Path:
 def chosen_checkpoints(cfg: Config) -> list[tuple[int, Path]]:
     """(step, path) of each checkpoint to score; the run's last is always scored: the curve's end point is
     the table row's critic."""
-    found = [(s, p) for s, p in runs.interval_checkpoints(Path(cfg.run)) if not cfg.through or s <= cfg.through]
+    found = [(s, p) for s, p in runs.recorded_checkpoints(Path(cfg.run)) if not cfg.through or s <= cfg.through]
     if not found:
         raise ConfigError(f"no ckpt_*.pt in {cfg.run}: run `replearn pretrain` first (it keeps log-spaced ones)")
     return [(s, p) for s, p in found if not cfg.steps or s in cfg.steps or s == found[-1][0]]

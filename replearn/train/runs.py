@@ -142,12 +142,36 @@ def finished_record(run_dir: str | Path) -> dict | None:
     return read_json(Path(run_dir) / FINISHED)
 
 
+def recorded_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The interval checkpoints on disk or, in a run folder restored without them (core/carry.py), the
+    ones its finished.json lists: each name gives its step, and so every key downstream of it."""
+    found = interval_checkpoints(run_dir)
+    if found:
+        return found
+    names = (finished_record(run_dir) or {}).get("checkpoints") or []
+    return sorted((int(m.group(1)), Path(run_dir) / n) for n in names if (m := CKPT_PATTERN.fullmatch(n)))
+
+
+def carried_step(run: str | Path, which: str) -> int | None:
+    """The step of a checkpoint that a finished run wrote but this machine does not hold (a run folder
+    carried here without its checkpoints); None when the file is here, or was never written."""
+    run = Path(run)
+    if not run.is_dir() or (run / which).exists():
+        return None
+    match = CKPT_PATTERN.fullmatch(which)
+    listed = (finished_record(run) or {}).get("checkpoints") or []
+    return int(match.group(1)) if match and which in listed else None
+
+
 def checkpoint_path(run: str | Path, which: str = LAST) -> Path:
     require_run(run)
     if not Path(run).exists() and Path(run).suffix != ".pt":   # the folder itself is missing, not a checkpoint in it
         raise ConfigError(f"run folder not found: {run}{_near_folder(Path(run))}; set run= to a folder that "
                           f"`replearn pretrain` wrote (build/<preset>/<model>-<key>)")
     path = Path(run) / which if Path(run).is_dir() else Path(run)
+    if not path.exists() and carried_step(run, which) is not None:
+        raise ConfigError(f"checkpoint not on this machine: {path} (its run folder was restored from carried "
+                          f"results without checkpoints); delete {path.parent} to train the run again")
     if not path.exists():
         found = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
         raise ConfigError(f"checkpoint not found: {path} (found: {', '.join(found) or 'none'}; run "
