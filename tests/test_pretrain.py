@@ -87,6 +87,30 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, image_cac
     assert (resumed / "samples" / "step_0000004.png").exists()
 
 
+def test_a_kill_between_interval_checkpoints_resumes_from_the_timed_last_pt(tmp_path, image_cache, monkeypatch):
+    """last.pt is written every LAST_EVERY_SECONDS as well: killed at step 4 (no interval checkpoint there),
+    the run resumes from step 4, not from step 2, and ends where an uninterrupted run ends."""
+    whole = pretrain.run(tiny_config(tmp_path / "a", image_cache, model="dcgan", steps=5))
+    monkeypatch.setattr(pretrain, "LAST_EVERY_SECONDS", 0.0)
+    real_finished = pretrain.finished
+
+    def killed_after_step_4(s, cfg):
+        if s.step == 4:
+            raise KeyboardInterrupt
+        return real_finished(s, cfg)
+
+    monkeypatch.setattr(pretrain, "finished", killed_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.run(tiny_config(tmp_path / "b", image_cache, model="dcgan", steps=5))
+    assert runs.load_checkpoint(tmp_path / "b" / "run" / "last.pt")["step"] == 4
+    monkeypatch.setattr(pretrain, "finished", real_finished)
+    resumed = pretrain.run(tiny_config(tmp_path / "b", image_cache, model="dcgan", steps=5))
+    steps = [r["step"] for r in read_jsonl(resumed / "log.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 5        # each step logged once
+    a, b = params(whole / "last.pt"), params(resumed / "last.pt")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_resuming_a_different_run_is_refused(tmp_path, image_cache):
     pretrain.run(tiny_config(tmp_path, image_cache, model="wgan-gp", steps=1))
     with pytest.raises(ConfigError, match="different run"):

@@ -46,6 +46,9 @@ ADDED_KEYS = {"channels": 3}
 # bumped when the training step itself changes what a run computes (e.g. the generator step reusing the
 # critic step's fakes, the exact penalty pass): runs made by an older loop get another key
 TRAINER_VERSION = 3
+# last.pt is also written this often between interval checkpoints (which the cpu preset keeps every 1000
+# steps, ~30 min on 2 cores): a kill, such as the end of a working session, loses minutes, not half a run
+LAST_EVERY_SECONDS = 300.0
 
 
 # smoke: a fixed CPU budget per model, so the whole chain takes ~30 min on 2 cores; the table reports
@@ -452,7 +455,7 @@ def train_loop(runner: Runner, images: torch.Tensor, stream: BatchStream, data_i
     cfg, s, main = runner.cfg, runner.state, runner.dist.main
     run_dir = Path(cfg.run_dir)
     bar = tqdm(total=cfg.steps, initial=s.step, desc=f"pretrain {cfg.model}", disable=not main, dynamic_ncols=True)
-    rollbacks = 0
+    rollbacks, last_saved = 0, time.time()
     while not finished(s, cfg):
         t0, batches0 = time.time(), s.batches
         stats = runner.train_step(images, stream)
@@ -481,6 +484,10 @@ def train_loop(runner: Runner, images: torch.Tensor, stream: BatchStream, data_i
             plot_losses(run_dir / "log.jsonl", run_dir / "losses.png")
             if fid_due:
                 evaluate_checkpoint(cfg, run_dir, s.step)
+            last_saved = time.time()
+        elif main and time.time() - last_saved >= LAST_EVERY_SECONDS:
+            save_checkpoint(s, cfg, data_info, runner.precision, keep_interval=False)
+            last_saved = time.time()
         if out_of_time:
             print(f"pretrain: training budget max_minutes={cfg.max_minutes} spent at step {s.step}")
     bar.close()
