@@ -105,10 +105,10 @@ def probe_step(cfg: Config, run_dir: Path, checkpoint: str, variants: list[dict]
     feat_cfg = features_config(cfg, run_dir, checkpoint)
     feat_path, feat_key = features.plan(feat_cfg)
     svm_cfgs = [svm_config(cfg, feat_path, extra) for extra in variants] if upto_svm else []
-    planned = [svm.planned_out(c, feat_key) for c in svm_cfgs]
-    if upto_svm and all(svm.up_to_date(p, svm.results_key(c, feat_key)) for p, c in zip(planned, svm_cfgs)):
-        print(f"chain: {len(planned)} svm result(s) of {feat_path.name} reused")
-        return planned
+    reused = svm.finished_results(svm_cfgs, feat_key) if upto_svm else None
+    if reused:
+        print(f"chain: {len(reused)} svm result(s) of {feat_path.name} reused")
+        return reused
     features.run(feat_cfg)
     made = [svm.run(c) for c in svm_cfgs]
     if upto_svm and not cfg.keep_features:
@@ -132,9 +132,9 @@ def kmeans_steps(cfg: Config, root: Path) -> Path:
         km_cfg = dataclasses.replace(km_cfg, out=str(root / f"kmeans-{kmeans.STAGE.key(km_cfg)}" / "features.h5"))
     km_path, km_key = kmeans.STAGE.plan(km_cfg)
     svm_cfg = svm_config(cfg, km_path, kmeans.SVM_SETTINGS)
-    planned = svm.planned_out(svm_cfg, km_key)
-    if svm.up_to_date(planned, svm.results_key(svm_cfg, km_key)):   # e.g. carried here without its features
-        return planned
+    reused = svm.finished_results([svm_cfg], km_key)              # e.g. carried here without its features
+    if reused:
+        return reused[0]
     return svm.run(dataclasses.replace(svm_cfg, features=str(kmeans.run(km_cfg))))
 
 
@@ -214,7 +214,7 @@ def run(cfg: Config) -> Path:
         if cfg.carry:
             carry.export_folder(results[-1].parent, carry_root, root)
     if stop >= UPTO.index("svm") and cfg.supervised and cfg.models:
-        results.append(supervised_step(cfg, root, pretrain_step(cfg, cfg.models[0], root)))
+        results.append(supervised_step(cfg, root, Path(pretrain_config(cfg, cfg.models[0], root).run_dir)))
     if stop < UPTO.index("table"):
         return root
     table_cfg = tables.Config(results=",".join(str(r) for r in results), out_dir=cfg.tables_dir,

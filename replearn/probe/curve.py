@@ -70,8 +70,10 @@ def score_checkpoint(cfg: Config, step: int, checkpoint: str) -> dict[str, Any]:
     feat_cfg, svm_values = stage_configs(cfg, checkpoint)
     feat_path, feat_key = features.plan(feat_cfg)
     svm_cfg = build(svm.Config, "svm", {**svm_values, "features": str(feat_path)})
-    result_path = svm.planned_out(svm_cfg, feat_key)
-    if not svm.up_to_date(result_path, svm.results_key(svm_cfg, feat_key)):   # else reused without features
+    reused = svm.finished_results([svm_cfg], feat_key)          # reused without extracting features
+    if reused:
+        result_path = reused[0]
+    else:
         features.run(feat_cfg)
         result_path = svm.run(svm_cfg)
     if not cfg.keep_features:

@@ -81,11 +81,8 @@ def features_key(cfg: Config) -> str:
     record = runs.run_record(run_folder(cfg))
     recorded = record.get("key")
     check_key(run_folder(cfg), recorded, cfg.expect_run_key)
-    # `last.pt` moves on when a run is extended: key on the step it holds (a carried run's checkpoint by its
-    # name, which the trainer gives it at that step: the same key as with the file)
-    step = runs.carried_step(cfg.run, cfg.checkpoint)
-    if step is None:
-        step = runs.load_checkpoint(runs.checkpoint_path(cfg.run, cfg.checkpoint), mmap=True)["step"]
+    # `last.pt` moves on when a run is extended: key on the step it holds
+    step = runs.checkpoint_step(cfg.run, cfg.checkpoint)
     size = image_size_of(record)
     return artifact_key("features", to_dict(cfg), ignore=VOLATILE_KEYS, run=recorded, step=step,
                              train=data.source_id(cfg.train, size), test=data.source_id(cfg.test, size))

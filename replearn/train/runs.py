@@ -142,14 +142,16 @@ def finished_record(run_dir: str | Path) -> dict | None:
     return read_json(Path(run_dir) / FINISHED)
 
 
+def listed_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of the interval checkpoints the run's finished.json lists, whether or not they are here."""
+    names = (finished_record(run_dir) or {}).get("checkpoints") or []
+    return sorted((int(m.group(1)), Path(run_dir) / n) for n in names if (m := CKPT_PATTERN.fullmatch(n)))
+
+
 def recorded_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """The interval checkpoints on disk or, in a run folder restored without them (core/carry.py), the
     ones its finished.json lists: each name gives its step, and so every key downstream of it."""
-    found = interval_checkpoints(run_dir)
-    if found:
-        return found
-    names = (finished_record(run_dir) or {}).get("checkpoints") or []
-    return sorted((int(m.group(1)), Path(run_dir) / n) for n in names if (m := CKPT_PATTERN.fullmatch(n)))
+    return interval_checkpoints(run_dir) or listed_checkpoints(run_dir)
 
 
 def carried_step(run: str | Path, which: str) -> int | None:
@@ -158,9 +160,14 @@ def carried_step(run: str | Path, which: str) -> int | None:
     run = Path(run)
     if not run.is_dir() or (run / which).exists():
         return None
-    match = CKPT_PATTERN.fullmatch(which)
-    listed = (finished_record(run) or {}).get("checkpoints") or []
-    return int(match.group(1)) if match and which in listed else None
+    return {p.name: step for step, p in listed_checkpoints(run)}.get(which)
+
+
+def checkpoint_step(run: str | Path, which: str) -> int:
+    """The step a checkpoint holds: read from the file, or for a carried run's absent one from its name
+    (the trainer names it at that step), so a key downstream is the same either way."""
+    carried = carried_step(run, which)
+    return carried if carried is not None else load_checkpoint(checkpoint_path(run, which), mmap=True)["step"]
 
 
 def checkpoint_path(run: str | Path, which: str = LAST) -> Path:

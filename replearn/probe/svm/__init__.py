@@ -6,8 +6,8 @@ from . import design, protocol, search, solver, stage
 from .design import LinearModel, accuracy, prepare
 from .protocol import Config, pack_correct, unpack_correct
 from .solver import fit, fit_c_path, fit_liblinear, fit_path
-from .stage import default_out, planned_out, results_key, run, up_to_date
+from .stage import default_out, finished_results, planned_out, results_key, run, up_to_date
 
 __all__ = ["design", "protocol", "search", "solver", "stage", "LinearModel", "accuracy", "prepare", "Config",
            "pack_correct", "unpack_correct", "fit", "fit_c_path", "fit_liblinear", "fit_path", "default_out",
-           "planned_out", "results_key", "run", "up_to_date"]
+           "finished_results", "planned_out", "results_key", "run", "up_to_date"]

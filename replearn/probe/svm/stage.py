@@ -113,6 +113,14 @@ def up_to_date(out: Path, key: str) -> bool:
     return bool(record) and record.get("complete") is True and record.get("key") == key
 
 
+def finished_results(cfgs: list[Config], features_key: str) -> list[Path] | None:
+    """The results files of these configs on one feature file (key `features_key`), when every one is
+    finished by key; else None. Checked before extracting, so finished results need no feature file."""
+    planned = [planned_out(c, features_key) for c in cfgs]
+    done = all(up_to_date(p, results_key(c, features_key)) for p, c in zip(planned, cfgs))
+    return planned if done else None
+
+
 def planned_out(cfg: Config, features_key: str) -> Path:
     """Where `run` writes the results for a feature file whose key is `features_key` (features.plan): the
     file need not exist, so a chain finds finished results without extracting their features again."""
