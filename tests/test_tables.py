@@ -130,3 +130,21 @@ def test_chain_refuses_before_any_work_when_the_disk_cannot_hold_its_peak(tmp_pa
         from replearn import chain
         chain.run(cfg)
     assert not (tmp_path / "build").exists() or not any((tmp_path / "build").rglob("*.pt"))
+
+
+def test_cost_line_gives_pretraining_at_the_median_step_beside_the_recorded_seconds(tmp_path):
+    # a run whose log has 9 steps at 2 s and one slowed to 20 s by other work on the same cores
+    run = tmp_path / "dcgan-abc"
+    run.mkdir()
+    (run / "log.jsonl").write_text("".join(f'{{"step": {10 * i}, "sec_per_step": {20.0 if i == 3 else 2.0}}}\n'
+                                           for i in range(1, 11)))
+    base = {"status": "reproduced", "model": "DCGAN", "k_per_class": 400, "hardware": "CPU test",
+            "pretrain_steps": 100, "_run_key": "abc", "_run_dir": run}
+    rows = [{**base, "_control": False, "_features": "f1", "seconds": {"pretrain": 400.0, "features": 60.0}},
+            {**base, "_control": True, "_features": "f0", "seconds": {"features": 60.0}}]
+    text = tables.cost_text(rows, [])
+    assert "pretraining " + tables.duration(400.0) in text
+    assert f"({tables.duration(200.0)} at each run's median step time)" in text
+    # without its log (a run folder that is gone) only the recorded seconds are given
+    text = tables.cost_text([{**r, "_run_dir": None} for r in rows], [])
+    assert "median step" not in text and "pretraining " + tables.duration(400.0) in text
