@@ -412,7 +412,7 @@ def cost_text(rows: list[dict], curves: list[dict]) -> str:
     """What the table cost, summed over its distinct artifacts, by stage."""
     totals: dict[str, float] = {}
     seen_runs, seen_feats = set(), set()
-    steady, steady_known = 0.0, True
+    at_median: list[float | None] = []      # each run's pretraining at its median step time
     for row in rows:
         if row["status"] == "quoted":
             continue
@@ -420,8 +420,7 @@ def cost_text(rows: list[dict], curves: list[dict]) -> str:
         if row["_run_key"] and row["_run_key"] not in seen_runs and not row["_control"]:
             seen_runs.add(row["_run_key"])
             totals["pretraining"] = totals.get("pretraining", 0) + sec.get("pretrain", 0)
-            at_median = steady_pretrain_seconds(row["_run_dir"], row.get("pretrain_steps"))
-            steady, steady_known = steady + (at_median or 0.0), steady_known and at_median is not None
+            at_median.append(steady_pretrain_seconds(row["_run_dir"], row.get("pretrain_steps")))
         if row["_features"] not in seen_feats:
             seen_feats.add(row["_features"])
             key = "K-means" if "K-means" in row["model"] else "features"
@@ -433,17 +432,17 @@ def cost_text(rows: list[dict], curves: list[dict]) -> str:
     if curve_seconds:
         totals["curve"] = curve_seconds
     hardware = sorted({str(r.get("hardware")) for r in rows if r["status"] != "quoted" and r.get("hardware")})
-    parts = ", ".join(f"{k} {duration(v)}" + (f" ({duration(steady)} at each run's median step time)"
-                                                if k == "pretraining" and steady_known and steady else "")
-                      for k, v in totals.items() if v)
+    steady = f" ({duration(sum(at_median))} at each run's median step time)" \
+        if at_median and None not in at_median and sum(at_median) else ""
+    parts = ", ".join(f"{k} {duration(v)}" + (steady if k == "pretraining" else "") for k, v in totals.items() if v)
     return (f"Compute recorded in the artifacts: {parts}; in all {duration(sum(totals.values()))}"
             f" on {'; '.join(hardware) or '?'}.")
 
 
 def steady_pretrain_seconds(run_dir: Path | None, steps) -> float | None:
     """A run's steps at the median step time of its log: what its pretraining costs on a machine doing nothing
-    else. The recorded seconds also count the steps that other work on the same cores slowed down (a run
-    that shared 2 cores with tests logged steps of 15-18 s against its usual 1.85 s). None without a log."""
+    else, where the recorded seconds also count steps that other work on the same cores slowed down. None
+    without a log."""
     log = run_dir / "log.jsonl" if run_dir else None
     if not steps or log is None or not log.exists():
         return None
