@@ -198,21 +198,30 @@ def run(cfg: Config) -> Path:
     results = []
     upto_svm = stop >= UPTO.index("svm")
     variants = [{}] + ([{"layer_scale": "equal"}] if cfg.layer_rows else [])
-    # one run at a time, from pretraining to its last result, so that a chain cut short (the end of a
-    # session) has whole runs finished, and carried, rather than every run half done
-    for model, seed in planned:
+
+    def whole_run(model: str, seed: int | None) -> list[Path]:
+        made = []
         run_dir = pretrain_step(cfg, model, root, seed)
         checkpoints = [final_checkpoint(run_dir)] + (["ckpt_0000000.pt"] if cfg.controls else [])
         for name in checkpoints:   # seed repeats give the seed spread: the unscaled protocol only
-            results += probe_step(cfg, run_dir, name, variants if seed is None else [{}], upto_svm)
+            made += probe_step(cfg, run_dir, name, variants if seed is None else [{}], upto_svm)
         if seed is None and stop >= UPTO.index("curve") and cfg.curve:
             curve_step(cfg, run_dir)
         if cfg.carry and upto_svm:
             carry.export_folder(run_dir, carry_root, root)
-    if stop >= UPTO.index("svm") and cfg.kmeans:
-        results.append(kmeans_steps(cfg, root))
-        if cfg.carry:
-            carry.export_folder(results[-1].parent, carry_root, root)
+        return made
+
+    # one run at a time, from pretraining to its last result, so that a chain cut short (the end of a
+    # session) has whole runs finished, and carried, rather than every run half done; the table's own
+    # rows (each model, then K-means: minutes) before the seed repeats, which only feed its noise note
+    for model in cfg.models:
+        results += whole_run(model, None)
+    km_result = kmeans_steps(cfg, root) if upto_svm and cfg.kmeans else None
+    if km_result and cfg.carry:
+        carry.export_folder(km_result.parent, carry_root, root)
+    for seed in (cfg.seed_repeats if cfg.models else ()):
+        results += whole_run(cfg.models[0], seed)
+    results += [km_result] if km_result else []
     if stop >= UPTO.index("svm") and cfg.supervised and cfg.models:
         results.append(supervised_step(cfg, root, Path(pretrain_config(cfg, cfg.models[0], root).run_dir)))
     if stop < UPTO.index("table"):

@@ -202,9 +202,10 @@ def runs_seed(run_dir: Path) -> int:
 
 def test_results_outlive_their_features_and_seed_repeats_give_a_spread(sources, capsys):
     """keep_features=false: every critic's file is gone once its SVM results are written, and a rerun
-    reuses the results by key without extracting again; seed_repeats add a seed-spread section."""
+    reuses the results by key without extracting again; seed_repeats add a seed-spread section, and run
+    after K-means (a chain cut short has the table's own rows first)."""
     root = sources["root"] / "lean-build"
-    cfg = chain_config(sources, models="dcgan", curve=False, kmeans=False, layer_rows=False, keep_features=False,
+    cfg = chain_config(sources, models="dcgan", curve=False, kmeans=True, layer_rows=False, keep_features=False,
                        seed_repeats="1", build_dir=str(root))
     text = chain.run(cfg).read_text()
     # benchmarks/gpu_chain.sh starts the GANs side by side from planned_runs: the very folders the chain built
@@ -212,7 +213,10 @@ def test_results_outlive_their_features_and_seed_repeats_give_a_spread(sources, 
         ("dcgan", seed, p.name) for seed, p in zip((None, 1), sorted((root / "tiny").glob("dcgan-*"),
                                                                key=lambda p: runs_seed(p)))}
     assert not list(root.rglob("features-*.h5"))
-    assert len(list(root.rglob("*.svm-full+10pc-*.json"))) == 4       # seeds 0 and 1, each with its control
+    assert len(list(root.rglob("dcgan-*/*.svm-full+10pc-*.json"))) == 4    # seeds 0 and 1, each with its control
+    seed1 = next(p for p in (root / "tiny").glob("dcgan-*") if runs_seed(p) == 1)
+    km_done = min(p.stat().st_mtime_ns for p in root.rglob("kmeans-*/*.svm-*.json"))
+    assert km_done < min(p.stat().st_mtime_ns for p in seed1.rglob("*") if p.is_file())
     assert "Spread over pretraining seeds: DCGAN (BCE) (reproduced)" in text and "mean ± std over 2 seeds" in text
     capsys.readouterr()
     chain.run(cfg)
