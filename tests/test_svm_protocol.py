@@ -414,6 +414,27 @@ def test_resume_inside_an_upward_extension_round(tmp_path, monkeypatch):
     assert settings_without_timing(resumed) == settings_without_timing(whole)
 
 
+def test_each_selection_draw_computes_its_gram_matrix_once(tmp_path, monkeypatch):
+    """Wider than the draws are long (a Gram-space fit): every bracketing round refits each selection
+    draw from the Gram matrix its first round computed, with the numbers of a run computing it anew."""
+    features = write_h5(tmp_path / "f.h5", train=blobs(300, d=80, seed=1), test=blobs(150, d=80, seed=2))
+    values = {"settings": ("400",), "select_draws": 3}
+    products = count_calls(monkeypatch, svm.search, "_gram")
+    cached = json.loads(svm.run(config(features, tmp_path / "cached.json", **values)).read_text())
+    assert cached["settings"]["400"]["c_extended"]["up"] >= 1      # more than one round per draw
+    assert len(products) == 3
+
+    fitter = svm.search.Setting400.fitter
+
+    def forgetting(self, purpose, draw):
+        self.select_grams.clear()
+        return fitter(self, purpose, draw)
+    monkeypatch.setattr(svm.search.Setting400, "fitter", forgetting)
+    anew = json.loads(svm.run(config(features, tmp_path / "anew.json", **values)).read_text())
+    assert len(products) > 3 + 3
+    assert settings_without_timing(anew) == settings_without_timing(cached)
+
+
 def test_progress_of_another_config_is_ignored_and_replaced(tmp_path, monkeypatch):
     features = write_h5(tmp_path / "f.h5")
     out = tmp_path / "r.json"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ...core.config import ConfigError
-from .design import LinearModel, Problem, accuracy, prepare
+from .design import LinearModel, Problem, _gram, accuracy, prepare
 from .solver import LIBLINEAR, MAX_ITER, TOL, _newton, fit_liblinear
 from .protocol import Config, NORM_REFERENCE, REFIT_C_RULE, SplitScorer, balanced_draw, draw_rng, train_gram
 
@@ -291,6 +291,11 @@ class Setting400:
         selecting = cfg.fixed_c <= 0
         self.gram_all = train_gram(X, self.n_fit, cfg.final_draws + selecting * cfg.select_draws, cfg, device)
         self.top: dict[int, tuple[float, LinearModel]] = {}     # selection draw -> its model at the largest C
+        # selection draw -> its rows' Gram matrix (float32, n_fit^2: 64 MB at 4000 rows): each bracketing
+        # round fits every selection draw again, and the Gram product (~3 s for 4000 x 28672 on 2 cores)
+        # is most of a fit's cost outside Newton's steps; the values are those `prepare` would compute
+        self.select_grams: dict[int, torch.Tensor] = {}
+        self.gram_design = cfg.solver == "replearn" and self.n_fit <= X.shape[1]
 
     def save(self) -> None:
         self.state["seconds"] = self.elapsed + time.time() - self.started
@@ -300,11 +305,15 @@ class Setting400:
         """A fitter on the draw's rows (selection draws from train-minus-val, final draws from all of train)."""
         pool = np.arange(self.n_rest) if purpose == 2 else None
         idx = balanced_draw(self.y, self.cfg.per_class, draw_rng(self.cfg.seed, purpose, draw), pool=pool)
-        gram = None
+        gram, X = None, self.X[idx]
         if self.gram_all is not None:   # this draw's block of the cached Gram matrix
             rows = torch.as_tensor(idx, device=self.gram_all.device)
             gram = self.gram_all[rows[:, None], rows[None, :]]
-        return _Fitter(self.X[idx], self.y[idx], self.cfg, self.device, gram)
+        elif purpose == 2 and self.gram_design:
+            if draw not in self.select_grams:
+                self.select_grams[draw] = _gram(torch.as_tensor(X).to(self.device, torch.float32), dtype=torch.float32)
+            gram = self.select_grams[draw]
+        return _Fitter(X, self.y[idx], self.cfg, self.device, gram)
 
     def run(self) -> dict:
         if self.cfg.fixed_c > 0:
