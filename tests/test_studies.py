@@ -66,6 +66,10 @@ def assert_self_describing(tables: Path, name: str, study: str, quoted: int) -> 
     assert len([r for r in rows if r["kind"] == "quoted" and r["scale"] == "quoted"]) == quoted
     text = (tables / f"{name}.md").read_text()
     assert "## Quoted from the seed paper" in text and text.count("| tiny ") + text.count("| custom (tiny") == len(measured)
+    table_lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    for i, r in enumerate(measured, 1):    # provenance in numbered notes under the table, not in its cells
+        assert f"\n{i}. *" in text and r["how produced"] in text
+        assert not any(r["how produced"] in ln for ln in table_lines)
     tex = (tables / f"{name}.tex").read_text()
     for block in tex.split(r"\begin{tabular}")[1:]:                       # the measured rows, then the quoted
         lines = [ln for ln in block.splitlines() if ln.endswith(r"\\")]

@@ -310,18 +310,26 @@ def latex_tabular(rows: list[dict], columns: list[str]) -> str:
 
 def write(cfg, out_dir: Path, name: str, title: str, intro: str, rows: list[dict], columns: list[str],
           quoted: list[dict]) -> Path:
-    """<name>.md (intro, the rows' `columns`, the quoted section), .csv (every column, every seed's value, the
-    quoted rows), .tex (the rows without 'how produced', then the quoted rows) and <name>/study.json."""
+    """<name>.md (intro, the rows' `columns` with 'how produced' moved into numbered notes under the table,
+    the quoted section), .csv (every column, every seed's value, the quoted rows), .tex (the rows without
+    'how produced', then the quoted rows) and <name>/study.json."""
     import pandas as pd
     commit = git_commit()
     head = f"# {title}\n\n{intro}\n\nTable written by `replearn` at commit {commit}.\n\n"
     quoted_head = ("\n\n## Quoted from the seed paper (its own data and setting, not measured by replearn; "
                    "docs/quoted.json)\n\n")
-    body = md_table(rows, columns) + (quoted_head + md_table(quoted, QUOTED_COLUMNS) if quoted else "")
+    short = [c for c in columns if c != "how produced"]
+    body = md_table(rows, short)
+    if len(short) < len(columns):   # a provenance cell runs to hundreds of characters: notes keep rows scannable
+        names = short[:short.index("scale")] if "scale" in short else short[:1]     # the columns naming a row
+        numbered = [{**r, "notes": f"[{i}]"} for i, r in enumerate(rows, 1)]
+        body = md_table(numbered, short + ["notes"]) + "\n\n**How each row was produced**\n\n" + "\n".join(
+            f"{i}. *{', '.join(str(r.get(c, '')) for c in names)}*: {r.get('how produced', '')}"
+            for i, r in enumerate(rows, 1))
+    body += quoted_head + md_table(quoted, QUOTED_COLUMNS) if quoted else ""
     atomic_write_text(out_dir / f"{name}.md", head + body + "\n")
     measured = [{"kind": "measured", **{c: r.get(c) for c in columns}, **r} for r in rows]
     atomic_write_text(out_dir / f"{name}.csv", pd.DataFrame(measured + quoted).to_csv(index=False))
-    short = [c for c in columns if c != "how produced"]
     tex = (f"% {latex_escape(title)}: written by replearn at commit {latex_escape(commit)}\n"
            + latex_tabular(rows, short) + ("\n% quoted from the seed paper (docs/quoted.json)\n"
                                            + latex_tabular(quoted, QUOTED_COLUMNS) if quoted else ""))
