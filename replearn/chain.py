@@ -82,8 +82,12 @@ def planned_runs(cfg: Config) -> list[tuple[str, int | None, Path]]:
     """(model, seed repeat or None, run folder) of every GAN the chain trains, without training any:
     benchmarks/gpu_chain.sh starts them side by side under the keys the chain will ask for."""
     root = Path(cfg.build_dir) / cfg.preset
-    runs = [(m, None) for m in cfg.models] + [(cfg.models[0], s) for s in cfg.seed_repeats if cfg.models]
-    return [(m, s, Path(pretrain_config(cfg, m, root, s).run_dir)) for m, s in runs]
+    return [(m, s, Path(pretrain_config(cfg, m, root, s).run_dir)) for m, s in gan_runs(cfg)]
+
+
+def gan_runs(cfg: Config) -> list[tuple[str, int | None]]:
+    """(model, seed repeat or None): each model, then the first model again at each seed repeat."""
+    return [(m, None) for m in cfg.models] + [(cfg.models[0], s) for s in cfg.seed_repeats if cfg.models]
 
 
 def features_config(cfg: Config, run_dir: Path, checkpoint: str) -> features.Config:
@@ -190,9 +194,8 @@ def run(cfg: Config) -> Path:
         carry.restore(carry_root, root)
     from .budget import check_disk
     check_disk(cfg, root)
-    planned = [(m, None) for m in cfg.models] + [(cfg.models[0], s) for s in cfg.seed_repeats if cfg.models]
     if stop < UPTO.index("features"):
-        for model, seed in planned:
+        for model, seed in gan_runs(cfg):
             pretrain_step(cfg, model, root, seed)
         return root
     results = []

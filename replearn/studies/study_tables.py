@@ -319,8 +319,9 @@ def write(cfg, out_dir: Path, name: str, title: str, intro: str, rows: list[dict
     quoted_head = ("\n\n## Quoted from the seed paper (its own data and setting, not measured by replearn; "
                    "docs/quoted.json)\n\n")
     short = [c for c in columns if c != "how produced"]
-    body = md_table(rows, short)
-    if len(short) < len(columns):   # a provenance cell runs to hundreds of characters: notes keep rows scannable
+    if len(short) == len(columns):
+        body = md_table(rows, short)
+    else:   # a provenance cell runs to hundreds of characters: numbered notes keep the rows scannable
         names = short[:short.index("scale")] if "scale" in short else short[:1]     # the columns naming a row
         numbered = [{**r, "notes": f"[{i}]"} for i, r in enumerate(rows, 1)]
         body = md_table(numbered, short + ["notes"]) + "\n\n**How each row was produced**\n\n" + "\n".join(

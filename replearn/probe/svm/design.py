@@ -56,7 +56,7 @@ nothing per mu). A tiny relative jitter keeps Cholesky defined when G is numeric
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -380,16 +380,11 @@ class Problem:
     fit_intercept: bool
     intercept_scaling: float
     jitter: float = 0.0           # relative Cholesky jitter of the Gram factor (0: none needed, or primal)
-    # X in float64, made at the first `to_model` of a Gram-space problem and kept for the others (every C of a
-    # path maps back through it): converting X afresh for each model cost more than the product itself
-    X64: torch.Tensor | None = field(default=None, repr=False)
 
     def to_model(self, V: torch.Tensor, info: dict | None = None) -> LinearModel:
         s = self.intercept_scaling
         if self.L is not None:   # [w; v] = [X | s]^T L^-T u: w = X^T beta, v = s * sum(beta)
             beta = torch.linalg.solve_triangular(self.L.T, V[:-1], upper=True)               # N x K
-            if self.X64 is None:
-                self.X64 = self.X.double()
             W = _float64_combination(beta, self.X64)                                          # K x D
             v = s * beta.sum(0)
         else:
@@ -397,6 +392,12 @@ class Problem:
         b = s * v if self.fit_intercept else torch.zeros_like(v)
         return LinearModel(W.cpu().numpy().astype(np.float32), b.cpu().numpy().astype(np.float32), self.classes,
                            s, self.fit_intercept, info)
+
+    @functools.cached_property
+    def X64(self) -> torch.Tensor:
+        """X in float64, made at a Gram-space problem's first `to_model` and kept for the others (every C of
+        a path maps back through it): converting X afresh for each model cost more than the product itself."""
+        return self.X.double()
 
     def from_model(self, model: LinearModel) -> torch.Tensor:
         """Warm start: the parameters V that reproduce `model`'s scores on these rows."""

@@ -321,6 +321,7 @@ class Setting400:
         else:
             curve, added = bracket(self.score_round, self.grid, self.cfg.c_extend)
             chosen = _pick(curve)
+            self.select_grams.clear()          # the final draws are other rows: free them before those fits
         self.state.setdefault("selection_seconds", self.elapsed + time.time() - self.started)
         draws = self.final(chosen)
         seconds = self.elapsed + time.time() - self.started
