@@ -102,6 +102,25 @@ def test_gram_preconditioner_inverts_i_plus_mu_ztz(monkeypatch):
     assert torch.allclose(M @ z[:-1], r[:-1], rtol=1e-4, atol=1e-5)
 
 
+def test_gram_design_products_read_only_the_lower_triangle(monkeypatch):
+    """The Gram factor's products skip the blocks above the diagonal blocks: with NaN written there they
+    give the dense products of the true (zero above the diagonal) factor."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(svm.design, "TRIANGLE_ROWS", 16)            # several blocks, the last one short
+    X, y = blobs(70, 90, 3, seed=12)
+    L = svm.prepare(X, y, method="gram", device="cpu").L.clone()
+    dense = svm.design._Design(L.float().contiguous(), 0.0)
+    block = torch.arange(70) // 16
+    L[block[:, None] < block[None, :]] = float("nan")
+    design = svm.design._GramDesign(L)
+    V, R = torch.randn(71, 3, dtype=torch.float64), torch.randn(70, 3, dtype=torch.float64)
+    V[-1] = 0
+    assert torch.allclose(design.forward(V), dense.forward(V), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(design.backward(R), dense.backward(R), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(design.hessian_product(V, torch.ones(70, 3), 0.1),
+                          dense.hessian_product(V, torch.ones(70, 3), 0.1), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("fit_intercept", [True, False])
 def test_wide_primal_with_nystrom_matches_linearsvc(monkeypatch, fit_intercept):
     """Designs wider than the dense limit take the randomized (Nystrom) preconditioner."""

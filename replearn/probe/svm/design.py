@@ -122,6 +122,7 @@ DENSE_PRECONDITIONER_MAX_DIM = 8192   # [A | s]^T [A | s] ((P+1)^2 float64) is f
 NYSTROM_RANK = 384                    # rank of the randomized preconditioner of wider designs
 ROW_SAMPLE = 4096                     # rows of the sampled preconditioner (`_Design.sampled_preconditioner`)
 BACKWARD_ROWS = 2048                  # rows per block of the backward product (`_Design.backward`)
+TRIANGLE_ROWS = 512                   # rows per block of the Gram factor's triangular products (`_GramDesign`)
 
 
 class _Design:
@@ -326,9 +327,36 @@ class _GramDesign(_Design):
 
     def __init__(self, L: torch.Tensor, preconditioning: str = "shared"):
         super().__init__(L.float().contiguous(), 0.0, preconditioning=preconditioning)
+        # L^T row-major as well (N^2 float32 more): both products then stream rows, R^T L over L's and
+        # (L V)^T = V^T L^T over L^T's, where F.linear(L, V^T) ran 1.5x slower on 4000 x 4000
+        self.Lt = self.A.T.contiguous()
 
     def preconditioner(self, mu: float):
         return self._nystrom(mu)
+
+    # L is lower triangular: the products read only the blocks on and below the diagonal (57% of L at
+    # N = 4000), where a dense product reads the zeros above it too. These skinny K-column products are
+    # what a Gram-space fit spends its time on (benchmarks/results/notes.md, stop 47). Blocks are summed
+    # in float64, as the primal design's backward product does
+    def forward(self, V: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:
+        if A is not None and A is not self.A:
+            return super().forward(V, A)
+        Vt = V[:-1].T.to(self.A.dtype).contiguous()                                    # K x N
+        out = torch.zeros(V.shape[1], len(self.Lt), dtype=torch.float64, device=Vt.device)
+        for start in range(0, len(self.Lt), TRIANGLE_ROWS):
+            end = start + TRIANGLE_ROWS
+            out[:, start:] += Vt[:, start:end] @ self.Lt[start:end, start:]
+        return out.T.contiguous()                                   # no bias term: it is folded into L
+
+    def backward(self, R: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:
+        if A is not None and A is not self.A:
+            return super().backward(R, A)
+        L, Rt = self.A, R.to(self.A.dtype).T.contiguous()                             # K x N
+        top = torch.zeros(R.shape[1], len(L), dtype=torch.float64, device=L.device)   # K x N
+        for start in range(0, len(L), TRIANGLE_ROWS):
+            end = start + TRIANGLE_ROWS
+            top[:, :end] += Rt[:, start:end] @ L[start:end, :end]
+        return torch.cat([top.T, top.new_zeros(1, R.shape[1])])                       # the bias row stays 0
 
 
 def _gram(X: torch.Tensor, block: int = 1024, dtype=torch.float64) -> torch.Tensor:
