@@ -82,3 +82,22 @@ def test_odd_numbers_stay_numbers(tmp_path, value):
     with h5py.File(tmp_path / "n.h5", "r") as h5:
         back = read_attrs(h5)["v"]
     assert back == value or (np.isnan(back) and np.isnan(value))
+
+
+def test_commit_is_dirty_for_code_changes_only(tmp_path):
+    """A fresh clone's commit reads clean with a rewritten measurement under benchmarks/results/, and
+    -dirty once a tracked code file differs from it."""
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    read = [sys.executable, "-c", "import sys; sys.path.insert(0, '.'); from replearn.core.utils import git_commit; "
+            "print(git_commit())"]
+    env = {k: v for k, v in os.environ.items() if k != "REPLEARN_SOURCE_COMMIT"}
+    (clone / "benchmarks" / "results" / "svm.json").write_text("{}\n")
+    assert not subprocess.run(read, cwd=clone, env=env, capture_output=True, text=True, check=True).stdout.strip().endswith("-dirty")
+    with open(clone / "replearn" / "budget.py", "a") as f:
+        f.write("# changed\n")
+    assert subprocess.run(read, cwd=clone, env=env, capture_output=True, text=True, check=True).stdout.strip().endswith("-dirty")
