@@ -270,16 +270,6 @@ def one_unit(fn, seconds: float, precision: str, limits: dict, shape, analytic_b
     return row
 
 
-def pass_elements(design: svm.design._Design) -> int:
-    """Elements of the design one forward (or backward) pass reads: all of it, or, for a Gram factor, its
-    blocks on and below the diagonal (`_GramDesign`)."""
-    n, d = design.H.shape
-    if not isinstance(design, svm.design._GramDesign):
-        return n * d
-    rows = svm.design.TRIANGLE_ROWS
-    return sum(min(rows, n - start) * min(start + rows, n) for start in range(0, n, rows))
-
-
 def cg_product(design: svm.design._Design, limits: dict, repeats: int, precision: str) -> dict:
     """One CG Hessian product (I + 2C A^T D A) p on all K columns: a forward and a backward pass over A."""
     n, d = design.H.shape
@@ -288,7 +278,7 @@ def cg_product(design: svm.design._Design, limits: dict, repeats: int, precision
     active = (torch.rand(n, 10, generator=gen) < 0.3).float()                           # N x K
     unit = lambda: design.hessian_product(p, active, 1e-5)                               # noqa: E731
     seconds = ceiling.best_seconds(unit, repeats)
-    elements = pass_elements(design)
+    elements = design.pass_elements
     return one_unit(unit, seconds, precision, limits, (n, d, 10), analytic_bytes=2 * elements * design.H.element_size(),
                     analytic_flops=4 * elements * 10)
 

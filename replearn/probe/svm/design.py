@@ -164,6 +164,11 @@ class _Design:
             top += Rt[:, start:start + BACKWARD_ROWS] @ A[start:start + BACKWARD_ROWS]
         return torch.cat([top.T, self.scale * R.sum(0, keepdim=True)])
 
+    @property
+    def pass_elements(self) -> int:
+        """Elements of H one forward (or backward) product reads (benchmarks count its bytes and FLOPs)."""
+        return self.H.numel()
+
     def hessian_product(self, p: torch.Tensor, active: torch.Tensor, C: float) -> torch.Tensor:
         """(I + 2C [A | s]^T D_k [A | s]) p_k for every column k, the products on H."""
         return p + 2.0 * C * self.backward(active * self.forward(p, self.H), self.H)
@@ -333,6 +338,13 @@ class _GramDesign(_Design):
 
     def preconditioner(self, mu: float):
         return self._nystrom(mu)
+
+    @property
+    def pass_elements(self) -> int:
+        """The blocks of L on and below the diagonal, as `forward` and `backward` read them."""
+        n = len(self.A)
+        blocks = range(0, n, TRIANGLE_ROWS)
+        return sum(min(TRIANGLE_ROWS, n - start) * min(start + TRIANGLE_ROWS, n) for start in blocks)
 
     # L is lower triangular: the products read only the blocks on and below the diagonal (57% of L at
     # N = 4000), where a dense product reads the zeros above it too. These skinny K-column products are
