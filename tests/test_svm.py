@@ -115,10 +115,14 @@ def test_gram_design_products_read_only_the_lower_triangle(monkeypatch):
     design = svm.design._GramDesign(L)
     V, R = torch.randn(71, 3, dtype=torch.float64), torch.randn(70, 3, dtype=torch.float64)
     V[-1] = 0
-    assert torch.allclose(design.forward(V), dense.forward(V), rtol=1e-5, atol=1e-6)
-    assert torch.allclose(design.backward(R), dense.backward(R), rtol=1e-5, atol=1e-6)
-    assert torch.allclose(design.hessian_product(V, torch.ones(70, 3), 0.1),
-                          dense.hessian_product(V, torch.ones(70, 3), 0.1), rtol=1e-4, atol=1e-4)
+
+    def close(a, b, rtol):
+        # float32 products summed in another order: an entry that cancels to near 0 keeps an error of
+        # rtol times the largest entry, not of itself (a fixed atol=1e-6 failed 1 run in 4 on random V)
+        return torch.allclose(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+    assert close(design.forward(V), dense.forward(V), 1e-5)
+    assert close(design.backward(R), dense.backward(R), 1e-5)
+    assert close(design.hessian_product(V, torch.ones(70, 3), 0.1), dense.hessian_product(V, torch.ones(70, 3), 0.1), 1e-4)
 
 
 @pytest.mark.parametrize("fit_intercept", [True, False])

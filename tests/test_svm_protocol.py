@@ -414,20 +414,31 @@ def test_resume_inside_an_upward_extension_round(tmp_path, monkeypatch):
     assert settings_without_timing(resumed) == settings_without_timing(whole)
 
 
-def test_each_selection_draw_computes_its_gram_matrix_once(tmp_path, monkeypatch):
+def test_each_selection_draw_is_prepared_once(tmp_path, monkeypatch):
     """Wider than the draws are long (a Gram-space fit): every bracketing round refits each selection
-    draw from the Gram matrix its first round computed, with the numbers of a run computing it anew."""
+    draw from the problem its first round prepared (Gram matrix, factor, sketch), with the numbers of a
+    run preparing it anew."""
     features = write_h5(tmp_path / "f.h5", train=blobs(300, d=80, seed=1), test=blobs(150, d=80, seed=2))
     values = {"settings": ("400",), "select_draws": 3}
     products = count_calls(monkeypatch, svm.search, "_gram")
+    prepared = count_calls(monkeypatch, svm.search, "prepare")
     cached = json.loads(svm.run(config(features, tmp_path / "cached.json", **values)).read_text())
     assert cached["settings"]["400"]["c_extended"]["up"] >= 1      # more than one round per draw
     assert len(products) == 3
+    selection_prepares = len(prepared) - len(cached["settings"]["400"]["draws"])
+    assert selection_prepares == 3
 
     fitter = svm.search.Setting400.fitter
 
+    # short of memory, only the Gram matrices are kept: each round factors them again
+    monkeypatch.setattr(svm.search, "_available_memory", lambda: 1)
+    del products[:], prepared[:]
+    grams_only = json.loads(svm.run(config(features, tmp_path / "grams.json", **values)).read_text())
+    assert len(products) == 3 and len(prepared) > 3 + len(grams_only["settings"]["400"]["draws"])
+    assert settings_without_timing(grams_only) == settings_without_timing(cached)
+
     def forgetting(self, purpose, draw):
-        self.select_grams.clear()
+        self.select_kept.clear()
         return fitter(self, purpose, draw)
     monkeypatch.setattr(svm.search.Setting400, "fitter", forgetting)
     anew = json.loads(svm.run(config(features, tmp_path / "anew.json", **values)).read_text())

@@ -55,6 +55,7 @@ nothing per mu). A tiny relative jitter keeps Cholesky defined when G is numeric
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,14 +399,20 @@ def _cholesky(G: torch.Tensor) -> tuple[torch.Tensor, float]:
     raise RuntimeError("Gram matrix could not be factorised (are the features all zero or NaN?)")
 
 
-def _float64_combination(beta: torch.Tensor, X: torch.Tensor, block: int = 1024) -> torch.Tensor:
+def _float64_combination(beta: torch.Tensor, X: torch.Tensor, block: int = 32) -> torch.Tensor:
     """beta^T X (K x D) accumulated in float64, a block of rows at a time. The rows of critic features
     share a large mean and beta's signs are mixed, so the sum cancels: in float32 a 4000-row fit at
     C=0.133 read 180.2 (2 threads) or 172.0 (1 thread) as LinearSVC's objective from the same u-space
-    optimum 171.98; float64 gives 172.006."""
+    optimum 171.98; float64 gives 172.006. Each block of X is converted into one reused float64 buffer
+    small enough to stay in cache: on 4000 x 28672 rows (2 Zen 4 cores) 0.07 s a model, where a float64
+    copy of X took 0.8-0.9 s to make and 0.19 s a model to read (benchmarks/results/notes.md, stop 49)."""
     W = torch.zeros(beta.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+    buf = torch.empty(min(block, len(X)), X.shape[1], dtype=torch.float64, device=X.device)
+    beta = beta.double()
     for i in range(0, len(X), block):
-        W += beta[i:i + block].T.double() @ X[i:i + block].double()
+        rows = buf[:len(X[i:i + block])]
+        rows.copy_(X[i:i + block])
+        W.addmm_(beta[i:i + block].T, rows)
     return W
 
 
@@ -425,7 +432,7 @@ class Problem:
         s = self.intercept_scaling
         if self.L is not None:   # [w; v] = [X | s]^T L^-T u: w = X^T beta, v = s * sum(beta)
             beta = torch.linalg.solve_triangular(self.L.T, V[:-1], upper=True)               # N x K
-            W = _float64_combination(beta, self.X64)                                          # K x D
+            W = _float64_combination(beta, self.X)                                               # K x D
             v = s * beta.sum(0)
         else:
             W, v = V[:-1].T, V[-1]
@@ -433,11 +440,13 @@ class Problem:
         return LinearModel(W.cpu().numpy().astype(np.float32), b.cpu().numpy().astype(np.float32), self.classes,
                            s, self.fit_intercept, info)
 
-    @functools.cached_property
-    def X64(self) -> torch.Tensor:
-        """X in float64, made at a Gram-space problem's first `to_model` and kept for the others (every C of
-        a path maps back through it): converting X afresh for each model cost more than the product itself."""
-        return self.X.double()
+    def without_rows(self) -> "Problem":
+        """This problem with its feature rows dropped (kept while the rows are not: `Setting400.fitter`)."""
+        return dataclasses.replace(self, X=None)
+
+    def with_rows(self, X) -> "Problem":
+        """This problem over X, the rows it was prepared on (as `prepare` takes them)."""
+        return dataclasses.replace(self, X=torch.as_tensor(X).to(device=self.Y.device, dtype=torch.float32))
 
     def from_model(self, model: LinearModel) -> torch.Tensor:
         """Warm start: the parameters V that reproduce `model`'s scores on these rows."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ...core.config import ConfigError
-from .design import LinearModel, Problem, _gram, accuracy, prepare
+from .design import LinearModel, Problem, _available_memory, _gram, accuracy, prepare
 from .solver import LIBLINEAR, MAX_ITER, TOL, _newton, fit_liblinear
 from .protocol import Config, NORM_REFERENCE, REFIT_C_RULE, SplitScorer, balanced_draw, draw_rng, train_gram
 
@@ -108,11 +108,11 @@ class _Fitter:
     problem (design, Gram factor, preconditioner eigenpairs) and the solution at the largest C so far."""
 
     def __init__(self, X, y, cfg: Config, device, gram: torch.Tensor | None = None, tol: float | str = TOL,
-                 sketch: tuple | None = None):
+                 sketch: tuple | None = None, problem: Problem | None = None):
         self.X, self.y, self.cfg, self.device, self.gram = X, y, cfg, device, gram     # X: N x D
         self.sketch = sketch      # a design's `sketch_state` over X's first rows, adopted by `prepare`
         self.tol = tol            # TOL, or LIBLINEAR for fits that only choose C (`select_stop`)
-        self._problem: Problem | None = None
+        self._problem = problem   # already prepared on these rows (`Setting400.fitter`), else made at the first path
         self._top: tuple[float, torch.Tensor] | None = None       # (C, V): upward paths start from it
 
     def path(self, cs: Sequence[float], warm: LinearModel | None = None) -> list[LinearModel]:
@@ -273,6 +273,11 @@ def _presearch(X, y, n_rest: int, cfg: Config, grid: list[float], device, bar, f
 
 
 # ============================================================================ the 400-per-class setting
+# bytes a kept Gram-space problem takes per squared row (`Setting400.select_kept`): L in float64 (8) and
+# float32 (4), L^T (4), and the N x 384 sketch with its scores (~1 at 4000 rows)
+KEPT_PROBLEM_BYTES = 17
+
+
 class Setting400:
     """The 400-per-class setting, resumable: `state` (saved by `save` after every unit of work) holds
         val_draws {C: [val acc of selection draw 0, 1, ...]}, draws [test acc of final draw 0, 1, ...],
@@ -291,10 +296,14 @@ class Setting400:
         selecting = cfg.fixed_c <= 0
         self.gram_all = train_gram(X, self.n_fit, cfg.final_draws + selecting * cfg.select_draws, cfg, device)
         self.top: dict[int, tuple[float, LinearModel]] = {}     # selection draw -> its model at the largest C
-        # selection draw -> its rows' Gram matrix (float32, n_fit^2: 64 MB at 4000 rows): each bracketing
-        # round fits every selection draw again, and the Gram product (~3 s for 4000 x 28672 on 2 cores)
-        # is most of a fit's cost outside Newton's steps; the values are those `prepare` would compute
-        self.select_grams: dict[int, torch.Tensor] = {}
+        # selection draw -> what its next bracketing round reuses: its prepared Gram-space problem less its
+        # rows (`Problem.without_rows`: the factor L in float64 and float32, L^T, the Nystrom sketch, about
+        # KEPT_PROBLEM_BYTES n_fit^2 bytes: 270 MB at 4000 rows) while the draws' problems take under a quarter
+        # of the available memory, else its Gram matrix (float32, n_fit^2 x 4 bytes). Each round fits every
+        # selection draw again, and the Gram product (~4 s for 4000 x 28672 on 2 cores), its Cholesky
+        # factor, L^T's copy and the sketch (~1.2 s more) are most of a fit's cost outside Newton's steps;
+        # the values are those a fresh `prepare` would compute
+        self.select_kept: dict[int, Problem | torch.Tensor] = {}
         self.gram_design = cfg.solver == "replearn" and self.n_fit <= X.shape[1]
 
     def save(self) -> None:
@@ -305,15 +314,22 @@ class Setting400:
         """A fitter on the draw's rows (selection draws from train-minus-val, final draws from all of train)."""
         pool = np.arange(self.n_rest) if purpose == 2 else None
         idx = balanced_draw(self.y, self.cfg.per_class, draw_rng(self.cfg.seed, purpose, draw), pool=pool)
-        gram, X = None, self.X[idx]
-        if self.gram_all is not None:   # this draw's block of the cached Gram matrix
+        X, y = self.X[idx], self.y[idx]
+        kept = self.select_kept.get(draw) if purpose == 2 else None
+        if isinstance(kept, Problem):
+            return _Fitter(X, y, self.cfg, self.device, problem=kept.with_rows(X))
+        gram = kept
+        if gram is None and self.gram_all is not None:   # this draw's block of the cached Gram matrix
             rows = torch.as_tensor(idx, device=self.gram_all.device)
             gram = self.gram_all[rows[:, None], rows[None, :]]
-        elif purpose == 2 and self.gram_design:
-            if draw not in self.select_grams:
-                self.select_grams[draw] = _gram(torch.as_tensor(X).to(self.device, torch.float32), dtype=torch.float32)
-            gram = self.select_grams[draw]
-        return _Fitter(X, self.y[idx], self.cfg, self.device, gram)
+        elif gram is None and purpose == 2 and self.gram_design:
+            gram = _gram(torch.as_tensor(X).to(self.device, torch.float32), dtype=torch.float32)
+        if purpose != 2 or not self.gram_design:
+            return _Fitter(X, y, self.cfg, self.device, gram)
+        problem = prepare(X, y, device=self.device, gram=gram)
+        room = KEPT_PROBLEM_BYTES * self.n_fit ** 2 * self.cfg.select_draws < _available_memory() / 4
+        self.select_kept[draw] = problem.without_rows() if room else gram
+        return _Fitter(X, y, self.cfg, self.device, problem=problem)
 
     def run(self) -> dict:
         if self.cfg.fixed_c > 0:
@@ -321,7 +337,7 @@ class Setting400:
         else:
             curve, added = bracket(self.score_round, self.grid, self.cfg.c_extend)
             chosen = _pick(curve)
-            self.select_grams.clear()          # the final draws are other rows: free them before those fits
+            self.select_kept.clear()           # the final draws are other rows: free them before those fits
         self.state.setdefault("selection_seconds", self.elapsed + time.time() - self.started)
         draws = self.final(chosen)
         seconds = self.elapsed + time.time() - self.started
