@@ -232,19 +232,23 @@ class _Design:
         floor_k = 1 + 2C f_k lam_l (f_k: class k's active fraction). Where the shared M = I + mu S
         stands one scatter in for all K Hessians, T_k sees class k's own active rows and the couplings
         between the sketch's directions (an active set of positives and hard negatives is not a scaled
-        copy of all rows). Built every Newton step: K products N x l x l, against l passes over A."""
+        copy of all rows). Built every Newton step: K products N_k x l x l over the N_k active rows of each
+        class, against l passes over A."""
         U, lam = self._eigen
         B = self._sketch_scores                                                        # N x l
         eye = torch.eye(U.shape[1], dtype=torch.float64, device=U.device)
-        T = torch.stack([eye + 2.0 * C * ((B * active[:, k:k + 1].float()).T @ B).double()
-                         for k in range(active.shape[1])])                             # K x l x l
+        # B^T D_k B over class k's active rows only (D_k is 0 or 1): the work shrinks with the active fraction,
+        # where a product over all rows (a masked copy of B and its N x l x l product) cost the same at any
+        # fraction (40,000 x 384 x 10 classes: 1.0-1.2 s against 0.1 s at 10% active, 0.6 s at 60%)
+        rows = (B[active[:, k] > 0] for k in range(active.shape[1]))                  # one class's copy at a time
+        T = torch.stack([eye + 2.0 * C * (Bk.T @ Bk).double() for Bk in rows])        # K x l x l
         R, _ = torch.linalg.cholesky_ex(T)                                             # SPD: I + PSD
         floor = 1.0 + 2.0 * C * active.mean(0).double() * float(lam[-1])                # K
 
         def apply(r):                                                                  # (P+1) x K
             c = U.T @ r                                                                # l x K
             inner = torch.cholesky_solve(c.T.unsqueeze(-1), R).squeeze(-1).T           # l x K
-            return U @ inner + (r - U @ c) / floor
+            return U @ (inner - c / floor) + r / floor                                 # = U inner + (r - U c) / floor
         return apply
 
     def sketch_state(self) -> tuple | None:

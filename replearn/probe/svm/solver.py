@@ -102,7 +102,7 @@ def _line_search(V, d, scores, Ad, Y, C: float, iters: int = 60) -> torch.Tensor
 
 
 # preconditioner='auto': a Newton step whose CG took more iterations than this switches the rest of the fit
-# to per-class preconditioners (their rebuild, K products N x l x l per Newton step, costs about as much
+# to per-class preconditioners (their rebuild, K products N_k x l x l per Newton step, costs about as much
 # as a few CG iterations of a 4000-row Gram design, and far less than one of a 50,000-row primal one)
 CLASS_SWITCH_CG = 20
 TOL = 1e-6          # ||g_k|| <= TOL * ||g_k(w=0)|| for every class (see the module docstring)
