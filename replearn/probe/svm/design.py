@@ -55,9 +55,8 @@ nothing per mu). A tiny relative jitter keeps Cholesky defined when G is numeric
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -414,7 +413,7 @@ def _float64_combination(beta: torch.Tensor, X: torch.Tensor, block: int = 32) -
     buf = torch.empty(min(block, len(X)), X.shape[1], dtype=torch.float64, device=X.device)
     beta = beta.double()
     for i in range(0, len(X), block):
-        rows = buf[:len(X[i:i + block])]
+        rows = buf[:min(block, len(X) - i)]
         rows.copy_(X[i:i + block])
         W.addmm_(beta[i:i + block].T, rows)
     return W
@@ -446,11 +445,11 @@ class Problem:
 
     def without_rows(self) -> "Problem":
         """This problem with its feature rows dropped (kept while the rows are not: `Setting400.fitter`)."""
-        return dataclasses.replace(self, X=None)
+        return replace(self, X=None)
 
     def with_rows(self, X) -> "Problem":
         """This problem over X, the rows it was prepared on (as `prepare` takes them)."""
-        return dataclasses.replace(self, X=torch.as_tensor(X).to(device=self.Y.device, dtype=torch.float32))
+        return replace(self, X=_float32_rows(X, self.Y.device))
 
     def from_model(self, model: LinearModel) -> torch.Tensor:
         """Warm start: the parameters V that reproduce `model`'s scores on these rows."""
@@ -497,7 +496,7 @@ def prepare(X, y, fit_intercept: bool = True, intercept_scaling: float = 1.0, de
     if preconditioner not in PRECONDITIONERS:
         raise ConfigError(f"unknown preconditioner {preconditioner!r}; choose from: {', '.join(PRECONDITIONERS)}")
     device = pick_device("auto") if device is None else torch.device(device)
-    X = torch.as_tensor(X).to(device=device, dtype=torch.float32)
+    X = _float32_rows(X, device)
     y = np.asarray(y)
     classes = np.unique(y)
     if len(classes) < 2:
@@ -526,6 +525,11 @@ def prepare(X, y, fit_intercept: bool = True, intercept_scaling: float = 1.0, de
     if sketch is not None and sketched:
         design.adopt_sketch(sketch)
     return Problem(X, design, None, Y, classes, fit_intercept, intercept_scaling)
+
+
+def _float32_rows(X, device) -> torch.Tensor:
+    """Features as the designs take them: a float32 tensor on `device` (no copy when X already is one)."""
+    return torch.as_tensor(X).to(device=device, dtype=torch.float32)
 
 
 def _available_memory() -> int:

@@ -112,8 +112,16 @@ class _Fitter:
         self.X, self.y, self.cfg, self.device, self.gram = X, y, cfg, device, gram     # X: N x D
         self.sketch = sketch      # a design's `sketch_state` over X's first rows, adopted by `prepare`
         self.tol = tol            # TOL, or LIBLINEAR for fits that only choose C (`select_stop`)
-        self._problem = problem   # already prepared on these rows (`Setting400.fitter`), else made at the first path
+        self._problem = problem   # already prepared on these rows (`Setting400.fitter`), else made by `problem`
         self._top: tuple[float, torch.Tensor] | None = None       # (C, V): upward paths start from it
+
+    @property
+    def problem(self) -> Problem:
+        """The prepared problem of these rows (made at the first call, or given)."""
+        if self._problem is None:
+            self._problem = prepare(self.X, self.y, device=self.device, gram=self.gram, sketch=self.sketch)
+            self.sketch = None
+        return self._problem
 
     def path(self, cs: Sequence[float], warm: LinearModel | None = None) -> list[LinearModel]:
         """Models at `cs` (increasing) as one warm-started path, starting from `warm` if given, else
@@ -121,10 +129,7 @@ class _Fitter:
         first path, or a downward extension: small-C cold starts are cheap, large-C ones are not)."""
         if self.cfg.solver == "liblinear":
             return [fit_liblinear(self.X, self.y, c) for c in cs]
-        if self._problem is None:
-            self._problem = prepare(self.X, self.y, device=self.device, gram=self.gram, sketch=self.sketch)
-            self.sketch = None
-        problem, V = self._problem, None
+        problem, V = self.problem, None
         if warm is not None:
             V = problem.from_model(warm)
         elif self._top is not None and cs[0] > self._top[0]:
@@ -324,12 +329,11 @@ class Setting400:
             gram = self.gram_all[rows[:, None], rows[None, :]]
         elif gram is None and purpose == 2 and self.gram_design:
             gram = _gram(torch.as_tensor(X).to(self.device, torch.float32), dtype=torch.float32)
-        if purpose != 2 or not self.gram_design:
-            return _Fitter(X, y, self.cfg, self.device, gram)
-        problem = prepare(X, y, device=self.device, gram=gram)
-        room = KEPT_PROBLEM_BYTES * self.n_fit ** 2 * self.cfg.select_draws < _available_memory() / 4
-        self.select_kept[draw] = problem.without_rows() if room else gram
-        return _Fitter(X, y, self.cfg, self.device, problem=problem)
+        fitter = _Fitter(X, y, self.cfg, self.device, gram)
+        if purpose == 2 and self.gram_design:
+            room = KEPT_PROBLEM_BYTES * self.n_fit ** 2 * self.cfg.select_draws < _available_memory() / 4
+            self.select_kept[draw] = fitter.problem.without_rows() if room else gram
+        return fitter
 
     def run(self) -> dict:
         if self.cfg.fixed_c > 0:
