@@ -6,7 +6,8 @@ Measured with torch on all its threads (`torch.get_num_threads()`), best of a fe
   gemm        a 2048^3 square matmul, float32 and bfloat16: the compute ceiling (GFLOP/s)
   skinny      the SVM's CG products on an N x 28672 design (N = 40,000, fewer when memory is short, 4,000
               with --quick): forward A W^T (W: 10 x 28672) and backward R^T A, float32 and bfloat16; these
-              read the design once per product, so they are bandwidth-bound: GFLOP/s and GB/s both recorded
+              read the design once per product, so they are bandwidth-bound: GFLOP/s and GB/s both recorded;
+              float32 also through numpy's BLAS in 2048-row blocks (`numpy`), as the solver runs it
   conv        the DCGAN critic's conv3 (3x3, 128 -> 256 channels, 16 x 16, batch 64, channels_last),
               float32 and bfloat16 (GFLOP/s): what the library gets on the critic's own shapes
   bandwidth   a large tensor copy (1 GiB, 256 MiB with --quick), GB/s counting read + write (STREAM's
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,6 +49,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SVM_DIMS, SVM_CLASSES = 28672, 10           # the DCGAN critic's pooled features; CIFAR-10's classes
 CONV = dict(batch=64, c_in=128, c_out=256, size=16)    # the critic's conv3 at 32 px
 AT_CEILING = 0.7                            # from here on a stage counts as at the ceiling (issue 40)
+
+
+def result_path(path: Path) -> Path:
+    """Where a benchmark writes `path`: beside it, as <stem>_<isa>-limited.json, when REPLEARN_CPU_ISA limits
+    this machine's kernels (benchmarks/isa.sh), so that an emulated kind's figures never replace a real kind's."""
+    limit = os.environ.get("REPLEARN_CPU_ISA", "")
+    if not limit or cpu_vector_units() == cpu_vector_units(limit=""):
+        return Path(path)
+    return Path(path).with_name(f"{Path(path).stem}_{limit.lower()}-limited{Path(path).suffix}")
 
 
 # ============================================================================ timing
@@ -90,9 +101,23 @@ def skinny(rows: int, dtype: torch.dtype, repeats: int) -> dict:
     flops, nbytes = 2 * rows * SVM_DIMS * SVM_CLASSES, a.numel() * a.element_size()
     forward = best_seconds(lambda: F.linear(a, w), repeats)                 # N x K
     backward = best_seconds(lambda: r @ a, repeats)                         # K x P
-    return {"shape": [rows, SVM_DIMS, SVM_CLASSES],
-            "forward": {"seconds": forward, "gflops": flops / forward / 1e9, "gbs": nbytes / forward / 1e9},
-            "backward": {"seconds": backward, "gflops": flops / backward / 1e9, "gbs": nbytes / backward / 1e9}}
+    rate = lambda seconds: {"seconds": seconds, "gflops": flops / seconds / 1e9, "gbs": nbytes / seconds / 1e9}
+    out = {"shape": [rows, SVM_DIMS, SVM_CLASSES], "forward": rate(forward), "backward": rate(backward)}
+    if dtype == torch.float32:   # numpy's BLAS (OpenBLAS), which the solver's float32 primal products use
+        an, wn, rn, block = a.numpy(), w.numpy().T, r.numpy(), 2048
+        y = np.empty((rows, SVM_CLASSES), dtype=np.float32)
+
+        def np_forward():
+            for i in range(0, rows, block):
+                np.matmul(an[i:i + block], wn, out=y[i:i + block])
+
+        def np_backward():
+            top = np.zeros((SVM_CLASSES, SVM_DIMS))
+            for i in range(0, rows, block):
+                top += rn[:, i:i + block] @ an[i:i + block]
+        out["numpy"] = {"forward": rate(best_seconds(np_forward, repeats)),
+                        "backward": rate(best_seconds(np_backward, repeats))}
+    return out
 
 
 def conv(dtype: torch.dtype, repeats: int, batch: int = CONV["batch"]) -> dict:
@@ -237,7 +262,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds); writes ceiling_quick.json")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    out = args.out or RESULTS / ("ceiling_quick.json" if args.quick else "ceiling.json")
+    out = args.out or result_path(RESULTS / ("ceiling_quick.json" if args.quick else "ceiling.json"))
     ceiling = measure(**(QUICK if args.quick else {}))
     record = {"summary": summary(ceiling), "ceiling": ceiling, "args": {"quick": args.quick}, "provenance": provenance()}
     atomic_write_json(out, record)

@@ -120,7 +120,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.train, args.images = 1000, 1500
-    args.out = args.out or str(REPO / "benchmarks" / "results" / ("features_quick.json" if args.quick else "features.json"))
+    args.out = args.out or str(ceiling.result_path(REPO / "benchmarks" / "results" /
+                                                   ("features_quick.json" if args.quick else "features.json")))
     torch.manual_seed(0)
     limits = ceiling.measure(**(ceiling.QUICK if args.quick else {}))      # this machine's, in this run
     cache = REPO / "cache"

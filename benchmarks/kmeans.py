@@ -50,7 +50,7 @@ import ceiling  # noqa: E402
 SOURCE = "../shared/data/cifar10/train.parquet"
 TRAIN, VALIDATION = SOURCE + "[:40000]", SOURCE + "[40000:]"
 COATES_C = 100.0            # mean form: 0.5 ||w||^2 + C * mean(hinge^2)
-RESULTS = REPO / "benchmarks" / "results" / "kmeans.json"
+RESULTS = ceiling.result_path(REPO / "benchmarks" / "results" / "kmeans.json")
 
 
 def peak_memory_gb() -> float:
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small run (see the module docstring): kmeans_quick.json")
     args = parser.parse_args()
     over = dict(train=SOURCE + "[:1000]", test=SOURCE + "[40000:40500]", patches=50_000, iterations=10) if args.quick else {}
-    results_path = RESULTS.with_name("kmeans_quick.json") if args.quick else RESULTS
+    results_path = ceiling.result_path(RESULTS.with_name("kmeans_quick.json")) if args.quick else RESULTS
     data.cached(over.get("train", TRAIN)), data.cached(over.get("test", VALIDATION))   # decode once, outside the timing
     recorded = json.loads(results_path.read_text()) if results_path.exists() else {}
     if args.reuse:

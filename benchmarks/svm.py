@@ -72,7 +72,7 @@ import ceiling  # noqa: E402
 
 PARQUET = REPO.parent / "shared" / "data" / "cifar10" / "train.parquet"
 FEATURES = REPO / "cache" / "bench_svm_dcgan_untrained.h5"
-RESULTS = REPO / "benchmarks" / "results" / "svm.json"
+RESULTS = ceiling.result_path(REPO / "benchmarks" / "results" / "svm.json")
 N_TRAIN = 40000          # the rest (10k) is the test split
 BENCH_C = 1e-4           # the single-C comparison of earlier runs (LinearSVC's fastest C of the grid)
 # the 40k-row fit: at 1e-4 one warm-started fit on trained features took 1,519 CG iterations (15 min),
@@ -483,7 +483,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         torch.set_num_threads(2)
-        quick(RESULTS.with_name("svm_quick.json"))
+        quick(ceiling.result_path(RESULTS.with_name("svm_quick.json")))
         return
     if args.full_setting:
         if args.features is None:

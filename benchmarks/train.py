@@ -46,7 +46,7 @@ from replearn.core.utils import atomic_write_json, hardware, provenance  # noqa:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ceiling  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "results" / "train.json"
+OUT = ceiling.result_path(Path(__file__).resolve().parent / "results" / "train.json")
 BATCH = 64
 N_IMAGES = 2048          # enough distinct batches; the data's content does not affect speed
 
@@ -263,7 +263,7 @@ def main(argv=None) -> Path:
         return OUT
     if args.quick:
         args.rounds, args.dcgan_steps, args.gp_steps, args.warmup, args.no_compile = 1, 1, 1, 1, True
-    out_path = OUT.with_name("train_quick.json") if args.quick else OUT
+    out_path = ceiling.result_path(OUT.with_name("train_quick.json")) if args.quick else OUT
     began = time.time()
     limits = ceiling.measure(**(ceiling.QUICK if args.quick else {}))      # this machine's, in this run
     results = {"dcgan": measure("dcgan", args.warmup, args.dcgan_steps, args.rounds, not args.no_compile, limits),

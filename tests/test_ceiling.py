@@ -69,3 +69,15 @@ def test_fraction_and_verdict():
     unfused = ceiling.fraction(1e9, 9e9, "fp32", limits)     # op-level bytes: an upper bound, not the verdict
     assert unfused["bound"] == "compute" and unfused["fraction_of_ceiling"] == pytest.approx(0.01)
     assert unfused["fraction_of_bandwidth"] == pytest.approx(0.9)
+
+
+def test_a_run_with_limited_kernels_writes_beside_the_real_kinds_record(monkeypatch):
+    """benchmarks/isa.sh runs emulate another CPU kind: their JSON must not replace a record of this machine's."""
+    from pathlib import Path
+    from replearn.core.utils import cpu_vector_units
+    monkeypatch.delenv("REPLEARN_CPU_ISA", raising=False)
+    assert ceiling.result_path(Path("results/svm.json")) == Path("results/svm.json")
+    monkeypatch.setenv("REPLEARN_CPU_ISA", "AVX2")
+    limited = cpu_vector_units(limit="") not in ("", "AVX2")        # this CPU has more than AVX2 to limit
+    expected = "results/svm_avx2-limited.json" if limited else "results/svm.json"
+    assert ceiling.result_path(Path("results/svm.json")) == Path(expected)

@@ -334,15 +334,20 @@ def test_class_preconditioner_reaches_the_same_optimum(monkeypatch, method):
     assert switched.objective(X, y, 5.0) == pytest.approx(shared.objective(X, y, 5.0), rel=1e-4)
 
 
-def test_blocked_backward_product_matches_a_float64_reference(monkeypatch):
-    """[A | s]^T R summed over row blocks (a ragged last block included) against a float64 product."""
+@pytest.mark.parametrize("numpy_blas", [False, True])
+def test_blocked_primal_products_match_a_float64_reference(monkeypatch, numpy_blas):
+    """[A | s]^T R summed over row blocks and [A | s] V a block of rows at a time (a ragged last block
+    included), through torch's BLAS and through numpy's (CPUs without bf16 units), against float64 products."""
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(svm.design, "BACKWARD_ROWS", 7)
     X, y = blobs(60, 20, 3, seed=17)
     design = svm.prepare(X, y, method="primal", device="cpu").design
+    design.numpy_blas = numpy_blas
     R = torch.randn(60, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     A = torch.cat([torch.as_tensor(X, dtype=torch.float64), torch.full((60, 1), float(design.scale), dtype=torch.float64)], 1)
     assert torch.allclose(design.backward(R), A.T @ R, rtol=1e-5, atol=1e-5)
+    V = torch.randn(21, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(design.forward(V), A @ V, rtol=1e-5, atol=1e-5)
     bf16 = design.backward(R, design.A.to(torch.bfloat16))       # the Hessian products' copy: its rounding
     assert float((bf16 - A.T @ R).norm() / (A.T @ R).norm()) < 1e-2
 

@@ -233,3 +233,23 @@ def test_hardware_names_the_cpu_vector_units():
     assert cpu_vector_units("flags : avx2 avx512f avx512_bf16 amx_bf16 amx_tile") == "AMX-BF16"
     assert cpu_vector_units("flags : fpu sse2") == ""
     assert cpu_vector_units("flags : avx512_bf16x") == ""        # whole words only
+
+
+def test_an_isa_limit_turns_the_bf16_paths_off_and_the_label_says_so(monkeypatch, request):
+    # benchmarks/isa.sh runs the AVX2-only kind's code paths on a Zen 4: its records must not pass for either kind
+    from replearn.core.config import ConfigError
+    from replearn.core.utils import cpu_vector_units, hardware
+    zen4 = "flags : avx2 avx512f avx512_bf16"
+    assert cpu_vector_units(zen4, limit="AVX2") == "AVX2"
+    assert cpu_vector_units("flags : avx2", limit="AVX512-BF16") == "AVX2"      # a limit never adds units
+    monkeypatch.setenv("REPLEARN_CPU_ISA", "AVX2")
+    utils.cpu_has_bf16.cache_clear()                  # read once a process: the variable is set before it starts
+    request.addfinalizer(utils.cpu_has_bf16.cache_clear)
+    assert cpu_vector_units(zen4) == "AVX2"
+    found = cpu_vector_units(limit="")
+    if found and found != "AVX2":
+        assert f"{found} limited to AVX2" in hardware()
+        assert not utils.bf16_supported(__import__("torch").device("cpu"))
+    monkeypatch.setenv("REPLEARN_CPU_ISA", "SSE2")
+    with pytest.raises(ConfigError, match="REPLEARN_CPU_ISA='SSE2'"):
+        cpu_vector_units(zen4)

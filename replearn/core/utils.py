@@ -75,7 +75,9 @@ def hardware() -> str:
                 break
     except OSError:
         pass
-    isa = cpu_vector_units()
+    isa, found = cpu_vector_units(), cpu_vector_units(limit="")
+    if isa != found:
+        isa = f"{found} limited to {isa}"
     return f"{gpu}CPU {cpu} ({os.cpu_count()} cores{', ' + isa if isa else ''})"
 
 
@@ -85,8 +87,16 @@ def hardware() -> str:
 VECTOR_UNITS = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
 
 
-def cpu_vector_units(flags: str | None = None) -> str:
-    """'AMX-BF16', 'AVX512-BF16', 'AVX512', 'AVX2' (the best one /proc/cpuinfo lists) or ''."""
+def cpu_vector_units(flags: str | None = None, limit: str | None = None) -> str:
+    """'AMX-BF16', 'AVX512-BF16', 'AVX512', 'AVX2' (the best one /proc/cpuinfo lists) or '', at most `limit`
+    (default: the REPLEARN_CPU_ISA variable, e.g. AVX2; '' for none). With a limit below what the CPU has,
+    replearn's bf16 paths stay off and `hardware()` names both; with the libraries' own switches as well
+    (benchmarks/isa.sh) a Zen 4 runs the code paths of the AVX2-only kind: an estimate of that kind's
+    times, not a measurement of it (clock and memory differ)."""
+    limit = os.environ.get("REPLEARN_CPU_ISA", "") if limit is None else limit
+    names = [name for _, name in VECTOR_UNITS]
+    if limit and limit not in names:
+        raise ConfigError(f"REPLEARN_CPU_ISA={limit!r} is not one of {', '.join(names)}")
     if flags is None:
         try:
             flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -94,7 +104,10 @@ def cpu_vector_units(flags: str | None = None) -> str:
         except OSError:
             return ""
     words = set(flags.split())
-    return next((name for flag, name in VECTOR_UNITS if flag in words), "")
+    found = next((name for flag, name in VECTOR_UNITS if flag in words), "")
+    if limit and found and names.index(found) < names.index(limit):
+        return limit
+    return found
 
 
 def provenance() -> dict[str, Any]:

@@ -142,15 +142,28 @@ class _Design:
         self.preconditioning = preconditioning
         # the copy of A that Hessian products and the preconditioner's sketch use (`_hessian_dtype`)
         self.H = A if hessian_dtype in (None, A.dtype) else A.to(hessian_dtype)
+        # float32 products through numpy's BLAS (OpenBLAS in numpy's wheels) instead of torch's (MKL) on CPUs
+        # without bf16 units, where every product is float32: with every library's kernels limited to AVX2
+        # (benchmarks/isa.sh) the skinny K = 10 passes over 40,000 x 28672 rows ran 1.7x faster, and the full
+        # setting took 309 s against 483 s with the same C and accuracy. With bf16 units (the Hessian's products
+        # on H's bf16 copy, torch) it gained nothing (245 s against 240 s), so there the products stay torch's
+        # and the results bit for bit what they were (benchmarks/results/notes.md, stop 50)
+        self.numpy_blas = A.device.type == "cpu" and A.dtype == torch.float32 and not bf16_supported(A.device)
 
     # Products run in A's dtype (float32); parameters, scores and
     # residuals stay float64 so that cancellation in the gradient does not limit the accuracy.
     def forward(self, V: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:   # (P+1) x K -> N x K
         A = self.A if A is None else A
-        # as A W^T with W = V^T made contiguous (K x P): for K ~ 10 columns MKL's sgemm ran this layout in
-        # 0.95 s against 1.5-1.9 s for A @ V on a 50,000 x 28672 A (2 AVX2 cores; the pass's bandwidth
-        # floor is 0.25 s): CG's products are these skinny passes
-        return F.linear(A, V[:-1].T.to(A.dtype).contiguous()).double() + self.scale * V[-1]
+        Wt = V[:-1].T.to(A.dtype).contiguous()                                         # K x P
+        if not (self.numpy_blas and A.dtype == torch.float32):
+            # as A W^T with W^T contiguous: for K ~ 10 columns MKL's sgemm ran this layout in 0.95 s against
+            # 1.5-1.9 s for A @ V on a 50,000 x 28672 A (2 AVX2 cores): CG's products are these skinny passes
+            return F.linear(A, Wt).double() + self.scale * V[-1]
+        out = np.empty((A.shape[0], Wt.shape[0]), dtype=np.float32)
+        a, w = A.numpy(), Wt.numpy().T
+        for start in range(0, len(a), BACKWARD_ROWS):     # in row blocks: 1.6x faster than whole
+            np.matmul(a[start:start + BACKWARD_ROWS], w, out=out[start:start + BACKWARD_ROWS])
+        return torch.from_numpy(out).double() + self.scale * V[-1]
 
     def backward(self, R: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:  # N x K -> (P+1) x K
         # R^T A is much faster than A^T R for a row-major A (one streaming pass), and faster again in
@@ -159,9 +172,17 @@ class _Design:
         # output is rounded to bf16 once per block, not once in all: no less accurate than the whole product
         A = self.A if A is None else A
         Rt = R.to(A.dtype).T.contiguous()                                              # K x N
-        top = torch.zeros(R.shape[1], A.shape[1], dtype=torch.float64, device=A.device)  # K x P
-        for start in range(0, A.shape[0], BACKWARD_ROWS):
-            top += Rt[:, start:start + BACKWARD_ROWS] @ A[start:start + BACKWARD_ROWS]
+        if self.numpy_blas and A.dtype == torch.float32:
+            # the blocks' sum in numpy as well: after a torch op its OpenMP workers spin for milliseconds,
+            # taking the cores OpenBLAS's threads need (interleaved so, short products ran 2-5x slower)
+            r, a, top = Rt.numpy(), A.numpy(), np.zeros((R.shape[1], A.shape[1]))
+            for start in range(0, len(a), BACKWARD_ROWS):
+                top += r[:, start:start + BACKWARD_ROWS] @ a[start:start + BACKWARD_ROWS]
+            top = torch.from_numpy(top)
+        else:
+            top = torch.zeros(R.shape[1], A.shape[1], dtype=torch.float64, device=A.device)  # K x P
+            for start in range(0, A.shape[0], BACKWARD_ROWS):
+                top += Rt[:, start:start + BACKWARD_ROWS] @ A[start:start + BACKWARD_ROWS]
         return torch.cat([top.T, self.scale * R.sum(0, keepdim=True)])
 
     @property
@@ -380,8 +401,15 @@ def _gram(X: torch.Tensor, block: int = 1024, dtype=torch.float64) -> torch.Tens
     product), stored in `dtype` (float32 loses nothing: the products are float32)."""
     n = X.shape[0]
     G = torch.empty(n, n, dtype=dtype, device=X.device)
+    # numpy's BLAS where the primal products use it (`_Design.numpy_blas`): a 4000 x 28672 Gram matrix took
+    # 2.9 s against 3.6 s with every library's kernels limited to AVX2 (each panel is long enough that
+    # torch's spinning workers, between panels, cost little)
+    numpy_blas = X.device.type == "cpu" and X.dtype == torch.float32 and not bf16_supported(X.device)
     for i in range(0, n, block):
-        tile = (X[i:i + block] @ X[:i + block].T).to(dtype)                # the row panel left of the diagonal
+        if numpy_blas:
+            tile = torch.from_numpy(X[i:i + block].numpy() @ X[:i + block].numpy().T).to(dtype)
+        else:
+            tile = (X[i:i + block] @ X[:i + block].T).to(dtype)            # the row panel left of the diagonal
         G[i:i + block, :i + block] = tile
         G[:i, i:i + block] = tile[:, :i].T
     return G
