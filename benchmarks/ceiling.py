@@ -7,7 +7,8 @@ Measured with torch on all its threads (`torch.get_num_threads()`), best of a fe
   skinny      the SVM's CG products on an N x 28672 design (N = 40,000, fewer when memory is short, 4,000
               with --quick): forward A W^T (W: 10 x 28672) and backward R^T A, float32 and bfloat16; these
               read the design once per product, so they are bandwidth-bound: GFLOP/s and GB/s both recorded;
-              float32 also through numpy's BLAS in 2048-row blocks (`numpy`), as the solver runs it
+              float32 also through numpy's BLAS in 2048-row blocks (`numpy`), as the solver runs it; bfloat16
+              only on CPUs with bf16 units (elsewhere the solver makes no bf16 copy)
   conv        the DCGAN critic's conv3 (3x3, 128 -> 256 channels, 16 x 16, batch 64, channels_last),
               float32 and bfloat16 (GFLOP/s): what the library gets on the critic's own shapes
   bandwidth   a large tensor copy (1 GiB, 256 MiB with --quick), GB/s counting read + write (STREAM's
@@ -42,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from replearn.core.utils import atomic_write_json, cpu_vector_units, hardware, provenance  # noqa: E402
+from replearn.core.utils import atomic_write_json, cpu_has_bf16, cpu_vector_units, hardware, provenance  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -155,9 +156,14 @@ def measure(gemm_n: int = 2048, svm_rows: int = 40000, copy_bytes: int = 1 << 30
     # the load average shows a measurement that shared its cores with other work (the machine is shared)
     out = {"machine": hardware(), "vector_units": cpu_vector_units(), "threads": torch.get_num_threads(),
            "torch": str(torch.__version__), "load_average_before": os.getloadavg()[0]}
-    out["gemm"] = {p: gemm(gemm_n, dt, repeats) for p, dt in DTYPES.items()}
+    # without bf16 units torch's bf16 GEMM is a slow fallback (2048^3 took 43 s with AVX2 kernels): 512^3 shows it
+    out["gemm"] = {p: gemm(gemm_n if p == "fp32" or cpu_has_bf16() else min(gemm_n, 512), dt, repeats)
+                   for p, dt in DTYPES.items()}
     out["conv"] = {p: conv(dt, repeats, conv_batch) for p, dt in DTYPES.items()}
-    out["skinny"] = {p: skinny(rows, dt, max(2, repeats // 2)) for p, dt in DTYPES.items()}
+    # bf16 skinny products only where the solver makes a bf16 copy (bf16 units): elsewhere torch runs bf16 on a
+    # slow fallback (one 40,000-row product took 69 s with AVX2 kernels), and nothing here runs it
+    skinny_dtypes = DTYPES if cpu_has_bf16() else {"fp32": torch.float32}
+    out["skinny"] = {p: skinny(rows, dt, max(2, repeats // 2)) for p, dt in skinny_dtypes.items()}
     out["bandwidth"] = bandwidth(copy_bytes, repeats)
     out["skinny_rows_asked"] = svm_rows
     out["gflops"] = {p: max(out["gemm"][p]["gflops"], out["conv"][p]["gflops"]) for p in DTYPES}   # compute ceilings
@@ -252,7 +258,7 @@ def summary(ceiling: dict) -> dict:
             "gemm_gflops_fp32": ceiling["gemm"]["fp32"]["gflops"], "gemm_gflops_bf16": ceiling["gemm"]["bf16"]["gflops"],
             "conv_gflops_fp32": ceiling["conv"]["fp32"]["gflops"], "conv_gflops_bf16": ceiling["conv"]["bf16"]["gflops"],
             "skinny_backward_gbs_fp32": ceiling["skinny"]["fp32"]["backward"]["gbs"],
-            "skinny_backward_gbs_bf16": ceiling["skinny"]["bf16"]["backward"]["gbs"],
+            "skinny_backward_gbs_bf16": ceiling["skinny"].get("bf16", {}).get("backward", {}).get("gbs"),
             "machine": ceiling["machine"], "vector_units": ceiling["vector_units"], "threads": ceiling["threads"],
             "load_average": [ceiling["load_average_before"], ceiling["load_average_after"]]}
 
