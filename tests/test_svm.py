@@ -339,7 +339,7 @@ def test_blocked_primal_products_match_a_float64_reference(monkeypatch, numpy_bl
     """[A | s]^T R summed over row blocks and [A | s] V a block of rows at a time (a ragged last block
     included), through torch's BLAS and through numpy's (CPUs without bf16 units), against float64 products."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(svm.design, "BACKWARD_ROWS", 7)
+    monkeypatch.setattr(svm.design, "PRIMAL_ROWS", 7)
     X, y = blobs(60, 20, 3, seed=17)
     design = svm.prepare(X, y, method="primal", device="cpu").design
     design.numpy_blas = numpy_blas

@@ -121,7 +121,7 @@ def _sign_targets(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
 DENSE_PRECONDITIONER_MAX_DIM = 8192   # [A | s]^T [A | s] ((P+1)^2 float64) is formed and factorised up to this width
 NYSTROM_RANK = 384                    # rank of the randomized preconditioner of wider designs
 ROW_SAMPLE = 4096                     # rows of the sampled preconditioner (`_Design.sampled_preconditioner`)
-BACKWARD_ROWS = 2048                  # rows per block of the backward product (`_Design.backward`)
+PRIMAL_ROWS = 2048                    # rows per block of the primal products (`_Design.backward`, numpy's forward)
 TRIANGLE_ROWS = 512                   # rows per block of the Gram factor's triangular products (`_GramDesign`)
 
 
@@ -150,39 +150,43 @@ class _Design:
         # and the results bit for bit what they were (benchmarks/results/notes.md, stop 50)
         self.numpy_blas = A.device.type == "cpu" and A.dtype == torch.float32 and not bf16_supported(A.device)
 
+    def _through_numpy(self, A: torch.Tensor) -> bool:
+        """A product with A (this design's features, or H's bf16 copy) goes through numpy's BLAS."""
+        return self.numpy_blas and A.dtype == torch.float32
+
     # Products run in A's dtype (float32); parameters, scores and
     # residuals stay float64 so that cancellation in the gradient does not limit the accuracy.
     def forward(self, V: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:   # (P+1) x K -> N x K
         A = self.A if A is None else A
         Wt = V[:-1].T.to(A.dtype).contiguous()                                         # K x P
-        if not (self.numpy_blas and A.dtype == torch.float32):
+        if not self._through_numpy(A):
             # as A W^T with W^T contiguous: for K ~ 10 columns MKL's sgemm ran this layout in 0.95 s against
             # 1.5-1.9 s for A @ V on a 50,000 x 28672 A (2 AVX2 cores): CG's products are these skinny passes
             return F.linear(A, Wt).double() + self.scale * V[-1]
         out = np.empty((A.shape[0], Wt.shape[0]), dtype=np.float32)
         a, w = A.numpy(), Wt.numpy().T
-        for start in range(0, len(a), BACKWARD_ROWS):     # in row blocks: 1.6x faster than whole
-            np.matmul(a[start:start + BACKWARD_ROWS], w, out=out[start:start + BACKWARD_ROWS])
+        for start in range(0, len(a), PRIMAL_ROWS):     # in row blocks: 1.6x faster than whole
+            np.matmul(a[start:start + PRIMAL_ROWS], w, out=out[start:start + PRIMAL_ROWS])
         return torch.from_numpy(out).double() + self.scale * V[-1]
 
     def backward(self, R: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:  # N x K -> (P+1) x K
         # R^T A is much faster than A^T R for a row-major A (one streaming pass), and faster again in
-        # blocks of BACKWARD_ROWS rows summed in float64: on 40,000 x 28672 rows (2 Zen 4 cores) the bf16
+        # blocks of PRIMAL_ROWS rows summed in float64: on 40,000 x 28672 rows (2 Zen 4 cores) the bf16
         # product took 0.22 s blocked against 0.34 s whole (float32: the same, 0.9-1.0 s). A bf16 block's
         # output is rounded to bf16 once per block, not once in all: no less accurate than the whole product
         A = self.A if A is None else A
         Rt = R.to(A.dtype).T.contiguous()                                              # K x N
-        if self.numpy_blas and A.dtype == torch.float32:
+        if self._through_numpy(A):
             # the blocks' sum in numpy as well: after a torch op its OpenMP workers spin for milliseconds,
             # taking the cores OpenBLAS's threads need (interleaved so, short products ran 2-5x slower)
             r, a, top = Rt.numpy(), A.numpy(), np.zeros((R.shape[1], A.shape[1]))
-            for start in range(0, len(a), BACKWARD_ROWS):
-                top += r[:, start:start + BACKWARD_ROWS] @ a[start:start + BACKWARD_ROWS]
+            for start in range(0, len(a), PRIMAL_ROWS):
+                top += r[:, start:start + PRIMAL_ROWS] @ a[start:start + PRIMAL_ROWS]
             top = torch.from_numpy(top)
         else:
             top = torch.zeros(R.shape[1], A.shape[1], dtype=torch.float64, device=A.device)  # K x P
-            for start in range(0, A.shape[0], BACKWARD_ROWS):
-                top += Rt[:, start:start + BACKWARD_ROWS] @ A[start:start + BACKWARD_ROWS]
+            for start in range(0, A.shape[0], PRIMAL_ROWS):
+                top += Rt[:, start:start + PRIMAL_ROWS] @ A[start:start + PRIMAL_ROWS]
         return torch.cat([top.T, self.scale * R.sum(0, keepdim=True)])
 
     @property

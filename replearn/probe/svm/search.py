@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ...core.config import ConfigError
-from .design import LinearModel, Problem, _available_memory, _gram, accuracy, prepare
+from .design import LinearModel, Problem, _available_memory, _float32_rows, _gram, accuracy, prepare
 from .solver import LIBLINEAR, MAX_ITER, TOL, _newton, fit_liblinear
 from .protocol import Config, NORM_REFERENCE, REFIT_C_RULE, SplitScorer, balanced_draw, draw_rng, train_gram
 
@@ -328,7 +328,7 @@ class Setting400:
             rows = torch.as_tensor(idx, device=self.gram_all.device)
             gram = self.gram_all[rows[:, None], rows[None, :]]
         elif gram is None and purpose == 2 and self.gram_design:
-            gram = _gram(torch.as_tensor(X).to(self.device, torch.float32), dtype=torch.float32)
+            gram = _gram(_float32_rows(X, self.device), dtype=torch.float32)
         fitter = _Fitter(X, y, self.cfg, self.device, gram)
         if purpose == 2 and self.gram_design:
             room = KEPT_PROBLEM_BYTES * self.n_fit ** 2 * self.cfg.select_draws < _available_memory() / 4
