@@ -13,5 +13,8 @@ case "${1:-}" in
 esac
 export REPLEARN_CPU_ISA="$1" MKL_ENABLE_INSTRUCTIONS="$mkl" ATEN_CPU_CAPABILITY="$aten" \
   ONEDNN_MAX_CPU_ISA="$onednn" OPENBLAS_CORETYPE="$openblas"
+# torch.compile's kernels in a cache of their own: its default cache key does not see these limits, and a
+# normal run that loaded the kernels compiled here crashed ("double free or corruption", the K-means encoder)
+export TORCHINDUCTOR_CACHE_DIR="${TMPDIR:-/tmp}/torchinductor_$(id -un)_$1"
 shift
 exec "$@"
