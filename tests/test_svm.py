@@ -181,11 +181,13 @@ def test_validation_split_is_disjoint_and_draws_respect_it():
 
 
 # ----------------------------------------------------------------------------- protocol end to end
-def write_features(path, dtype: str = "float32", n_train: int = 300, n_test: int = 100, k: int = 3):
-    g = np.random.default_rng(7)
+def write_features(path, dtype: str = "float32", n_train: int = 300, n_test: int = 100, k: int = 3,
+                   model: str = "blobs", seed: int = 7):
+    g = np.random.default_rng(seed)
     centres = g.normal(size=(k, 24))
     layers = [("conv1", 8), ("conv2", 16)]
-    with FeatureWriter(path, layers, {"kind": "test", "model": "blobs", "config": {"k": k}}, dtype=dtype) as writer:
+    with FeatureWriter(path, layers, {"kind": "test", "model": model, "key": f"{model}-{seed}", "config": {"k": k}},
+                       dtype=dtype) as writer:
         for split, n in (("train", n_train), ("test", n_test)):
             y = np.arange(n) % k
             writer.create_split(split, n)
@@ -211,6 +213,28 @@ def test_run_end_to_end(tmp_path, dtype):
     assert len(few["draws"]) == 4 and few["mean"] == pytest.approx(np.mean(few["draws"]))
     assert few["ci95"] == pytest.approx(1.96 * np.std(few["draws"]))
     assert float(few["c"]) in [float(c) for c in few["val_curve"]]
+
+
+def test_results_of_identical_features_are_reused_not_refitted(tmp_path):
+    """Two runs' feature files with the same bytes (the chain's two seed-0 controls) and other attrs: the
+    second copies the first's results, names them in `reused_from`, and counts no SVM seconds; a file
+    that differs is fitted."""
+    from replearn.publish.tables import stage_seconds
+    paths = {name: write_features(tmp_path / name / "feat.h5", model=name, seed=seed)
+             for name, seed in (("a", 7), ("b", 7), ("c", 8))}
+    made = {}
+    for name, features in paths.items():
+        cfg = build(svm.Config, "svm", {"features": str(features), "per_class": 20, "settings": ("full", "400"),
+                                       "val_size": 60, "select_draws": 2, "final_draws": 3,
+                                       "c_grid": (1e-2, 1e-1), "device": "cpu"})
+        made[name] = json.loads(svm.run(cfg).read_text())
+    a, b, c = made["a"], made["b"], made["c"]
+    assert a["content_key"] == b["content_key"] != c["content_key"] and a["key"] != b["key"]
+    assert "reused_from" not in a and "reused_from" not in c
+    assert b["reused_from"]["features"]["path"] == str(paths["a"])
+    assert b["settings"] == a["settings"] and b["features"]["attrs"]["model"] == "b"
+    assert stage_seconds(b, {})["svm full"] == 0 < stage_seconds(a, {})["svm full"]
+    assert stage_seconds(c, {})["svm full"] > 0
 
 
 def test_cached_train_gram_gives_the_same_protocol(tmp_path):

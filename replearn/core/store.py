@@ -21,6 +21,7 @@ disk) is one line naming the file, and the temporary file is removed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -354,6 +355,19 @@ class FeatureFile:
             if cols is not None:
                 values = values[:, cols]
             yield idx, values.astype(np.float32, copy=False)
+
+    def digest(self, block: int = 4096) -> str:
+        """sha256 of what a fit can see: the layer layout, and every split's labels and stored feature bytes
+        (not the attrs: two runs' identical critics give files that differ only in their provenance)."""
+        h = hashlib.sha256(json.dumps([self.layer_names, self.offsets]).encode())
+        for split in sorted(self.splits):
+            group = self.require_split(split)
+            data = group["features"]
+            h.update(json.dumps([split, str(data.dtype), list(data.shape)]).encode())
+            h.update(np.ascontiguousarray(group["labels"][...]).tobytes())
+            for start in range(0, data.shape[0], block):
+                h.update(np.ascontiguousarray(data[start:start + block]).data)
+        return h.hexdigest()
 
     def read(self, split: str, rows: np.ndarray | None = None, layers: Sequence[int] | None = None,
              out_dtype=np.float32) -> np.ndarray:

@@ -237,6 +237,9 @@ def eval_text(res: dict, feat: dict) -> str:
     if k400:
         text += (f"; {svm_cfg.get('per_class', 400)} per class: C={k400.get('c', 0):.3g}, mean +- 1.96 std over "
                  f"{len(k400.get('draws', []))} draws")
+    if res.get("reused_from"):
+        twin = Path(str((res["reused_from"].get("features") or {}).get("path") or "?"))
+        text += f"; SVM results those of {twin.parent.name}/{twin.name}, whose features have the same bytes"
     skipped = [f"{feat[f'skipped_{k}']} unreadable {k} images skipped" for k in ("train", "test")
                if feat.get(f"skipped_{k}")]
     text += "".join(f"; {s}" for s in skipped)
@@ -322,8 +325,8 @@ def stage_seconds(res: dict, feat: dict) -> dict[str, float]:
     out = {"features": float(feat_seconds or 0.0)}
     if feat.get("pretrain"):
         out["pretrain"] = float((feat["pretrain"] or {}).get("seconds") or 0.0)
-    for name, setting in settings.items():
-        out[f"svm {name}"] = float(setting.get("seconds") or 0.0)
+    for name, setting in settings.items():   # results copied from identical features cost no fitting here
+        out[f"svm {name}"] = 0.0 if res.get("reused_from") else float(setting.get("seconds") or 0.0)
     return out
 
 

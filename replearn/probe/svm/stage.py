@@ -8,10 +8,13 @@ fit depends only on its draw and C (final draws warm-start from draw 0's model, 
 resume; an upward selection extension from its draw's previous model, refitted by the same steps).
 A completed run writes the results and removes the progress file. The results carry
 `key` = stage.artifact_key("svm", config less out/device/gram_cache/preset, features=identity); when
-`out` holds a complete result with the same key, `run` returns it without fitting.
+`out` holds a complete result with the same key, `run` returns it without fitting. `content_key` is the
+same with the feature file's bytes (sha256) for its identity: a result of another feature file in the
+same or a sibling folder with this content key is copied, with `reused_from` naming it, not refitted.
 
 Results JSON (accuracies are fractions in 0..1, C in sum form):
-    {"config", "key", "complete": true, "provenance", "resumed_from": null | {...},
+    {"config", "key", "content_key", "complete": true, "provenance", "resumed_from": null | {...},
+     "reused_from": {"results", "features"} (only when copied from a twin),
      "features": {"path", "identity", "attrs": {kind, model, config, provenance, layer_names, ...}},
      "validation", "c_scale": {"mode", "factor", "reference_mean_sq_norm"},
      "settings": {"full": {"c" (refit C), "c_select", "refit_c_rule", "val_curve": {C: acc}, "grid",
@@ -191,12 +194,53 @@ def key_of(cfg: Config) -> str:
         return results_key(cfg, features_identity(ff))
 
 
+# ============================================================================ reuse by content
+def content_key(cfg: Config, digest: str) -> str:
+    """The results key with the feature file's bytes (FeatureFile.digest) in place of its path and identity."""
+    return results_key(dataclasses.replace(cfg, features=""), f"sha256:{digest}")
+
+
+def identical_result(cfg: Config, ckey: str, out: Path) -> Path | None:
+    """A finished result of this config on a feature file with the same bytes, in the feature file's folder
+    or a sibling one (the chain's runs under build/<preset>/): two runs whose untrained critics are the
+    same network (DCGAN's and the BN WGAN-GP's at one seed) give identical step-0 features, so the second
+    control's fits would repeat the first's to the last bit."""
+    folder = Path(cfg.features).resolve().parent
+    pattern = f"*.svm-{variant_label(cfg)}-*.json"
+    for path in sorted([*folder.glob(pattern), *folder.parent.glob(f"*/{pattern}")]):
+        if path.resolve() == out.resolve():
+            continue
+        record = read_json(path)
+        if record and record.get("complete") is True and record.get("content_key") == ckey:
+            return path
+    return None
+
+
+def reused_record(twin: Path, ff: FeatureFile, cfg: Config, features_id: str, digest: str) -> dict:
+    """The twin's results (its fits, their provenance and seconds) under this feature file's name;
+    `reused_from` says whose they are, and the table counts no SVM time for them."""
+    record = read_json(twin)
+    print(f"svm: {cfg.features} holds the same bytes (sha256 {digest[:12]}) as {record['features']['path']}: "
+          f"its results {twin.name} are reused", flush=True)
+    record.update(config=to_dict(cfg), reused_from={"results": str(twin), "features": {k: record["features"].get(k) for k in ("path", "identity")}},
+                  features={"path": str(cfg.features), "attrs": ff.attrs, "identity": features_id},
+                  resumed_from=None)
+    return record
+
+
 def fit_and_publish(cfg: Config, out: Path, key: str) -> Path:
-    """Every setting (resuming from the progress file), then the results JSON and its plot."""
+    """Every setting (resuming from the progress file), then the results JSON and its plot. Results of the
+    same config on a feature file with the same bytes are reused instead of fitted again."""
     check_writable(out.parent)
     with FeatureFile(cfg.features) as ff:
-        record = evaluate(ff, cfg, out, features_identity(ff))
-    record["key"] = key
+        digest = ff.digest()
+        ckey = content_key(cfg, digest)
+        twin = identical_result(cfg, ckey, out)
+        if twin:
+            record = reused_record(twin, ff, cfg, features_identity(ff), digest)
+        else:
+            record = evaluate(ff, cfg, out, features_identity(ff))
+    record.update(key=key, content_key=ckey)
     atomic_write_json(out, _json_keys(record))
     plot_curves(record["settings"], out.with_suffix(".png"), cfg.per_class)
     progress_path(out).unlink(missing_ok=True)
