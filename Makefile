@@ -17,7 +17,7 @@ TEST_DATA     ?= $(CIFAR_TEST)
 MODELS        ?=
 KMEANS        ?= 1
 CONTROLS      ?= 1
-LAYER_ROWS    ?= 1
+LAYER_ROWS    ?=
 CURVE         ?= 1
 DATA_NOTE     ?=
 PRETRAIN_ARGS ?=
@@ -44,7 +44,7 @@ comma := ,
 empty :=
 space := $(empty) $(empty)
 CHAIN = $(PY) -m replearn chain preset=$(PRESET) pretrain_data='$(PRETRAIN_DATA)' train='$(TRAIN_DATA)' \
-	test='$(TEST_DATA)' kmeans=$(KMEANS) controls=$(CONTROLS) layer_rows=$(LAYER_ROWS) curve=$(CURVE) build_dir='$(BUILD_DIR)' \
+	test='$(TEST_DATA)' kmeans=$(KMEANS) controls=$(CONTROLS) $(if $(LAYER_ROWS),layer_rows=$(LAYER_ROWS)) curve=$(CURVE) build_dir='$(BUILD_DIR)' \
 	$(if $(strip $(MODELS)),models=$(subst $(space),$(comma),$(strip $(MODELS)))) data_note='$(DATA_NOTE)' \
 	pretrain_args='$(PRETRAIN_ARGS)' features_args='$(FEATURES_ARGS)' svm_args='$(SVM_ARGS)' \
 	kmeans_args='$(KMEANS_ARGS)' curve_args='$(CURVE_ARGS)' name='$(DATASET)' image_size=$(IMAGE_SIZE) \
@@ -106,7 +106,8 @@ variables [value now]:
                  (any data spec may end in a row slice: train.parquet[:40000], train.parquet[40000:])
   MODELS         GAN recipes, e.g. 'dcgan wgan-gp' [$(or $(MODELS),the preset's)]
   KMEANS CONTROLS LAYER_ROWS CURVE SUPERVISED   1/0: the K-means row, untrained controls,
-                 layer-equalised rows, pretraining curves, the supervised reference row
+                 layer-equalised rows (default: the preset's; cpu: none), pretraining curves, the
+                 supervised reference row
   PRETRAIN_ARGS FEATURES_ARGS SVM_ARGS KMEANS_ARGS CURVE_ARGS SUPERVISED_ARGS   extra key=value
                  words for that stage (`$(PY) -m replearn <stage> --help` lists its keys)
   DATASET IMAGE_SIZE CHANNELS   another evaluation data set: table name, image size, 1 = grey
