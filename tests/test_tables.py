@@ -148,3 +148,13 @@ def test_cost_line_gives_pretraining_at_the_median_step_beside_the_recorded_seco
     # without its log (a run folder that is gone) only the recorded seconds are given
     text = tables.cost_text([{**r, "_run_dir": None} for r in rows], [])
     assert "median step" not in text and "pretraining " + tables.duration(400.0) in text
+
+
+def test_header_explains_the_equalised_rows_only_when_the_table_has_them():
+    from replearn.publish import tables
+    cfg = tables.Config(results="", name="cifar10-cpu", quoted=False)
+    plain = [{"model": "DCGAN (BCE) (reproduced)", "scale": "cpu", "status": "reproduced"}]
+    equal = plain + [{"model": "DCGAN (BCE) (reproduced) [SVM input: layers equalised]", "scale": "cpu",
+                      "status": "reproduced"}]
+    assert "layer_scale=equal" not in tables.header(cfg, plain, "400 per class", "")
+    assert "layer_scale=equal" in tables.header(cfg, equal, "400 per class", "")
