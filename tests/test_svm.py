@@ -219,7 +219,7 @@ def test_results_of_identical_features_are_reused_not_refitted(tmp_path):
     """Two runs' feature files with the same bytes (the chain's two seed-0 controls) and other attrs: the
     second copies the first's results, names them in `reused_from`, and counts no SVM seconds; a file
     that differs is fitted."""
-    from replearn.publish.tables import stage_seconds
+    from replearn.publish.tables import eval_text, stage_seconds
     paths = {name: write_features(tmp_path / name / "feat.h5", model=name, seed=seed)
              for name, seed in (("a", 7), ("b", 7), ("c", 8))}
     made = {}
@@ -234,6 +234,7 @@ def test_results_of_identical_features_are_reused_not_refitted(tmp_path):
     assert b["reused_from"]["features"]["path"] == str(paths["a"])
     assert b["settings"] == a["settings"] and b["features"]["attrs"]["model"] == "b"
     assert stage_seconds(b, {})["svm full"] == 0 < stage_seconds(a, {})["svm full"]
+    assert "shared with a/feat.h5" in eval_text(b, {}) and "shared with" not in eval_text(a, {})
     assert stage_seconds(c, {})["svm full"] > 0
 
 

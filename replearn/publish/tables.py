@@ -239,7 +239,7 @@ def eval_text(res: dict, feat: dict) -> str:
                  f"{len(k400.get('draws', []))} draws")
     if res.get("reused_from"):
         twin = Path(str((res["reused_from"].get("features") or {}).get("path") or "?"))
-        text += f"; SVM results those of {twin.parent.name}/{twin.name}, whose features have the same bytes"
+        text += f"; SVM fits shared with {twin.parent.name}/{twin.name} (the same feature bytes)"
     skipped = [f"{feat[f'skipped_{k}']} unreadable {k} images skipped" for k in ("train", "test")
                if feat.get(f"skipped_{k}")]
     text += "".join(f"; {s}" for s in skipped)
