@@ -222,9 +222,9 @@ def reused_record(twin: Path, ff: FeatureFile, cfg: Config, features_id: str, di
     record = read_json(twin)
     print(f"svm: {cfg.features} holds the same bytes (sha256 {digest[:12]}) as {record['features']['path']}: "
           f"its results {twin.name} are reused", flush=True)
-    record.update(config=to_dict(cfg), reused_from={"results": str(twin), "features": {k: record["features"].get(k) for k in ("path", "identity")}},
-                  features={"path": str(cfg.features), "attrs": ff.attrs, "identity": features_id},
-                  resumed_from=None)
+    source = {k: record["features"].get(k) for k in ("path", "identity")}
+    record.update(config=to_dict(cfg), reused_from={"results": str(twin), "features": source}, resumed_from=None,
+                  features={"path": str(cfg.features), "attrs": ff.attrs, "identity": features_id})
     return record
 
 
