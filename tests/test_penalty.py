@@ -43,15 +43,18 @@ def test_fast_penalty_gradients_equal_the_double_backward(arch, spectral):
         assert torch.allclose(fast[name], g, rtol=1e-4, atol=1e-7 * g.abs().max().clamp(min=1)), name
 
 
-def test_fast_penalty_under_bf16_tracks_the_standard_one():
-    """Under autocast both paths round differently but must agree to bf16 precision."""
+def test_fast_penalty_under_bf16_tracks_the_float32_gradients():
+    """Under autocast the fast path rounds to bf16 precision (6% of the float32 gradients here, as the
+    standard path on AVX512-BF16 CPUs). It is checked against float32, not against the standard path under
+    autocast: with oneDNN's AMX kernels that one strayed by 59% (benchmarks/results/notes.md, stop 51)."""
     torch.manual_seed(0)
     _, critic = zoo.build_models("dcgan", norm="none", width=0.25)
     real, fake, alpha = draws(1)
-    fast, standard = (torch.cat([g.flatten() for g in penalty_grads(critic, real, fake, alpha, f, True).values()])
-                      for f in (True, False))
+    grads = lambda fast, bf16: torch.cat([g.flatten() for g in   # noqa: E731
+                                          penalty_grads(critic, real, fake, alpha, fast, bf16).values()])
+    fast, reference = grads(True, True), grads(False, False)
     assert fast.dtype == torch.float32
-    assert (fast - standard).norm() < 0.02 * standard.norm()
+    assert (fast - reference).norm() < 0.1 * reference.norm()
 
 
 @pytest.mark.parametrize("options", [dict(norm="batch"), dict(norm="layer"), dict(norm="none", attention_res=16)],
