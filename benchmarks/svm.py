@@ -228,7 +228,10 @@ def protocol_400(final_draws: int) -> dict:
     cfg = build(svm.Config, "svm", {"features": str(FEATURES), "out": str(out), "settings": ("400",),
                                     "final_draws": final_draws})
     _, seconds = timed(svm.run, cfg)
-    result = json.loads(out.read_text())["settings"]["400"]
+    record = json.loads(out.read_text())
+    if record.get("reused_from"):   # a twin's results copied (svm.stage): nothing was fitted to time
+        raise SystemExit(f"{out} copied {record['reused_from']['results']}: delete it and rerun")
+    result = record["settings"]["400"]
     row = {"seconds": seconds, "c": result["c"], "val_curve": result["val_curve"], "mean": result["mean"],
            "ci95": result["ci95"], "final_draws": len(result["draws"]), "select_draws": cfg.select_draws,
            "c_grid": list(cfg.c_grid), "selection_seconds": result.get("selection_seconds"),
