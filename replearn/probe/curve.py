@@ -85,7 +85,7 @@ def score_checkpoint(cfg: Config, step: int, checkpoint: str) -> dict[str, Any]:
     feat_seconds = float((res.get("features") or {}).get("attrs", {}).get("seconds") or 0)
     return {"step": step, "checkpoint": checkpoint, "mean": k400["mean"], "ci95": k400["ci95"], "c": k400["c"],
             "c_at_edge": bool(k400.get("c_at_edge", False)), "draws": len(k400["draws"]),
-            "per_class": res["config"]["per_class"], "seconds": feat_seconds + (0.0 if res.get("reused_from") else float(k400.get("seconds") or 0)),
+            "per_class": res["config"]["per_class"], "seconds": feat_seconds + svm.stage.fitted_seconds(res, "400"),
             "features": str(feat_path), "results": str(result_path)}
 
 

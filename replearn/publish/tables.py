@@ -318,6 +318,7 @@ def reproduced_row(path: Path, out_dir: Path) -> dict[str, Any]:
 
 def stage_seconds(res: dict, feat: dict) -> dict[str, float]:
     """Compute seconds each stage spent on this row's artifacts (as recorded in them)."""
+    from ..probe.svm.stage import fitted_seconds
     settings = res.get("settings") or {}
     feat_seconds = feat.get("seconds")
     if isinstance(feat_seconds, dict):   # K-means: by part
@@ -325,8 +326,8 @@ def stage_seconds(res: dict, feat: dict) -> dict[str, float]:
     out = {"features": float(feat_seconds or 0.0)}
     if feat.get("pretrain"):
         out["pretrain"] = float((feat["pretrain"] or {}).get("seconds") or 0.0)
-    for name, setting in settings.items():   # results copied from identical features cost no fitting here
-        out[f"svm {name}"] = 0.0 if res.get("reused_from") else float(setting.get("seconds") or 0.0)
+    for name in settings:
+        out[f"svm {name}"] = fitted_seconds(res, name)
     return out
 
 

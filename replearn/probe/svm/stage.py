@@ -228,6 +228,11 @@ def reused_record(twin: Path, ff: FeatureFile, cfg: Config, features_id: str, di
     return record
 
 
+def fitted_seconds(record: dict, setting: str) -> float:
+    """Seconds this result's `setting` spent fitting here: none for results copied from a twin."""
+    return 0.0 if record.get("reused_from") else float(record["settings"][setting].get("seconds") or 0.0)
+
+
 def fit_and_publish(cfg: Config, out: Path, key: str) -> Path:
     """Every setting (resuming from the progress file), then the results JSON and its plot. Results of the
     same config on a feature file with the same bytes are reused instead of fitted again."""
@@ -235,11 +240,11 @@ def fit_and_publish(cfg: Config, out: Path, key: str) -> Path:
     with FeatureFile(cfg.features) as ff:
         digest = ff.digest()
         ckey = content_key(cfg, digest)
-        twin = identical_result(cfg, ckey, out)
+        twin, features_id = identical_result(cfg, ckey, out), features_identity(ff)
         if twin:
-            record = reused_record(twin, ff, cfg, features_identity(ff), digest)
+            record = reused_record(twin, ff, cfg, features_id, digest)
         else:
-            record = evaluate(ff, cfg, out, features_identity(ff))
+            record = evaluate(ff, cfg, out, features_id)
     record.update(key=key, content_key=ckey)
     atomic_write_json(out, _json_keys(record))
     plot_curves(record["settings"], out.with_suffix(".png"), cfg.per_class)
