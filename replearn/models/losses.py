@@ -89,11 +89,15 @@ def gradient_penalty(critic, real, fake, alpha=None, d_interp: torch.Tensor | No
 
 
 def penalty_pass(critic: nn.Module, interp: torch.Tensor) -> torch.Tensor:
-    """D(x_hat) for the penalty, through `penalty.input_gradient_pass` where that is exact. Always
+    """D(x_hat) for the penalty, through `penalty.input_gradient_pass` where that is exact, and in float32
+    where the standard double backward would hit oneDNN's wrong AMX bf16 convolution. Always
     eager: AOTAutograd (torch.compile) cannot double-backward, so a compiled critic runs uncompiled here."""
     critic = getattr(critic, "_orig_mod", critic)
     if penalty.supports(critic):
         with penalty.input_gradient_pass():
+            return critic(interp)
+    if penalty.bf16_conv_unsafe(interp.shape[0], interp.device):
+        with torch.autocast("cpu", enabled=False):
             return critic(interp)
     return critic(interp)
 

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
+from ..core.utils import cpu_vector_units
+
 # Leaf modules whose forward is linear or piecewise linear in the activations; containers
 # (Sequential, ModuleList) just compose. Spectral norm only reparametrises weights.
 PIECEWISE_LINEAR = (nn.Conv2d, nn.Linear, nn.LeakyReLU, nn.ReLU, nn.Identity, nn.AvgPool2d, nn.Flatten,
@@ -53,6 +55,21 @@ def supports(critic: nn.Module) -> bool:
             continue
         return False
     return True
+
+
+def bf16_conv_unsafe(batch: int, device: torch.device) -> bool:
+    """Whether the standard double backward of a penalty pass over `batch` samples would run oneDNN's AMX
+    bf16 convolution where it returns garbage, so that the pass must run in float32.
+
+    That convolution is wrong (relative error ~1.1 against float32, where 0.003 is bf16's rounding) for kernels
+    of 8x8 and more when the input channels are even and under 16 (benchmarks/results/notes.md, stop 52:
+    torch 2.14.1, Intel AMX; AVX512-BF16 without AMX is fine). Ordinary critics never run such a kernel, but the
+    weight term of a convolution's double backward is one: its kernel is the layer's activation map and its
+    input channels are the batch. A batch under 16 (a small `batch_size`, a per-process share under torchrun,
+    the tests) sent the penalty gradients of norm-layer critics 30-60% off. The fast path
+    (`input_gradient_pass`) runs no such convolution."""
+    return (device.type == "cpu" and batch < 16 and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and cpu_vector_units() == "AMX-BF16")
 
 
 def _transposed_padding(in_size: int, out_size: int, stride: int, padding: int, dilation: int, kernel: int) -> int:
