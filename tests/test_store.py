@@ -85,8 +85,8 @@ def test_odd_numbers_stay_numbers(tmp_path, value):
 
 
 def test_commit_is_dirty_for_code_changes_only(tmp_path):
-    """A fresh clone's commit reads clean with a rewritten measurement under benchmarks/results/, and
-    -dirty once a tracked code file differs from it."""
+    """A fresh clone's commit reads clean with a rewritten measurement under benchmarks/results/ or a
+    rewritten table output under tables/, and -dirty once a tracked code file differs from it."""
     import os
     import subprocess
     import sys
@@ -97,6 +97,8 @@ def test_commit_is_dirty_for_code_changes_only(tmp_path):
             "print(git_commit())"]
     env = {k: v for k, v in os.environ.items() if k != "REPLEARN_SOURCE_COMMIT"}
     (clone / "benchmarks" / "results" / "svm.json").write_text("{}\n")
+    with open(clone / "tables" / "cifar10-cpu.csv", "a") as f:
+        f.write("rewritten by a chain\n")
     assert not subprocess.run(read, cwd=clone, env=env, capture_output=True, text=True, check=True).stdout.strip().endswith("-dirty")
     with open(clone / "replearn" / "budget.py", "a") as f:
         f.write("# changed\n")

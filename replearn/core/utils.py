@@ -54,10 +54,11 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        # benchmarks/results/ holds measurements, not code: one benchmark rewriting its JSON there must not
-        # mark the next one, run from the same tree, as made by uncommitted code
+        # benchmarks/results/ and tables/ hold measurements, not code: one benchmark rewriting its JSON there
+        # must not mark the next one, run from the same tree, as made by uncommitted code, nor a chain that
+        # rewrites its committed curves and carried results (tables/) mark the table it writes next
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results"], cwd=root,
+                                ":(exclude)benchmarks/results", ":(exclude)tables"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
