@@ -55,7 +55,6 @@ from typing import Callable
 import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
-from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -374,8 +373,9 @@ def full_setting(args, save: Callable[[dict], None]) -> dict:
     ceiling = machine_ceiling(X)
     # read before this run's first save replaces the record
     earlier = earlier_record(args) if args.reuse_exhaustive else {}
-    bar = tqdm(total=0, desc="full setting fits", unit="fit", file=sys.stderr)   # a long run shows its progress
+    bar = svm.search.PhaseBars("full setting")          # a long run shows its progress, phase by phase
     bracketed, seconds = timed(svm.search.run_full, X, y, n_rest, test, cfg, factor, device, bar)
+    bar.close()
     row = {"machine": hardware(), "features": str(args.features), "feature_attrs": attrs, "n": len(X),
            "d": X.shape[1], "n_rest": n_rest, "presearch_rows": args.presearch, "c_refine": cfg.c_refine,
            "c_scale": cfg.c_scale, "layer_scale": cfg.layer_scale, "c_scale_factor": factor,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -469,3 +470,22 @@ def test_gram_space_model_is_combined_in_float64():
     assert np.allclose(W, reference, rtol=1e-5, atol=1e-6 * np.abs(reference).max())
     float32 = (torch.from_numpy(beta).T.float() @ torch.from_numpy(X)).numpy()
     assert not np.allclose(float32, reference, rtol=1e-5, atol=1e-6 * np.abs(reference).max())
+
+
+def test_the_full_setting_benchmark_runs_on_a_small_file(tmp_path):
+    """benchmarks/svm.py --full-setting (the bracketed search against the exhaustive one) on a small feature
+    file: the benchmark behind issue 40's full-setting figure keeps up with the search's API."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    features = write_features(tmp_path / "feat.h5", n_train=300, n_test=100)
+    out = tmp_path / "svm.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "svm.py"), "--full-setting", "--features",
+                           str(features), "--presearch", "120", "--val-size", "60", "--c-scale", "norm",
+                           "--results", str(out), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "REPLEARN_CPU_ISA": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(out.read_text())["full_setting"]
+    assert row["n"] == 300 and row["n_rest"] == 240 and row["presearch_rows"] == 120
+    assert row["bracketed"]["presearch"]["rows"] == 120 and row["bracketed"]["solver"]["fits"] >= 3
+    assert isinstance(row["same_c"], bool) and 0 < row["exhaustive"]["test_acc"] <= 1
