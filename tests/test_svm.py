@@ -402,6 +402,7 @@ def test_adopted_sketch_serves_a_design_over_more_rows(monkeypatch):
                       for k in range(3)], 1)
     assert torch.allclose(design.class_preconditioner(C, active)(Hv), v, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(svm.design, "NYSTROM_RANK", 6)                           # a low-rank sketch, as at scale
+    monkeypatch.setattr(svm.design, "PRIMAL_RANK_FACTOR", 1)
     small = svm.prepare(X[:90], y[:90], method="primal", device="cpu").design
     small.class_preconditioner(0.03, torch.ones(90, 3, dtype=torch.float64))
     problem = svm.prepare(X, y, method="primal", device="cpu", sketch=small.sketch_state())

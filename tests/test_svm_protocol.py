@@ -219,6 +219,7 @@ def test_refit_adopts_the_selection_designs_sketch(tmp_path, monkeypatch):
     with the 240-row selection design's sketch, and still reaches the same point as a cold refit."""
     monkeypatch.setattr(svm.design, "DENSE_PRECONDITIONER_MAX_DIM", 4)
     monkeypatch.setattr(svm.design, "NYSTROM_RANK", 6)
+    monkeypatch.setattr(svm.design, "PRIMAL_RANK_FACTOR", 1)       # a rank-6 sketch of 13 columns
     prepared, prepare = [], svm.prepare
     monkeypatch.setattr(svm.search, "prepare", lambda X, y, *a, **kw: prepared.append((len(X), kw.get("sketch")))
                         or prepare(X, y, *a, **kw))

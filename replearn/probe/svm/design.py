@@ -31,7 +31,7 @@ full-setting C this took 5 Newton steps and 15 CG iterations against 10 and 93 (
 Sampled (`preconditioner='rows'`, opt-in):
 M_k = I + 2C (N/m) S_mk^T S_mk, class k's Hessian estimated from the active rows of a seeded sample
 of m = ROW_SAMPLE rows (subsampled Newton), inverted by Woodbury through one m_k x m_k Cholesky
-factor per class and Newton step. Where the rank-384 sketch keeps only the top of the spectrum, the
+factor per class and Newton step. Where the rank-384 sketch (768 in primal designs today) keeps only the top of the spectrum, the
 sample spans 4096 directions of the whole spectrum, tail included. Measured on trained BN-critic rows
 (1000 steps): 40,000 rows at C = 6.98e-5, 40 CG iterations (120 s) where the per-class sketch took 25
 (56 s); 20,000 rows at C = 0.0014, 87 (99 s) against 73 (62 s). The per-class sketch stays the default.
@@ -119,7 +119,14 @@ def _sign_targets(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
 # ============================================================================ designs
 DENSE_PRECONDITIONER_MAX_DIM = 8192   # [A | s]^T [A | s] ((P+1)^2 float64) is formed and factorised up to this width
-NYSTROM_RANK = 384                    # rank of the randomized preconditioner of wider designs
+NYSTROM_RANK = 384                    # rank of the randomized preconditioner of Gram designs (N <= D)
+# primal designs wider than the dense limit sketch this many times NYSTROM_RANK: with AVX2 kernels the
+# benchmark's full setting (50,000 x 28672 trained-critic rows) took 426 s at rank 384, 369 s at 768, 363 s
+# at 1024 and 408 s at 1536 (CG iterations 489, 372, 342, 325: the sketch and the per-class blocks T_k grow
+# as l^2 per Newton step), the same C and validation curve to one image. With bf16 units (the Hessian's
+# products on the bf16 copy) 195 s at 384 and 194 s at 768: 429 and 428 CG iterations, the bf16 products'
+# rounding and not the preconditioner then limit CG (benchmarks/results/notes.md, stop 52)
+PRIMAL_RANK_FACTOR = 2
 ROW_SAMPLE = 4096                     # rows of the sampled preconditioner (`_Design.sampled_preconditioner`)
 PRIMAL_ROWS = 2048                    # rows per block of the primal products (`_Design.backward`, numpy's forward)
 TRIANGLE_ROWS = 512                   # rows per block of the Gram factor's triangular products (`_GramDesign`)
@@ -149,6 +156,11 @@ class _Design:
         # on H's bf16 copy, torch) it gained nothing (245 s against 240 s), so there the products stay torch's
         # and the results bit for bit what they were (benchmarks/results/notes.md, stop 50)
         self.numpy_blas = A.device.type == "cpu" and A.dtype == torch.float32 and not bf16_supported(A.device)
+
+    @property
+    def sketch_rank(self) -> int:
+        """Columns of the Nystrom sketch (`_eigen`), at most P + 1."""
+        return PRIMAL_RANK_FACTOR * NYSTROM_RANK
 
     def _through_numpy(self, A: torch.Tensor) -> bool:
         """A product with A (this design's features, or H's bf16 copy) goes through numpy's BLAS."""
@@ -220,11 +232,11 @@ class _Design:
 
     @functools.cached_property
     def _eigen(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U, lam): a rank-NYSTROM_RANK Nystrom approximation U diag(lam) U^T of [A | s]^T [A | s]
+        """(U, lam): a rank-`sketch_rank` Nystrom approximation U diag(lam) U^T of [A | s]^T [A | s]
         (Frangella, Tropp & Udell 2023, alg. 2.1): two passes over A with a block of random vectors."""
         p1 = self.A.shape[1] + 1
         g = torch.Generator(device="cpu").manual_seed(0)
-        Q, _ = torch.linalg.qr(torch.randn(p1, min(NYSTROM_RANK, p1), generator=g, dtype=torch.float64)
+        Q, _ = torch.linalg.qr(torch.randn(p1, min(self.sketch_rank, p1), generator=g, dtype=torch.float64)
                                .to(self.A.device))                                           # (P+1) x l
         # on A, not on H's bf16 copy: a bf16 product rounds its output to 3 digits, and T_k amplifies an
         # error in the top directions by 2C lam (~1e5): sketched on H, the 40,000-row fits' CG took 41-52
@@ -287,7 +299,7 @@ class _Design:
         (train-minus-val, then val) reuses the selection's. T_k is still formed exactly on U's span from
         this design's own rows (`class_preconditioner`); the span is the selection rows' top directions of S,
         and its eigenvalues (the floor's estimate) scale with the row count. Saves three float32 passes of
-        NYSTROM_RANK columns and most of the fourth (the new rows' scores only)."""
+        `sketch_rank` columns and most of the fourth (the new rows' scores only)."""
         U, lam, B, n = state
         if n > self.A.shape[0] or U.shape[0] != self.A.shape[1] + 1:
             raise ValueError(f"a sketch of {n} rows x {U.shape[0] - 1} dims does not fit a design of {tuple(self.A.shape)}")
@@ -367,6 +379,10 @@ class _GramDesign(_Design):
 
     def preconditioner(self, mu: float):
         return self._nystrom(mu)
+
+    @property
+    def sketch_rank(self) -> int:
+        return NYSTROM_RANK
 
     @property
     def pass_elements(self) -> int:
