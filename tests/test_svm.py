@@ -490,3 +490,20 @@ def test_the_full_setting_benchmark_runs_on_a_small_file(tmp_path):
     assert row["n"] == 300 and row["n_rest"] == 240 and row["presearch_rows"] == 120
     assert row["bracketed"]["presearch"]["rows"] == 120 and row["bracketed"]["solver"]["fits"] >= 3
     assert isinstance(row["same_c"], bool) and 0 < row["exhaustive"]["test_acc"] <= 1
+
+
+def test_secant_started_path_reaches_the_plain_paths_models():
+    """The full setting's selection fitter starts a fit above the path's last two from their secant in
+    log C: a start, never a different optimum (the solver is globally convergent on this convex problem)."""
+    from replearn.probe.svm.search import _Fitter
+    X, y = blobs(300, 40, 4, seed=5, spread=1.5)
+    cfg = build(svm.Config, "svm", {"features": "unused.h5"})
+    cs = [1e-3, 3e-3, 3e-2, 3e-1]
+    fitted = {}
+    for secant in (False, True):
+        fitter = _Fitter(X, y, cfg, "cpu", secant=secant)
+        fitted[secant] = fitter.path(cs[:2]) + fitter.path(cs[2:3]) + fitter.path(cs[3:])
+    for c, plain, started in zip(cs, fitted[False], fitted[True]):
+        assert started.info["converged"] and plain.info["converged"]
+        assert abs(started.objective(X, y, c) - plain.objective(X, y, c)) <= 1e-6 * plain.objective(X, y, c), c
+    assert fitted[True][0].info["iterations"] == fitted[False][0].info["iterations"]   # nothing to extrapolate yet
