@@ -5,7 +5,8 @@ C search (both settings, `bracket`): the starting grid is `c_grid` in sum form, 
 NORM_REFERENCE / mean_i ||x_i||^2 of the preprocessed train rows with c_scale=norm (the smoke
 preset; NORM_REFERENCE = 200, see its comment), as given with c_scale=none (paper). After scoring it,
 while the largest C scored attains the best score (ties included: the score has not fallen below the
-best above it), C_max * 10 is scored too (upward paths warm-start from the largest C's solution), and
+best above it), C_max * 10 is scored too (upward paths warm-start from the largest C's solution; the full
+setting's all-row search from the secant of its last two solutions in log C, `_Fitter`), and
 while the smallest does, C_min / 10 (cold: a short path of its own), at most `c_extend` decades per
 side; the 400 setting scores each new C on the same selection draws. The chosen C is the best one
 (the smallest on ties); `c_at_edge` says it is still at an edge of the scored grid once the cap is hit. With
