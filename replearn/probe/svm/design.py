@@ -31,8 +31,9 @@ full-setting C this took 5 Newton steps and 15 CG iterations against 10 and 93 (
 Sampled (`preconditioner='rows'`, opt-in):
 M_k = I + 2C (N/m) S_mk^T S_mk, class k's Hessian estimated from the active rows of a seeded sample
 of m = ROW_SAMPLE rows (subsampled Newton), inverted by Woodbury through one m_k x m_k Cholesky
-factor per class and Newton step. Where the rank-384 sketch (768 in primal designs today) keeps only the top of the spectrum, the
-sample spans 4096 directions of the whole spectrum, tail included. Measured on trained BN-critic rows
+factor per class and Newton step. Where the rank-384 sketch (768 in primal designs since stop 52) keeps
+only the top of the spectrum, the sample spans 4096 directions of the whole spectrum, tail included.
+Measured (with the rank-384 sketch) on trained BN-critic rows
 (1000 steps): 40,000 rows at C = 6.98e-5, 40 CG iterations (120 s) where the per-class sketch took 25
 (56 s); 20,000 rows at C = 0.0014, 87 (99 s) against 73 (62 s). The per-class sketch stays the default.
 The sketch and its scores B are taken on the float32 design: built on the bf16 copy H (products
