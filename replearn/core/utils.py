@@ -312,6 +312,12 @@ def cpu_has_bf16() -> bool:
     return cpu_vector_units() in ("AMX-BF16", "AVX512-BF16")
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx() -> bool:
+    """True on CPUs with AMX-BF16 tiles, where oneDNN runs bf16 convolutions on them."""
+    return cpu_vector_units() == "AMX-BF16"
+
+
 def bf16_supported(device) -> bool:
     import torch
     if device.type == "cuda":

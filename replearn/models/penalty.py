@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from ..core.utils import cpu_vector_units
+from ..core.utils import cpu_has_amx
 
 # Leaf modules whose forward is linear or piecewise linear in the activations; containers
 # (Sequential, ModuleList) just compose. Spectral norm only reparametrises weights.
@@ -69,7 +69,7 @@ def bf16_conv_unsafe(batch: int, device: torch.device) -> bool:
     the tests) sent the penalty gradients of norm-layer critics 30-60% off. The fast path
     (`input_gradient_pass`) runs no such convolution."""
     return (device.type == "cpu" and batch < 16 and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and cpu_vector_units() == "AMX-BF16")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and cpu_has_amx())
 
 
 def _transposed_padding(in_size: int, out_size: int, stride: int, padding: int, dilation: int, kernel: int) -> int:

@@ -115,12 +115,12 @@ class _Fitter:
         self.sketch = sketch      # a design's `sketch_state` over X's first rows, adopted by `prepare`
         self.tol = tol            # TOL, or LIBLINEAR for fits that only choose C (`select_stop`)
         self._problem = problem   # already prepared on these rows (`Setting400.fitter`), else made by `problem`
-        self._top: tuple[float, torch.Tensor] | None = None       # (C, V): upward paths start from it
-        # secant: a fit above the two last fitted on the way up starts from the top's V moved along their
+        # the two largest C fitted so far with their V, increasing: upward paths start from the last one, and
+        # with `secant` a fit above both starts from the last one's V moved along their
         # secant in log C (at most one secant's length): the full setting's fit a decade above the optimum,
         # a third of its search, took 105 s from there against 138 s from the top's V (40,000 x 28672
         # trained-critic rows, AVX2 kernels; benchmarks/results/notes.md, stop 52)
-        self.secant, self._trail = secant, []                     # the last two (C, V) fitted on the way up
+        self.secant, self._top2 = secant, []
 
     @property
     def problem(self) -> Problem:
@@ -139,20 +139,18 @@ class _Fitter:
         problem, V = self.problem, None
         if warm is not None:
             V = problem.from_model(warm)
-        elif self._top is not None and cs[0] > self._top[0]:
-            V = self._top[1]
+        elif self._top2 and cs[0] > self._top2[-1][0]:
+            V = self._top2[-1][1]
         models = []
         for c in cs:
-            trail = self._trail
-            if self.secant and V is not None and len(trail) == 2 and V is trail[1][1] and c > trail[1][0]:
-                (c0, V0), (c1, V1) = trail
+            top2 = self._top2
+            if self.secant and len(top2) == 2 and V is top2[1][1] and c > top2[1][0]:
+                (c0, V0), (c1, V1) = top2
                 V = V1 + min(1.0, math.log(c / c1) / math.log(c1 / c0)) * (V1 - V0)
             V, info = _newton(problem, c, V, self.tol, MAX_ITER)
             models.append(problem.to_model(V, info))
-            if not trail or c > trail[-1][0]:
-                self._trail = (trail + [(c, V)])[-2:]
-        if self._top is None or cs[-1] > self._top[0]:
-            self._top = (cs[-1], V)
+            if not top2 or c > top2[-1][0]:
+                self._top2 = (top2 + [(c, V)])[-2:]
         return models
 
 
