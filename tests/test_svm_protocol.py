@@ -438,9 +438,9 @@ def test_each_selection_draw_is_prepared_once(tmp_path, monkeypatch):
     assert len(products) == 3 and len(prepared) > 3 + len(grams_only["settings"]["400"]["draws"])
     assert settings_without_timing(grams_only) == settings_without_timing(cached)
 
-    def forgetting(self, purpose, draw):
+    def forgetting(self, purpose, draw, *args):
         self.select_kept.clear()
-        return fitter(self, purpose, draw)
+        return fitter(self, purpose, draw, *args)
     monkeypatch.setattr(svm.search.Setting400, "fitter", forgetting)
     anew = json.loads(svm.run(config(features, tmp_path / "anew.json", **values)).read_text())
     assert len(products) > 3 + 3
@@ -565,3 +565,19 @@ def test_the_all_row_bracket_starts_at_the_subsample_optimum_and_steps_down_only
     score, calls = peaked(1e-3)                      # the subsample's optimum wins: its lower neighbour follows
     curve, _ = svm.search.bracket(score, start, cap=4, candidates=candidates)
     assert calls == [[1e-3, 1e-2], [1e-4]] and svm.search._pick(curve) == 1e-3
+
+
+@pytest.mark.parametrize("switch_cg", [0, 10 ** 9])
+def test_final_draws_start_per_class_when_the_first_draw_switched(tmp_path, monkeypatch, switch_cg):
+    """Gram-space draws (wider than long): the final draws after the first are prepared per class exactly
+    when draw 0's 'auto' fit switched to per-class preconditioners (here forced by the switch's CG length)."""
+    monkeypatch.setattr(svm.solver, "CLASS_SWITCH_CG", switch_cg)
+    features = write_h5(tmp_path / "f.h5", train=blobs(300, d=80, seed=1), test=blobs(150, d=80, seed=2))
+    asked = []
+    prepare = svm.search.prepare
+    monkeypatch.setattr(svm.search, "prepare", lambda *a, **k: asked.append(k["preconditioner"]) or prepare(*a, **k))
+    record = json.loads(svm.run(config(features, tmp_path / "r.json", settings=("400",))).read_text())
+    final = asked[-(len(record["settings"]["400"]["draws"]) - 1):]        # draws 1.. (draw 0 is prepared 'auto')
+    assert asked[-len(final) - 1] == "auto"
+    assert final == ["class" if switch_cg == 0 else "auto"] * len(final)
+    assert record["settings"]["400"]["solver"]["converged_fits"] == record["settings"]["400"]["solver"]["fits"]

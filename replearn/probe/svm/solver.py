@@ -103,7 +103,10 @@ def _line_search(V, d, scores, Ad, Y, C: float, iters: int = 60) -> torch.Tensor
 
 # preconditioner='auto': a Newton step whose CG took more iterations than this switches the rest of the fit
 # to per-class preconditioners (their rebuild, K products N_k x l x l per Newton step, costs about as much
-# as a few CG iterations of a 4000-row Gram design, and far less than one of a 50,000-row primal one)
+# as five CG iterations of a 4000-row Gram design, and far less than one of a 50,000-row primal one): on the
+# 400-per-class protocol's untrained-critic draws (AVX2 kernels), per class from the first step took 2-4 CG
+# iterations at C <= 0.01 where shared took 3-16, but 0.33-0.38 s a fit against 0.13-0.29 s; at C = 1, 26
+# against 64 and 0.77 s against 0.90 s (benchmarks/results/notes.md, stop 55)
 CLASS_SWITCH_CG = 20
 TOL = 1e-6          # ||g_k|| <= TOL * ||g_k(w=0)|| for every class (see the module docstring)
 # tol=LIBLINEAR: stop where LinearSVC itself stops (every class past `_liblinear_rule`), no further
