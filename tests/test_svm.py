@@ -507,3 +507,11 @@ def test_secant_started_path_reaches_the_plain_paths_models():
         assert started.info["converged"] and plain.info["converged"]
         assert abs(started.objective(X, y, c) - plain.objective(X, y, c)) <= 1e-6 * plain.objective(X, y, c), c
     assert fitted[True][0].info["iterations"] == fitted[False][0].info["iterations"]   # nothing to extrapolate yet
+
+
+def test_accuracies_of_several_models_in_one_product_match_each_models_own():
+    X, y = blobs(300, 20, 4, seed=21)
+    models = [svm.fit(X, y, C, device="cpu") for C in (1e-3, 0.1)] + [svm.fit(X, y % 2, 0.1, device="cpu")]
+    together = svm.design.accuracies(models, X, y)                  # a binary model among them: one score column
+    assert together == [svm.accuracy(m, X, y) for m in models]
+    assert 0.5 < together[1] <= 1.0 and svm.design.accuracies(models[2:], X, y % 2)[0] > 0.5

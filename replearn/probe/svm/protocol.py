@@ -33,7 +33,7 @@ import torch
 
 from ...core.config import ConfigError, register_check, register_preset
 from ...core.store import FeatureFile
-from .design import LinearModel, _available_memory, _gram, accuracy
+from .design import LinearModel, _available_memory, _gram, accuracies
 
 
 DEFAULT_C_GRID = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)   # dcgan_code's grid, sum form
@@ -324,7 +324,7 @@ class SplitScorer:
     def score(self, models: list[LinearModel]) -> list[float]:
         if self.X is None:
             return score_on_split(self.ff, "test", models, self.cfg, self.stats)
-        return [accuracy(model, self.X, self.labels) for model in models]
+        return accuracies(models, self.X, self.labels)
 
     def correct(self, model: LinearModel) -> str:
         """Which test images `model` gets right, packed (`pack_correct`): two models scored on the same
