@@ -130,7 +130,6 @@ def test_gram_design_products_read_only_the_lower_triangle(monkeypatch):
 def test_cg_products_on_the_rows_active_in_some_class_equal_the_whole_designs(inactive):
     """`_Design.hessian` reads a compact copy of the rows active in some class when enough are inactive in
     all (half, or every row, here); with few such rows it is the plain product. Same result either way."""
-    torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(3)
     X = torch.randn(400, 30, generator=g)
     design = svm.design._Design(X, 1.0)
