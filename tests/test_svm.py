@@ -126,22 +126,6 @@ def test_gram_design_products_read_only_the_lower_triangle(monkeypatch):
     assert close(design.hessian_product(V, torch.ones(70, 3), 0.1), dense.hessian_product(V, torch.ones(70, 3), 0.1), 1e-4)
 
 
-@pytest.mark.parametrize("inactive", [0.0, 0.5, 1.0])
-def test_cg_products_on_the_rows_active_in_some_class_equal_the_whole_designs(inactive):
-    """`_Design.hessian` reads a compact copy of the rows active in some class when enough are inactive in
-    all (half, or every row, here); with few such rows it is the plain product. Same result either way."""
-    g = torch.Generator().manual_seed(3)
-    X = torch.randn(400, 30, generator=g)
-    design = svm.design._Design(X, 1.0)
-    active = (torch.rand(400, 4, generator=g) > 0.5).double()
-    active[:int(inactive * 400)] = 0.0
-    p = torch.randn(31, 4, generator=g, dtype=torch.float64)
-    expected = design.hessian_product(p, active, 0.3)
-    assert torch.allclose(design.hessian(active, 0.3)(p), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-    if inactive == 1.0:
-        assert torch.equal(design.hessian(active, 0.3)(p), p)
-
-
 @pytest.mark.parametrize("fit_intercept", [True, False])
 def test_wide_primal_with_nystrom_matches_linearsvc(monkeypatch, fit_intercept):
     """Designs wider than the dense limit take the randomized (Nystrom) preconditioner."""

@@ -141,9 +141,6 @@ NYSTROM_RANK = 384                    # rank of the randomized preconditioner of
 # rounding and not the preconditioner then limit CG (benchmarks/results/notes.md, stop 52)
 PRIMAL_RANK_FACTOR = 2
 ROW_SAMPLE = 4096                     # rows of the sampled preconditioner (`_Design.sampled_preconditioner`)
-# `_Design.hessian`: CG's products run on a compact copy of the rows active in some class when these are at
-# most this fraction of a primal design's rows (the copy, one pass, is made once per Newton step)
-COMPACT_MAX_FRACTION = 0.8
 PRIMAL_ROWS = 2048                    # rows per block of the primal products (`_Design.backward`, numpy's forward)
 TRIANGLE_ROWS = 512                   # rows per block of the Gram factor's triangular products (`_GramDesign`)
 
@@ -225,20 +222,6 @@ class _Design:
     def hessian_product(self, p: torch.Tensor, active: torch.Tensor, C: float) -> torch.Tensor:
         """(I + 2C [A | s]^T D_k [A | s]) p_k for every column k, the products on H."""
         return p + 2.0 * C * self.backward(active * self.forward(p, self.H), self.H)
-
-    def hessian(self, active: torch.Tensor, C: float):
-        """p -> `hessian_product(p, active, C)`, for the CG solve of one Newton step (`active` fixed). A row
-        inactive in every class adds nothing to it: where such rows are over 1 - COMPACT_MAX_FRACTION of a
-        primal design, the products read a compact copy of the others, made once per step, instead of
-        reading the whole design twice per product."""
-        rows = active.any(1)
-        n_on = int(rows.sum())
-        copy_bytes = n_on * self.H.shape[1] * self.H.element_size()
-        if n_on > COMPACT_MAX_FRACTION * len(rows) or copy_bytes > _available_memory() / 2:
-            return lambda p: self.hessian_product(p, active, C)
-        idx = rows.nonzero().squeeze(1)
-        H, on = self.H.index_select(0, idx), active.index_select(0, idx)
-        return lambda p: p + 2.0 * C * self.backward(on * self.forward(p, H), H)
 
     def preconditioner(self, mu: float):
         """z = M^-1 r for M = I + mu [A | s]^T [A | s]."""
@@ -416,11 +399,6 @@ class _GramDesign(_Design):
 
     def preconditioner(self, mu: float):
         return self._nystrom(mu)
-
-    def hessian(self, active: torch.Tensor, C: float):
-        # the rows of L are not the examples' features: a compact copy of some would lose the products'
-        # triangular blocks (`forward`), which already read only 57% of L at N = 4000
-        return lambda p: self.hessian_product(p, active, C)
 
     @property
     def sketch_rank(self) -> int:

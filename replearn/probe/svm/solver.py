@@ -52,11 +52,10 @@ def _cg(design: _Design, active, C: float, G, apply_m, rel_tol=1e-3, max_iter: i
     p = z.clone()
     rz = (r * z).sum(0, dtype=torch.float64)
     target = rel_tol * G.norm(dim=0)
-    hessian = design.hessian(active, C)
     for done in range(max_iter):
         if bool((r.norm(dim=0) <= target).all()):
             return d, done
-        Hp = hessian(p)
+        Hp = design.hessian_product(p, active, C)
         pHp = (p * Hp).sum(0, dtype=torch.float64).clamp_min(1e-300)
         alpha = torch.where(r.norm(dim=0) > target, rz / pHp, 0.0)
         d += alpha * p
