@@ -257,11 +257,10 @@ class _Design:
         Y = Y + shift * Q
         B = torch.linalg.cholesky(Q.T @ Y)                                                   # l x l
         F = torch.linalg.solve_triangular(B, Y.T, upper=False).T                             # Y B^-T
-        # F's SVD through the l x l eigenproblem of F^T F (4001 x 384: 0.02 s against 0.10 s, AVX2 kernels). It
-        # squares F's condition number, which the shift bounds by ~1 / eps(float32): far inside float64's
-        sigma2, V = torch.linalg.eigh(F.T @ F)                                               # ascending
-        sigma2, V = sigma2.flip(0).clamp_min(shift), V.flip(1)
-        return F @ (V / sigma2.sqrt()), (sigma2 - shift).clamp_min(0.0)
+        # an SVD, not the eigenproblem of F^T F (5x faster at 4001 x 384): that squares F's condition number, and
+        # at full rank (a zero eigenvalue lifted only by the shift) U lost its orthogonality (|U^T U - I| 0.06)
+        U, sigma, _ = torch.linalg.svd(F, full_matrices=False)
+        return U, (sigma ** 2 - shift).clamp_min(0.0)
 
     def _nystrom(self, mu: float):
         U, lam = self._eigen
