@@ -44,9 +44,12 @@ def _gradient(design: _Design, Y, V, scores, C: float):
 
 
 def _cg(design: _Design, active, C: float, G, apply_m, rel_tol=1e-3, max_iter: int = 1000):
-    """(d, CG iterations): (I + 2C A^T D_k A) d_k = -g_k solved for every column k by preconditioned CG,
-    to a residual of rel_tol * ||g_k|| (rel_tol: a float or one value per column)."""
+    """(d, CG iterations, [A | s] d): (I + 2C A^T D_k A) d_k = -g_k solved for every column k by preconditioned
+    CG, to a residual of rel_tol * ||g_k|| (rel_tol: a float or one value per column). [A | s] d is summed from
+    the products' own forward passes, the pass the line search needs saved (None where the products run on a
+    bf16 copy: the line search takes the float32 design's)."""
     d = torch.zeros_like(G)
+    Ad = torch.zeros(len(active), G.shape[1], dtype=G.dtype, device=G.device) if design.H is design.A else None
     r = -G
     z = apply_m(r)
     p = z.clone()
@@ -54,17 +57,20 @@ def _cg(design: _Design, active, C: float, G, apply_m, rel_tol=1e-3, max_iter: i
     target = rel_tol * G.norm(dim=0)
     for done in range(max_iter):
         if bool((r.norm(dim=0) <= target).all()):
-            return d, done
-        Hp = design.hessian_product(p, active, C)
+            return d, done, Ad
+        Ap = design.forward(p, design.H)
+        Hp = p + 2.0 * C * design.backward(active * Ap, design.H)                  # `hessian_product`
         pHp = (p * Hp).sum(0, dtype=torch.float64).clamp_min(1e-300)
         alpha = torch.where(r.norm(dim=0) > target, rz / pHp, 0.0)
         d += alpha * p
+        if Ad is not None:
+            Ad += alpha * Ap
         r -= alpha * Hp
         z = apply_m(r)
         rz_new = (r * z).sum(0, dtype=torch.float64)
         p = z + (rz_new / rz.clamp_min(1e-300)) * p
         rz = rz_new
-    return d, max_iter
+    return d, max_iter, Ad
 
 
 def _line_search(V, d, scores, Ad, Y, C: float, iters: int = 60) -> torch.Tensor:
@@ -182,11 +188,12 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float | st
         # sqrt term alone asked for 1e-3 and CG spent 40-44 iterations on a step from 4e-5 to 2e-5
         # (40,000 x 28672 rows; the rule was ~1e-5)
         forcing = torch.maximum(forcing, 0.5 * target / g_norm.clamp_min(1e-300)).clamp(1e-3, 0.1)
-        d, iterations = _cg(design, active, C, G, apply_m, forcing)
+        d, iterations, Ad = _cg(design, active, C, G, apply_m, forcing)
         cg_steps += iterations
         if not per_class and design.preconditioning == "auto" and iterations > CLASS_SWITCH_CG:
             per_class, switched = True, True
-        Ad = design.forward(d)
+        if Ad is None:
+            Ad = design.forward(d)
         t = _line_search(V, d, scores, Ad, Y, C)
         V = V + t * d
         scores = scores + t * Ad
