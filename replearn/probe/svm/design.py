@@ -221,7 +221,12 @@ class _Design:
 
     def hessian_product(self, p: torch.Tensor, active: torch.Tensor, C: float) -> torch.Tensor:
         """(I + 2C [A | s]^T D_k [A | s]) p_k for every column k, the products on H."""
-        return p + 2.0 * C * self.backward(active * self.forward(p, self.H), self.H)
+        return self.hessian_and_forward(p, active, C)[0]
+
+    def hessian_and_forward(self, p: torch.Tensor, active: torch.Tensor, C: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`hessian_product`, [A | s] p as its forward pass computed it, on H)."""
+        Ap = self.forward(p, self.H)
+        return p + 2.0 * C * self.backward(active * Ap, self.H), Ap
 
     def preconditioner(self, mu: float):
         """z = M^-1 r for M = I + mu [A | s]^T [A | s]."""

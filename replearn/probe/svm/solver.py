@@ -58,8 +58,7 @@ def _cg(design: _Design, active, C: float, G, apply_m, rel_tol=1e-3, max_iter: i
     for done in range(max_iter):
         if bool((r.norm(dim=0) <= target).all()):
             return d, done, Ad
-        Ap = design.forward(p, design.H)
-        Hp = p + 2.0 * C * design.backward(active * Ap, design.H)                  # `hessian_product`
+        Hp, Ap = design.hessian_and_forward(p, active, C)
         pHp = (p * Hp).sum(0, dtype=torch.float64).clamp_min(1e-300)
         alpha = torch.where(r.norm(dim=0) > target, rz / pHp, 0.0)
         d += alpha * p
