@@ -337,6 +337,31 @@ def test_class_preconditioner_inverts_each_class_hessian_at_full_rank(monkeypatc
     assert torch.allclose(design.class_preconditioner(C, active)(Hv), v, rtol=1e-4, atol=1e-4)
 
 
+def test_class_scatter_updated_from_the_step_before_equals_a_fresh_one(monkeypatch):
+    """A Newton step's per-class scatter B^T D_k B, updated from the step before's by the rows that joined and
+    left (class 0: a few rows changed) or rebuilt (class 1: most changed), equals one built from scratch, and
+    its M_k still inverts class k's Hessian at full rank."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(svm.design, "DENSE_PRECONDITIONER_MAX_DIM", 8)
+    X, y = blobs(80, 20, 3, seed=21)
+    X += 1.5
+    design = svm.prepare(X, y, method="primal", device="cpu", preconditioner="class").design
+    monkeypatch.setattr(svm.design, "NYSTROM_RANK", 21)
+    gen = torch.Generator().manual_seed(5)
+    before = (torch.rand(80, 3, generator=gen) > 0.4).double()
+    after = before.clone()
+    after[:4, 0] = 1 - after[:4, 0]                              # class 0: 4 rows change state
+    after[:, 1] = 1 - after[:, 1]                                # class 1: every row does
+    updated = design.class_scatter(after, design.class_scatter(before))
+    fresh = design.class_scatter(after)
+    assert torch.allclose(updated[1], fresh[1], rtol=1e-5, atol=1e-4 * float(fresh[1].abs().max()))
+    A = torch.cat([design.A.double(), torch.full((80, 1), float(design.scale), dtype=torch.float64)], 1)
+    C, v = 0.03, torch.randn(21, 3, dtype=torch.float64, generator=gen)
+    Hv = torch.stack([(torch.eye(21, dtype=torch.float64) + 2 * C * A.T @ (after[:, k:k + 1] * A)) @ v[:, k]
+                      for k in range(3)], 1)
+    assert torch.allclose(design.class_preconditioner(C, after, updated)(Hv), v, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["gram", "primal"])
 def test_class_preconditioner_reaches_the_same_optimum(monkeypatch, method):
     """A preconditioner changes the path, not the optimum: per-class and shared fits agree with LinearSVC."""

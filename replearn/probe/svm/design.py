@@ -280,22 +280,41 @@ class _Design:
         U, _ = self._eigen
         return self.forward(U).float()
 
-    def class_preconditioner(self, C: float, active: torch.Tensor):
+    def class_scatter(self, active: torch.Tensor, previous: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(active, S) with S[k] = B^T D_k B (K x l x l float64, B = [A | s] U) over class k's active rows only
+        (D_k is 0 or 1): the work shrinks with the active fraction, where a product over all rows (a masked copy
+        of B and its N x l x l product) cost the same at any fraction (40,000 x 384 x 10 classes: 1.0-1.2 s
+        against 0.1 s at 10% active, 0.6 s at 60%). With `previous`, this design's (active, S) at the Newton
+        step before, a class whose rows changed state fewer times than it has active rows takes S_k plus the
+        rows that joined less those that left: a warm-started fit's steps change 36%, 21%, 6% and 1% of the
+        active rows (the protocol's final draws)."""
+        B = self._sketch_scores                                                        # N x l
+        S = torch.empty(active.shape[1], B.shape[1], B.shape[1], dtype=torch.float64, device=B.device)
+        for k in range(active.shape[1]):                                               # one class's copy at a time
+            now = active[:, k] > 0
+            if previous is not None and previous[0].shape == active.shape:
+                was = previous[0][:, k] > 0
+                joined, left = now & ~was, was & ~now
+                if int(joined.sum()) + int(left.sum()) < int(now.sum()):
+                    Bj, Bl = B[joined], B[left]
+                    S[k] = previous[1][k] + (Bj.T @ Bj).double() - (Bl.T @ Bl).double()
+                    continue
+            Bk = B[now]
+            S[k] = (Bk.T @ Bk).double()
+        return active, S
+
+    def class_preconditioner(self, C: float, active: torch.Tensor, scatter: tuple | None = None):
         """z_k = M_k^-1 r_k, one M_k per class: exact on the sketch's span U, a constant outside it,
             M_k = U T_k U^T + floor_k (I - U U^T),  T_k = U^T H_k U = I + 2C B^T D_k B  (B = [A | s] U),
         floor_k = 1 + 2C f_k lam_l (f_k: class k's active fraction). Where the shared M = I + mu S
         stands one scatter in for all K Hessians, T_k sees class k's own active rows and the couplings
         between the sketch's directions (an active set of positives and hard negatives is not a scaled
-        copy of all rows). Built every Newton step: K products N_k x l x l over the N_k active rows of each
-        class, against l passes over A."""
+        copy of all rows). Built every Newton step from `class_scatter` (`scatter`: its result for this
+        `active`, else computed here)."""
         U, lam = self._eigen
-        B = self._sketch_scores                                                        # N x l
+        _, S = self.class_scatter(active) if scatter is None else scatter
         eye = torch.eye(U.shape[1], dtype=torch.float64, device=U.device)
-        # B^T D_k B over class k's active rows only (D_k is 0 or 1): the work shrinks with the active fraction,
-        # where a product over all rows (a masked copy of B and its N x l x l product) cost the same at any
-        # fraction (40,000 x 384 x 10 classes: 1.0-1.2 s against 0.1 s at 10% active, 0.6 s at 60%)
-        rows = (B[active[:, k] > 0] for k in range(active.shape[1]))                  # one class's copy at a time
-        T = torch.stack([eye + 2.0 * C * (Bk.T @ Bk).double() for Bk in rows])        # K x l x l
+        T = eye + 2.0 * C * S                                                          # K x l x l
         R, _ = torch.linalg.cholesky_ex(T)                                             # SPD: I + PSD
         floor = 1.0 + 2.0 * C * active.mean(0).double() * float(lam[-1])                # K
 
@@ -467,9 +486,11 @@ def _cholesky(G: torch.Tensor) -> tuple[torch.Tensor, float]:
         if rel:
             jittered = G.clone()
             jittered.diagonal().add_(rel * scale)
-        L, info = torch.linalg.cholesky_ex(jittered)
+        # the upper factor of a symmetric G, which LAPACK hands back column-major: its transpose is L row-major,
+        # where the lower factor needed a 128 MB copy at 4000 rows (0.08 s of a 0.45 s factorisation)
+        U, info = torch.linalg.cholesky_ex(jittered, upper=True)
         if int(info) == 0:
-            return L.contiguous(), rel   # torch returns the factor column-major
+            return U.mT.contiguous(), rel   # no copy where U came back column-major
     raise RuntimeError("Gram matrix could not be factorised (are the features all zero or NaN?)")
 
 

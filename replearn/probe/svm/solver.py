@@ -154,7 +154,7 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float | st
     target = rule if tol == LIBLINEAR else tol * g0_norm
     scores = design.forward(V)
     previous = _objectives(V, scores, Y, C)
-    apply_m, mu_m = None, 0.0
+    apply_m, mu_m, scatter = None, 0.0, None
     per_class, switched = design.preconditioning in ("class", "rows"), False
     stop, steps, cg_steps = "max_iter", 0, 0
     decrease = torch.full_like(g0_norm, float("inf"))           # K: the last step's relative decrease
@@ -175,8 +175,9 @@ def _newton(problem: Problem, C: float, V0: torch.Tensor | None, tol: float | st
         mu = 2.0 * C * max(float(active.mean()), 1e-3)
         if design.preconditioning == "rows":
             apply_m = design.sampled_preconditioner(C, active)
-        elif per_class:
-            apply_m = design.class_preconditioner(C, active)
+        elif per_class:     # the scatter updated from the step before's (a fresh one for every fit)
+            scatter = design.class_scatter(active, scatter)
+            apply_m = design.class_preconditioner(C, active, scatter)
         elif apply_m is None or not 1 / 1.5 < mu / mu_m < 1.5:
             apply_m, mu_m = design.preconditioner(mu), mu
         # inexact Newton (Eisenstat & Walker's forcing term): loose directions while far from the
