@@ -443,10 +443,46 @@ def exhaustive_full(X, y, n_rest: int, test, cfg, device, bracketed: dict) -> di
 
 
 def merge_results(path: Path, key: str, value: dict) -> None:
-    """Add or replace one top-level key of the results JSON, keeping every other key as it is."""
+    """Add or replace one top-level key of the results JSON, keeping every other key as it is (and the
+    record it replaces, `keep_replaced`)."""
     record = json.loads(path.read_text()) if path.exists() else {}
+    keep_replaced(record, key, value)
     record[key] = svm.stage._json_keys(value)
     atomic_write_json(path, record)
+
+
+def _made(row: dict) -> dict:
+    return row.get("measured") or row.get("provenance") or {}
+
+
+def keep_replaced(record: dict, key: str, new: dict) -> str | None:
+    """Before a part's record is replaced by a rerun: keep the old one as <key>_<commit>, or
+    <key>_<machine>_<commit> where it ran on another machine (e.g. protocol_400_amd-avx2_f2f1cf7), with _2, _3 ...
+    for reruns of one commit; not where it is this run's own earlier save (the same provenance). Notes and the
+    README cite these records; a rerun must not drop one. Returns the name it was kept under."""
+    old = record.get(key)
+    if not isinstance(old, dict) or (_made(old) and _made(old) == _made(new)):
+        return None
+    made = _made(old)
+    name = key
+    if made.get("hardware") and made["hardware"] != hardware():
+        name += "_" + machine_tag(made["hardware"])
+    base, n = f"{name}_{(made.get('git_commit') or 'unknown')[:7]}", 1
+    name = base
+    while name in record and record[name] != old:
+        n += 1
+        name = f"{base}_{n}"
+    record[name] = old
+    return name
+
+
+def machine_tag(hw: str) -> str:
+    """'CPU AMD EPYC (2 cores, AVX2)' -> 'amd-avx2'; 'CPU Intel(R) Xeon(R) ... (2 cores, AMX-BF16 limited to AVX2)'
+    -> 'intel-amx-bf16-limited-to-avx2'."""
+    gpu = "gpu" if " with CPU " in hw else ""
+    vendor = next((v for v in ("AMD", "Intel") if v in hw), "")
+    units = hw.rsplit("(", 1)[-1].rstrip(")").split(", ", 1)[-1] if "(" in hw else ""
+    return "-".join(w for w in f"{gpu} {vendor} {units}".lower().split() if w) or "unknown"
 
 
 def main() -> None:
@@ -506,24 +542,29 @@ def main() -> None:
     if "compare" in parts:
         with store.FeatureFile(FEATURES) as ff:
             X_test, y_test = ff.read("test"), ff.labels("test")             # 10000 x 28672 float32
-            record["compare_4000"] = measured(compare_at_4000(ff, X_test, y_test, args.skip_liblinear,
-                                                              record.get("compare_4000", {})))
+            put(record, "compare_4000", measured(compare_at_4000(ff, X_test, y_test, args.skip_liblinear,
+                                                                 record.get("compare_4000", {}))))
             del X_test
         write(record)
     if "large" in parts:
-        record["large_40000"] = measured(large_40000(args.large_features, args.large_c))
+        put(record, "large_40000", measured(large_40000(args.large_features, args.large_c)))
         write(record)
     if "preconditioner" in parts:
-        record["preconditioner"] = measured(preconditioners(args.large_features, args.precond_c, args.precond_rows,
-                                                            args.precond_hessian_rows))
+        put(record, "preconditioner", measured(preconditioners(args.large_features, args.precond_c, args.precond_rows,
+                                                               args.precond_hessian_rows)))
         write(record)
     if "protocol" in parts:
-        record["protocol_400"] = measured(protocol_400(args.final_draws))
+        put(record, "protocol_400", measured(protocol_400(args.final_draws)))
     if "ceiling" in parts:
         limits = ceiling.measure()
-        record["ceiling_units"] = measured({**ceiling_full(limits), "ceiling": limits})
+        put(record, "ceiling_units", measured({**ceiling_full(limits), "ceiling": limits}))
     write(record)
     print(json.dumps(record["summary"], indent=2))
+
+
+def put(record: dict, key: str, value: dict) -> None:
+    keep_replaced(record, key, value)
+    record[key] = value
 
 
 def measured(row: dict) -> dict:

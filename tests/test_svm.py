@@ -540,3 +540,27 @@ def test_accuracies_of_several_models_in_one_product_match_each_models_own():
     together = svm.design.accuracies(models, X, y)                  # a binary model among them: one score column
     assert together == [svm.accuracy(m, X, y) for m in models]
     assert 0.5 < together[1] <= 1.0 and svm.design.accuracies(models[2:], X, y % 2)[0] > 0.5
+
+
+def test_a_benchmark_rerun_keeps_the_record_it_replaces():
+    """benchmarks/svm.py: a part's old record is kept under its commit (and machine, where it ran on another),
+    _2 for a second rerun of one commit, and never for this run's own earlier save."""
+    import importlib.util
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("bench_svm", REPO / "benchmarks" / "svm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    here, epyc = bench.hardware(), "CPU AMD EPYC (2 cores, AVX2)"
+    old = {"seconds": 1.0, "measured": {"git_commit": "abcdef012345", "hardware": here}}
+    new = {"seconds": 2.0, "measured": {"git_commit": "0123456789ab", "hardware": here, "date": "today"}}
+    record = {"protocol_400": old}
+    assert bench.keep_replaced(record, "protocol_400", new) == "protocol_400_abcdef0"
+    record["protocol_400"] = new
+    assert bench.keep_replaced(record, "protocol_400", {**new, "seconds": 3.0}) is None      # this run's second save
+    record["protocol_400"] = {**old, "seconds": 5.0}                                          # another run of abcdef0
+    assert bench.keep_replaced(record, "protocol_400", new) == "protocol_400_abcdef0_2"
+    assert record["protocol_400_abcdef0"] == old and record["protocol_400_abcdef0_2"]["seconds"] == 5.0
+    record["protocol_400"] = {"seconds": 6.0, "provenance": {"git_commit": "fedcba987654", "hardware": epyc}}
+    assert bench.keep_replaced(record, "protocol_400", new) == "protocol_400_amd-avx2_fedcba9"
+    assert bench.machine_tag("CPU Intel(R) Xeon(R) Processor (2 cores, AMX-BF16 limited to AVX2)") == \
+        "intel-amx-bf16-limited-to-avx2"
