@@ -567,11 +567,14 @@ def test_the_all_row_bracket_starts_at_the_subsample_optimum_and_steps_down_only
     assert calls == [[1e-3, 1e-2], [1e-4]] and svm.search._pick(curve) == 1e-3
 
 
-@pytest.mark.parametrize("switch_cg", [0, 10 ** 9])
-def test_final_draws_start_per_class_when_the_first_draw_switched(tmp_path, monkeypatch, switch_cg):
+@pytest.mark.parametrize("switch_cg,build_cg", [(0, 10 ** 9), (10 ** 9, 0), (10 ** 9, 10 ** 9)])
+def test_final_draws_start_per_class_when_the_first_draw_switched_or_its_cg_ran_long(tmp_path, monkeypatch,
+                                                                                     switch_cg, build_cg):
     """Gram-space draws (wider than long): the final draws after the first are prepared per class exactly
-    when draw 0's 'auto' fit switched to per-class preconditioners (here forced by the switch's CG length)."""
+    when draw 0's 'auto' fit switched to per-class preconditioners (forced here by the switch's CG length) or
+    averaged over CLASS_BUILD_CG CG iterations a Newton step (forced by that bound)."""
     monkeypatch.setattr(svm.solver, "CLASS_SWITCH_CG", switch_cg)
+    monkeypatch.setattr(svm.search, "CLASS_BUILD_CG", build_cg)
     features = write_h5(tmp_path / "f.h5", train=blobs(300, d=80, seed=1), test=blobs(150, d=80, seed=2))
     asked = []
     prepare = svm.search.prepare
@@ -579,5 +582,5 @@ def test_final_draws_start_per_class_when_the_first_draw_switched(tmp_path, monk
     record = json.loads(svm.run(config(features, tmp_path / "r.json", settings=("400",))).read_text())
     final = asked[-(len(record["settings"]["400"]["draws"]) - 1):]        # draws 1.. (draw 0 is prepared 'auto')
     assert asked[-len(final) - 1] == "auto"
-    assert final == ["class" if switch_cg == 0 else "auto"] * len(final)
+    assert final == ["class" if 0 in (switch_cg, build_cg) else "auto"] * len(final)
     assert record["settings"]["400"]["solver"]["converged_fits"] == record["settings"]["400"]["solver"]["fits"]

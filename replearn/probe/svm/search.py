@@ -32,7 +32,7 @@ import torch
 
 from ...core.config import ConfigError
 from .design import LinearModel, Problem, _available_memory, _float32_rows, _gram, accuracies, prepare
-from .solver import LIBLINEAR, MAX_ITER, TOL, _newton, fit_liblinear
+from .solver import CLASS_BUILD_CG, LIBLINEAR, MAX_ITER, TOL, _newton, fit_liblinear
 from .protocol import Config, NORM_REFERENCE, REFIT_C_RULE, SplitScorer, balanced_draw, draw_rng, train_gram
 
 
@@ -422,17 +422,20 @@ class Setting400:
         """Test accuracy of `final_draws` draws at the chosen C. Every draw after the first starts from
         the first draw's model (as close as any other draw's solution, and it keeps each draw's fit
         independent of the order it is done in: a resumed run refits draw 0 for it, cold, identically), and
-        per class from its first Newton step when the first draw's fit switched there ('auto' in `prepare`):
-        warm-started draws of the untrained-critic benchmark at C = 1 kept under the switch's CG length with
-        the shared preconditioner, 70 CG iterations in 1.45 s a fit, against 22 in 1.16 s per class."""
+        per class from its first Newton step when the first draw's fit switched there ('auto' in `prepare`)
+        or its CG took over CLASS_BUILD_CG iterations a Newton step: the untrained-critic benchmark's draw 0
+        at C = 1 (the stage's features) took 62 in 6 steps, never over the switch's 20 in one, and its warm-started
+        draws 68 with the shared preconditioner, 1.34 s a fit, against 22 per class, 1.0 s, the same accuracies."""
         draws, fits = self.state.setdefault("draws", []), self.state.setdefault("fits", [])
         self.bar.start(f"{self.cfg.per_class}pc: final draws", self.cfg.final_draws, done=len(draws))
         first, pending = None, []
         for draw in range(len(draws), self.cfg.final_draws):
             if first is None and draw > 0:
                 first = self.fitter(3, 0).path([chosen])[0]
-            switched = draw > 0 and first.info is not None and first.info["preconditioner"] != "shared"
-            model = self.fitter(3, draw, "class" if switched else "auto").path([chosen], first)[0]
+            per_class = draw > 0 and first.info is not None and (
+                first.info["preconditioner"] != "shared"
+                or first.info["cg_iterations"] > CLASS_BUILD_CG * max(first.info["iterations"], 1))
+            model = self.fitter(3, draw, "class" if per_class else "auto").path([chosen], first)[0]
             if draw == 0:   # draw 0's per-image record: the paired test of a gain on the same images
                 first = model
                 self.state["draw0_correct"] = self.test.correct(model)

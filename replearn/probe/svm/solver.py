@@ -113,6 +113,10 @@ def _line_search(V, d, scores, Ad, Y, C: float, iters: int = 60) -> torch.Tensor
 # iterations at C <= 0.01 where shared took 3-16, but 0.33-0.38 s a fit against 0.13-0.29 s; at C = 1, 26
 # against 64 and 0.77 s against 0.90 s (benchmarks/results/notes.md, stop 55)
 CLASS_SWITCH_CG = 20
+# a per-class build costs about this many CG iterations of a 4000-row Gram design (its first build in a fit;
+# `class_scatter` updates the later ones for less): the protocol's final draws start per class when draw 0's
+# fit averaged more CG iterations a Newton step than this (`Setting400.final`)
+CLASS_BUILD_CG = 5
 TOL = 1e-6          # ||g_k|| <= TOL * ||g_k(w=0)|| for every class (see the module docstring)
 # tol=LIBLINEAR: stop where LinearSVC itself stops (every class past `_liblinear_rule`), no further
 LIBLINEAR = "liblinear"
