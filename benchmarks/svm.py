@@ -446,8 +446,7 @@ def merge_results(path: Path, key: str, value: dict) -> None:
     """Add or replace one top-level key of the results JSON, keeping every other key as it is (and the
     record it replaces, `keep_replaced`)."""
     record = json.loads(path.read_text()) if path.exists() else {}
-    keep_replaced(record, key, value)
-    record[key] = svm.stage._json_keys(value)
+    put(record, key, svm.stage._json_keys(value))
     atomic_write_json(path, record)
 
 
@@ -461,14 +460,13 @@ def keep_replaced(record: dict, key: str, new: dict) -> str | None:
     for reruns of one commit; not where it is this run's own earlier save (the same provenance). Notes and the
     README cite these records; a rerun must not drop one. Returns the name it was kept under."""
     old = record.get(key)
-    if not isinstance(old, dict) or (_made(old) and _made(old) == _made(new)):
+    made = _made(old) if isinstance(old, dict) else None
+    if made is None or (made and made == _made(new)):
         return None
-    made = _made(old)
-    name = key
-    if made.get("hardware") and made["hardware"] != hardware():
-        name += "_" + machine_tag(made["hardware"])
-    base, n = f"{name}_{(made.get('git_commit') or 'unknown')[:7]}", 1
-    name = base
+    machine = made.get("hardware")
+    tag = f"_{machine_tag(machine)}" if machine and machine != hardware() else ""
+    base = name = f"{key}{tag}_{(made.get('git_commit') or 'unknown')[:7]}"
+    n = 1
     while name in record and record[name] != old:
         n += 1
         name = f"{base}_{n}"

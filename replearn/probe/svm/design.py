@@ -292,7 +292,7 @@ class _Design:
         S = torch.empty(active.shape[1], B.shape[1], B.shape[1], dtype=torch.float64, device=B.device)
         for k in range(active.shape[1]):                                               # one class's copy at a time
             now = active[:, k] > 0
-            if previous is not None and previous[0].shape == active.shape:
+            if previous is not None:
                 was = previous[0][:, k] > 0
                 joined, left = now & ~was, was & ~now
                 if int(joined.sum()) + int(left.sum()) < int(now.sum()):
