@@ -570,11 +570,22 @@ def measured(row: dict) -> dict:
     return {**row, "measured": provenance()}
 
 
+CURRENT_PARTS = ("compare_4000", "large_40000", "preconditioner", "protocol_400", "ceiling_units", "full_setting")
+
+
+def part_machines(record: dict) -> dict:
+    """The machine each current part ran on (the records kept beside them name their own)."""
+    return {key: _made(record[key]).get("hardware") or record[key].get("machine")
+            for key in CURRENT_PARTS if isinstance(record.get(key), dict)}
+
+
 def write(record: dict) -> None:
     """Summary from whatever parts have run so far; written after every part."""
     small, protocol = record.get("compare_4000", {}), record.get("protocol_400")
-    summary = {"machine": hardware(), "features": "CIFAR-10 (40k train / 10k test, permuted) through an UNTRAINED "
-                                                  "DCGAN critic, 28672 dims, float16 file"}
+    # parts are rerun one at a time, often on different machines: each summarised part names its own
+    summary = {"machines": part_machines(record),
+               "features": "CIFAR-10 (40k train / 10k test, permuted) through an UNTRAINED "
+                           "DCGAN critic, 28672 dims, float16 file"}
     rows = [r for r in small.get("per_c", {}).values() if "liblinear_seconds" in r]
     if rows:
         at_bench = small["per_c"][repr(BENCH_C)]

@@ -5,6 +5,7 @@ preset's keys and layout stay valid, and (with ../shared/data) the README's make
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -94,6 +95,18 @@ def test_chain_builds_every_row_then_reuses_everything(sources, capsys, monkeypa
     assert artifact_times(build_dir) == before
     said = capsys.readouterr().err
     assert re.search(r"pretrain: \S+ is up to date \(key \w+\)", said) and "curve: " in said, said
+    # benchmarks/cpu_eval.py reads a finished chain's folders into one record: every SVM result, fitted once
+    spec = importlib.util.spec_from_file_location("cpu_eval", REPO / "benchmarks" / "cpu_eval.py")
+    cpu_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_eval)
+    out = cpu_eval.main(["--work", str(sources["root"]), "--assemble", "--wall-seconds", "1",
+                         "--out", str(sources["root"] / "eval" / "tiny.json")])
+    record = json.loads(out.read_text())
+    assert record["cost_line"].startswith("Compute recorded in the artifacts: ")
+    assert (out.parent / "tiny-table.md").read_text() == text
+    fitted = [r for r in record["results"] if not r["reused_from"]]
+    assert len(record["results"]) == len(list(build_dir.rglob("*.svm-*.json"))) and fitted
+    assert all(0 < r["svm_full_acc"] <= 1 and r["svm_full_seconds"] > 0 for r in fitted if "svm_full_acc" in r)
 
 
 def test_carried_results_give_the_same_table_on_a_machine_without_build(sources, monkeypatch):

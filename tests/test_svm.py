@@ -84,7 +84,7 @@ def test_nystrom_preconditioner_is_exact_at_full_rank(monkeypatch):
     X, _ = blobs(80, 12, 3, seed=8)
     design = svm.design._Design(torch.from_numpy(X), 1.0)
     monkeypatch.setattr(svm.design, "NYSTROM_RANK", 13)
-    r = torch.randn(13, 3, dtype=torch.float64)
+    r = torch.randn(13, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     dense, low_rank = design._dense(0.3)(r), design._nystrom(0.3)(r)
     assert torch.allclose(dense, low_rank, rtol=1e-4, atol=1e-6)
 
@@ -96,7 +96,7 @@ def test_gram_preconditioner_inverts_i_plus_mu_ztz(monkeypatch):
     X, y = blobs(40, 60, 3, seed=9)
     problem = svm.prepare(X, y, method="gram", device="cpu")
     Z = problem.design.A.double()
-    r = torch.randn(41, 3, dtype=torch.float64)
+    r = torch.randn(41, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     r[-1] = 0                                        # the bias row is folded into the Gram matrix
     z = problem.design.preconditioner(0.7)(r)
     M = torch.eye(40, dtype=torch.float64) + 0.7 * Z.T @ Z
@@ -114,7 +114,8 @@ def test_gram_design_products_read_only_the_lower_triangle(monkeypatch):
     block = torch.arange(70) // 16
     L[block[:, None] < block[None, :]] = float("nan")
     design = svm.design._GramDesign(L)
-    V, R = torch.randn(71, 3, dtype=torch.float64), torch.randn(70, 3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(6)
+    V, R = torch.randn(71, 3, dtype=torch.float64, generator=gen), torch.randn(70, 3, dtype=torch.float64, generator=gen)
     V[-1] = 0
 
     def close(a, b, rtol):
@@ -329,7 +330,7 @@ def test_class_preconditioner_inverts_each_class_hessian_at_full_rank(monkeypatc
     assert design.preconditioning == "class"
     A = torch.cat([design.A.double(), torch.full((len(X), 1), float(design.scale), dtype=torch.float64)], 1)
     active = (torch.rand(len(X), 3, generator=torch.Generator().manual_seed(0)) > 0.4).double()
-    C, v = 0.03, torch.randn(A.shape[1], 3, dtype=torch.float64)
+    C, v = 0.03, torch.randn(A.shape[1], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     if design.scale == 0:
         v[-1] = 0                                    # Gram space: the bias is folded in, its row stays 0
     Hv = torch.stack([(torch.eye(A.shape[1], dtype=torch.float64) + 2 * C * A.T @ (active[:, k:k + 1] * A)) @ v[:, k]
@@ -422,7 +423,7 @@ def test_adopted_sketch_serves_a_design_over_more_rows(monkeypatch):
     assert torch.allclose(design._sketch_scores.double(), A @ U, rtol=1e-4, atol=1e-4)
     assert torch.allclose(lam, state[1] * 120 / 90)
     active = (torch.rand(120, 3, generator=torch.Generator().manual_seed(3)) > 0.4).double()
-    C, v = 0.03, torch.randn(21, 3, dtype=torch.float64)
+    C, v = 0.03, torch.randn(21, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     Hv = torch.stack([(torch.eye(21, dtype=torch.float64) + 2 * C * A.T @ (active[:, k:k + 1] * A)) @ v[:, k]
                       for k in range(3)], 1)
     assert torch.allclose(design.class_preconditioner(C, active)(Hv), v, rtol=1e-4, atol=1e-4)
@@ -450,7 +451,7 @@ def test_sampled_preconditioner_inverts_each_class_hessian_when_the_sample_is_ev
     assert design.preconditioning == "rows"
     A = torch.cat([design.A.double(), torch.full((len(X), 1), float(design.scale), dtype=torch.float64)], 1)
     active = (torch.rand(len(X), 3, generator=torch.Generator().manual_seed(1)) > 0.4).double()
-    C, v = 0.03, torch.randn(A.shape[1], 3, dtype=torch.float64)
+    C, v = 0.03, torch.randn(A.shape[1], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     Hv = torch.stack([(torch.eye(A.shape[1], dtype=torch.float64) + 2 * C * A.T @ (active[:, k:k + 1] * A)) @ v[:, k]
                       for k in range(3)], 1)
     # the products with the sample run in float32 and H_k v is ~400x v here: 1e-3 is its rounding, not a bias
@@ -564,3 +565,6 @@ def test_a_benchmark_rerun_keeps_the_record_it_replaces():
     assert bench.keep_replaced(record, "protocol_400", new) == "protocol_400_amd-avx2_fedcba9"
     assert bench.machine_tag("CPU Intel(R) Xeon(R) Processor (2 cores, AMX-BF16 limited to AVX2)") == \
         "intel-amx-bf16-limited-to-avx2"
+    # the summary names each current part's own machine, not this run's
+    kept = {"protocol_400": new, "full_setting": {"provenance": {"hardware": epyc}}, "protocol_400_abcdef0": old}
+    assert bench.part_machines(kept) == {"protocol_400": here, "full_setting": epyc}
