@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def run_chain(work: Path) -> dict:
         time.sleep(30)
     if child.returncode:
         raise SystemExit(f"the chain failed (exit {child.returncode}); its folders stay in {work}")
-    return {"command": " ".join(command), "wall_seconds": round(time.monotonic() - start, 1),
+    return {"command": shlex.join(command), "wall_seconds": round(time.monotonic() - start, 1),
             "max_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
             "peak_build_bytes_sampled_30s": peak}
 
