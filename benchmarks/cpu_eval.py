@@ -56,9 +56,13 @@ def run_chain(work: Path) -> dict:
                f"build_dir={work / 'build'}", f"tables_dir={work / 'tables'}"]
     start, peak = time.monotonic(), 0
     child = subprocess.Popen(command, cwd=REPO)
-    while child.poll() is None:
+    while True:
         peak = max(peak, folder_bytes(work / "build"))
-        time.sleep(30)
+        try:
+            child.wait(timeout=30)       # returns as the chain ends: the wall time never counts a sampler's sleep
+            break
+        except subprocess.TimeoutExpired:
+            pass
     if child.returncode:
         raise SystemExit(f"the chain failed (exit {child.returncode}); its folders stay in {work}")
     return {"command": shlex.join(command), "wall_seconds": round(time.monotonic() - start, 1),
@@ -126,6 +130,7 @@ def main(argv=None) -> Path:
     ap.add_argument("--max-rss-kb", type=int, default=None, help="with --assemble")
     ap.add_argument("--peak-build-bytes", type=int, default=None, help="with --assemble")
     args = ap.parse_args(argv)
+    args.work = args.work.resolve()     # the chain runs in the repository's root, this script wherever it is called
     # named by the CPU kind (e.g. amx-bf16.json; avx2-limited.json under benchmarks/isa.sh AVX2): compare within one
     native, limit = cpu_vector_units(limit=""), os.environ.get("REPLEARN_CPU_ISA", "")
     machine = f"{limit.lower()}-limited" if limit and limit != native else (native or "cpu").lower()
