@@ -82,7 +82,7 @@ def svm_rows(build: Path) -> list[dict]:
         row = {"results": str(path.relative_to(build)), "step": attrs.get("checkpoint_step"),
                "kind": attrs.get("kind"), "features_rows": result.get("train_rows"),
                "features_seconds": round(seconds["total"] if isinstance(seconds, dict) else seconds, 1),
-               "reused_from": str(Path(twin["results"]).relative_to(build.resolve())) if twin else False}
+               "reused_from": _under(twin["results"], build) if twin else False}
         for name, setting in sorted(settings.items()):
             row[f"svm_{name}_seconds"] = round(setting.get("seconds", 0.0), 1)
             row[f"svm_{name}_acc"] = setting.get("test_acc", setting.get("mean"))
@@ -90,6 +90,15 @@ def svm_rows(build: Path) -> list[dict]:
         row["commit"] = result["provenance"]["git_commit"]
         rows.append(row)
     return rows
+
+
+def _under(path: str, build: Path) -> str:
+    """A twin's results path as `results` names them (relative to the build folder), or as the chain recorded it
+    where it lies elsewhere (a run whose build_dir was given relative to another working directory)."""
+    try:
+        return str(Path(path).relative_to(build.resolve()))
+    except ValueError:
+        return path
 
 
 def table_file(tables: Path) -> Path:
