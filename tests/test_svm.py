@@ -386,12 +386,21 @@ def test_class_preconditioner_reaches_the_same_optimum(monkeypatch, method):
     assert switched.objective(X, y, 5.0) == pytest.approx(shared.objective(X, y, 5.0), rel=1e-4)
 
 
-@pytest.mark.parametrize("numpy_blas", [False, True])
-def test_blocked_primal_products_match_a_float64_reference(monkeypatch, numpy_blas):
+@pytest.mark.parametrize("numpy_blas,threads", [(False, 1), (True, 1), (True, 3)])
+def test_blocked_primal_products_match_a_float64_reference(monkeypatch, numpy_blas, threads):
     """[A | s]^T R summed over row blocks and [A | s] V a block of rows at a time (a ragged last block
-    included), through torch's BLAS and through numpy's (CPUs without bf16 units), against float64 products."""
+    included), through torch's BLAS and through numpy's (CPUs without bf16 units), against float64 products;
+    numpy's skinny products in one row part per thread (3 here), OpenBLAS's threads restored after them."""
     torch = pytest.importorskip("torch")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
     monkeypatch.setattr(svm.design, "PRIMAL_ROWS", 7)
+    monkeypatch.setattr(svm.design, "SKINNY_FORWARD_ROWS", 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    parts = []
+    monkeypatch.setattr(svm.design, "_in_row_parts", lambda n, columns, rows, real=svm.design._in_row_parts:
+                        parts.append(len(out := real(n, columns, rows))) or out)
+    openblas = lambda: [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["internal_api"] == "openblas"]
+    before = openblas()
     X, y = blobs(60, 20, 3, seed=17)
     design = svm.prepare(X, y, method="primal", device="cpu").design
     design.numpy_blas = numpy_blas
@@ -400,6 +409,11 @@ def test_blocked_primal_products_match_a_float64_reference(monkeypatch, numpy_bl
     assert torch.allclose(design.backward(R), A.T @ R, rtol=1e-5, atol=1e-5)
     V = torch.randn(21, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(design.forward(V), A @ V, rtol=1e-5, atol=1e-5)
+    assert parts == ([threads, threads] if numpy_blas else [])
+    assert openblas() == before
+    wide = torch.randn(60, svm.design.SKINNY_COLUMNS + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(design.backward(wide), A.T @ wide, rtol=1e-5, atol=1e-5)
+    assert parts[2:] == ([1] if numpy_blas else [])                        # wide products: OpenBLAS's threads
     bf16 = design.backward(R, design.A.to(torch.bfloat16))       # the Hessian products' copy: its rounding
     assert float((bf16 - A.T @ R).norm() / (A.T @ R).norm()) < 1e-2
 

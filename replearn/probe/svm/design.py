@@ -57,12 +57,14 @@ nothing per mu). A tiny relative jitter keeps Cholesky defined when G is numeric
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import ThreadpoolController
 
 from ...core.config import ConfigError
 from ...core.utils import bf16_supported, pick_device
@@ -142,6 +144,8 @@ NYSTROM_RANK = 384                    # rank of the randomized preconditioner of
 PRIMAL_RANK_FACTOR = 2
 ROW_SAMPLE = 4096                     # rows of the sampled preconditioner (`_Design.sampled_preconditioner`)
 PRIMAL_ROWS = 2048                    # rows per block of the primal products (`_Design.backward`, numpy's forward)
+SKINNY_COLUMNS = 32                   # numpy's products with at most this many columns run in row parts (`_in_row_parts`)
+SKINNY_FORWARD_ROWS = 512             # rows per block of such a part's forward product
 TRIANGLE_ROWS = 512                   # rows per block of the Gram factor's triangular products (`_GramDesign`)
 
 
@@ -190,8 +194,13 @@ class _Design:
             return F.linear(A, Wt).double() + self.scale * V[-1]
         out = np.empty((A.shape[0], Wt.shape[0]), dtype=np.float32)
         a, w = A.numpy(), Wt.numpy().T
-        for start in range(0, len(a), PRIMAL_ROWS):     # in row blocks: 1.6x faster than whole
-            np.matmul(a[start:start + PRIMAL_ROWS], w, out=out[start:start + PRIMAL_ROWS])
+        block = SKINNY_FORWARD_ROWS if _skinny(w.shape[1]) else PRIMAL_ROWS
+
+        def rows(lo, hi):                               # in row blocks: 1.6x faster than whole
+            for start in range(lo, hi, block):
+                end = min(start + block, hi)
+                np.matmul(a[start:end], w, out=out[start:end])
+        _in_row_parts(len(a), w.shape[1], rows)
         return torch.from_numpy(out).double() + self.scale * V[-1]
 
     def backward(self, R: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:  # N x K -> (P+1) x K
@@ -204,10 +213,16 @@ class _Design:
         if self._through_numpy(A):
             # the blocks' sum in numpy as well: after a torch op its OpenMP workers spin for milliseconds,
             # taking the cores OpenBLAS's threads need (interleaved so, short products ran 2-5x slower)
-            r, a, top = Rt.numpy(), A.numpy(), np.zeros((R.shape[1], A.shape[1]))
-            for start in range(0, len(a), PRIMAL_ROWS):
-                top += r[:, start:start + PRIMAL_ROWS] @ a[start:start + PRIMAL_ROWS]
-            top = torch.from_numpy(top)
+            r, a = Rt.numpy(), A.numpy()
+
+            def rows(lo, hi):
+                top = np.zeros((len(r), a.shape[1]))
+                for start in range(lo, hi, PRIMAL_ROWS):
+                    end = min(start + PRIMAL_ROWS, hi)
+                    top += r[:, start:end] @ a[start:end]
+                return top
+            parts = _in_row_parts(len(a), len(r), rows)
+            top = torch.from_numpy(functools.reduce(np.add, parts))
         else:
             top = torch.zeros(R.shape[1], A.shape[1], dtype=torch.float64, device=A.device)  # K x P
             for start in range(0, A.shape[0], PRIMAL_ROWS):
@@ -380,6 +395,36 @@ class _Design:
 
 
 @functools.lru_cache(maxsize=1)
+def _skinny(columns: int) -> bool:
+    return columns <= SKINNY_COLUMNS and torch.get_num_threads() > 1
+
+
+@functools.lru_cache(maxsize=None)
+def _openblas() -> ThreadpoolController:
+    return ThreadpoolController().select(internal_api="openblas")
+
+
+@functools.lru_cache(maxsize=None)
+def _row_workers(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="replearn-rows")
+
+
+def _in_row_parts(n: int, columns: int, rows) -> list:
+    """rows(lo, hi) over [0, n), results in order. A skinny product (`_skinny`: CG's K-column passes) runs as
+    one contiguous part per thread at once, each thread's OpenBLAS single-threaded, where OpenBLAS's own
+    threads split every 10-column block product and meet after it. On 40,000 x 28672 float32 rows (AVX2
+    kernels, 2 cores) a backward product took 0.35 s against 0.41 s, a forward one 0.41 s against 0.43 s, and a
+    40,000-row fit 52 s against 55 s (benchmarks/results/notes.md, stop 58). Wider products (the sketch's)
+    keep OpenBLAS's threads. (The Gram factor's 3-8 ms products stay torch's: through numpy, between
+    CG's torch ops, a draw's C path took 2.5-5 s against 2.4 s.)"""
+    threads = torch.get_num_threads()
+    if not _skinny(columns) or n < threads * SKINNY_FORWARD_ROWS:
+        return [rows(0, n)]
+    bounds = np.linspace(0, n, threads + 1).astype(int).tolist()
+    with _openblas().limit(limits=1):
+        return list(_row_workers(threads).map(rows, bounds[:-1], bounds[1:]))
+
+
 def _seeded_orthonormal(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     """The Nystrom sketch's test block: orthonormal columns from a seeded Gaussian (read-only, shared). The
     same for every design of a shape, so computed once for all of them: the 400-per-class protocol sketches
