@@ -386,6 +386,14 @@ def test_class_preconditioner_reaches_the_same_optimum(monkeypatch, method):
     assert switched.objective(X, y, 5.0) == pytest.approx(shared.objective(X, y, 5.0), rel=1e-4)
 
 
+def test_sketch_test_block_is_computed_once_per_shape():
+    """The Nystrom sketch's seeded orthonormal block is cached: the protocol sketches 110+ designs of one shape."""
+    torch = pytest.importorskip("torch")
+    first = svm.design._seeded_orthonormal(30, 4, torch.device("cpu"))
+    assert svm.design._seeded_orthonormal(30, 4, torch.device("cpu")) is first
+    assert torch.allclose(first.T @ first, torch.eye(4, dtype=first.dtype))
+
+
 @pytest.mark.parametrize("numpy_blas,threads", [(False, 1), (True, 1), (True, 3)])
 def test_blocked_primal_products_match_a_float64_reference(monkeypatch, numpy_blas, threads):
     """[A | s]^T R summed over row blocks and [A | s] V a block of rows at a time (a ragged last block

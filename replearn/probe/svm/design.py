@@ -192,16 +192,7 @@ class _Design:
             # as A W^T with W^T contiguous: for K ~ 10 columns MKL's sgemm ran this layout in 0.95 s against
             # 1.5-1.9 s for A @ V on a 50,000 x 28672 A (2 AVX2 cores): CG's products are these skinny passes
             return F.linear(A, Wt).double() + self.scale * V[-1]
-        out = np.empty((A.shape[0], Wt.shape[0]), dtype=np.float32)
-        a, w = A.numpy(), Wt.numpy().T
-        block = SKINNY_FORWARD_ROWS if _skinny(w.shape[1]) else PRIMAL_ROWS
-
-        def rows(lo, hi):                               # in row blocks: 1.6x faster than whole
-            for start in range(lo, hi, block):
-                end = min(start + block, hi)
-                np.matmul(a[start:end], w, out=out[start:end])
-        _in_row_parts(len(a), w.shape[1], rows)
-        return torch.from_numpy(out).double() + self.scale * V[-1]
+        return torch.from_numpy(_times(A.numpy(), Wt.numpy().T)).double() + self.scale * V[-1]
 
     def backward(self, R: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:  # N x K -> (P+1) x K
         # R^T A is much faster than A^T R for a row-major A (one streaming pass), and faster again in
@@ -213,16 +204,7 @@ class _Design:
         if self._through_numpy(A):
             # the blocks' sum in numpy as well: after a torch op its OpenMP workers spin for milliseconds,
             # taking the cores OpenBLAS's threads need (interleaved so, short products ran 2-5x slower)
-            r, a = Rt.numpy(), A.numpy()
-
-            def rows(lo, hi):
-                top = np.zeros((len(r), a.shape[1]))
-                for start in range(lo, hi, PRIMAL_ROWS):
-                    end = min(start + PRIMAL_ROWS, hi)
-                    top += r[:, start:end] @ a[start:end]
-                return top
-            parts = _in_row_parts(len(a), len(r), rows)
-            top = torch.from_numpy(functools.reduce(np.add, parts))
+            top = torch.from_numpy(_times_rows(Rt.numpy(), A.numpy()))
         else:
             top = torch.zeros(R.shape[1], A.shape[1], dtype=torch.float64, device=A.device)  # K x P
             for start in range(0, A.shape[0], PRIMAL_ROWS):
@@ -394,7 +376,31 @@ class _Design:
         return apply
 
 
-@functools.lru_cache(maxsize=1)
+def _times(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """a @ w for a row-major N x P `a` and a P x K `w`, a block of a's rows at a time (1.6x faster than whole)."""
+    out = np.empty((len(a), w.shape[1]), dtype=np.result_type(a, w))
+    block = SKINNY_FORWARD_ROWS if _skinny(w.shape[1]) else PRIMAL_ROWS
+
+    def rows(lo, hi):
+        for start in range(lo, hi, block):
+            end = min(start + block, hi)
+            np.matmul(a[start:end], w, out=out[start:end])
+    _in_row_parts(len(a), w.shape[1], rows)
+    return out
+
+
+def _times_rows(r: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """r @ a (K x P, float64) for a K x N `r` and a row-major N x P `a`: R^T A streams A's rows, where A^T R
+    does not, and the PRIMAL_ROWS-row blocks' products are summed in float64."""
+    def rows(lo, hi):
+        top = np.zeros((len(r), a.shape[1]))
+        for start in range(lo, hi, PRIMAL_ROWS):
+            end = min(start + PRIMAL_ROWS, hi)
+            top += r[:, start:end] @ a[start:end]
+        return top
+    return functools.reduce(np.add, _in_row_parts(len(a), len(r), rows))
+
+
 def _skinny(columns: int) -> bool:
     return columns <= SKINNY_COLUMNS and torch.get_num_threads() > 1
 
@@ -415,8 +421,9 @@ def _in_row_parts(n: int, columns: int, rows) -> list:
     threads split every 10-column block product and meet after it. On 40,000 x 28672 float32 rows (AVX2
     kernels, 2 cores) a backward product took 0.35 s against 0.41 s, a forward one 0.41 s against 0.43 s, and a
     40,000-row fit 52 s against 55 s (benchmarks/results/notes.md, stop 58). Wider products (the sketch's)
-    keep OpenBLAS's threads. (The Gram factor's 3-8 ms products stay torch's: through numpy, between
-    CG's torch ops, a draw's C path took 2.5-5 s against 2.4 s.)"""
+    keep OpenBLAS's threads. Left with torch: the Gram factor's 3-8 ms products (through numpy, between CG's
+    torch ops, a draw's C path took 2.5-5 s against 2.4 s) and the per-class preconditioner's basis products
+    (49-51 s against 48-49 s a fit)."""
     threads = torch.get_num_threads()
     if not _skinny(columns) or n < threads * SKINNY_FORWARD_ROWS:
         return [rows(0, n)]
@@ -425,6 +432,7 @@ def _in_row_parts(n: int, columns: int, rows) -> list:
         return list(_row_workers(threads).map(rows, bounds[:-1], bounds[1:]))
 
 
+@functools.lru_cache(maxsize=1)
 def _seeded_orthonormal(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     """The Nystrom sketch's test block: orthonormal columns from a seeded Gaussian (read-only, shared). The
     same for every design of a shape, so computed once for all of them: the 400-per-class protocol sketches
