@@ -472,9 +472,6 @@ class _GramDesign(_Design):
 
     def __init__(self, L: torch.Tensor, preconditioning: str = "shared"):
         super().__init__(L.float().contiguous(), 0.0, preconditioning=preconditioning)
-        # L^T row-major as well (N^2 float32 more): both products then stream rows, R^T L over L's and
-        # (L V)^T = V^T L^T over L^T's, where F.linear(L, V^T) ran 1.5x slower on 4000 x 4000
-        self.Lt = self.A.T.contiguous()
 
     def preconditioner(self, mu: float):
         return self._nystrom(mu)
@@ -492,17 +489,20 @@ class _GramDesign(_Design):
 
     # L is lower triangular: the products read only the blocks on and below the diagonal (57% of L at
     # N = 4000), where a dense product reads the zeros above it too. These skinny K-column products are
-    # what a Gram-space fit spends its time on (benchmarks/results/notes.md, stop 47). Blocks are summed
-    # in float64, as the primal design's backward product does
+    # what a Gram-space fit spends its time on (benchmarks/results/notes.md, stop 47). The backward
+    # product's blocks are summed in float64, as the primal design's are
     def forward(self, V: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:
         if A is not None and A is not self.A:
             return super().forward(V, A)
-        Vt = V[:-1].T.to(self.A.dtype).contiguous()                                    # K x N
-        out = torch.zeros(V.shape[1], len(self.Lt), dtype=torch.float64, device=Vt.device)
-        for start in range(0, len(self.Lt), TRIANGLE_ROWS):
+        # L's row blocks, each times V's rows up to the block's end: every output row summed in one product
+        # (as the primal forward sums its 28672 terms). On 4000 x 4000, K = 10, AVX2 kernels: 2.1 ms against
+        # 3.0 ms for (L V)^T = V^T L^T over a row-major copy of L^T, which is no longer made (stop 58)
+        L, Vt = self.A, V[:-1].T.to(self.A.dtype).contiguous()                        # K x N
+        out = torch.empty(len(L), V.shape[1], dtype=L.dtype, device=L.device)
+        for start in range(0, len(L), TRIANGLE_ROWS):
             end = start + TRIANGLE_ROWS
-            out[:, start:] += Vt[:, start:end] @ self.Lt[start:end, start:]
-        return out.T.contiguous()                                   # no bias term: it is folded into L
+            out[start:end] = F.linear(L[start:end, :end], Vt[:, :end])
+        return out.double()                                         # no bias term: it is folded into L
 
     def backward(self, R: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:
         if A is not None and A is not self.A:
