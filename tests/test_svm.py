@@ -590,3 +590,26 @@ def test_a_benchmark_rerun_keeps_the_record_it_replaces():
     # the summary names each current part's own machine, not this run's
     kept = {"protocol_400": new, "full_setting": {"provenance": {"hardware": epyc}}, "protocol_400_abcdef0": old}
     assert bench.part_machines(kept) == {"protocol_400": here, "full_setting": epyc}
+
+
+def test_row_parts_work_in_a_forked_child(monkeypatch):
+    """A process forked after the row-part threads started (the image cache's decoders fork) computes its
+    products on a pool of its own (the parent's threads do not exist in the child)."""
+    multiprocessing = pytest.importorskip("multiprocessing")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(svm.design, "SKINNY_FORWARD_ROWS", 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    a = np.arange(60 * 5, dtype=np.float32).reshape(60, 5)
+    w = np.ones((5, 2), dtype=np.float32)
+    assert np.array_equal(svm.design._times(a, w), a @ w)                  # the parent's workers start
+
+    def child():
+        raise SystemExit(0 if np.array_equal(svm.design._times(a, w), a @ w) else 1)
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(60)
+    if process.exitcode is None:
+        process.kill()
+    assert process.exitcode == 0

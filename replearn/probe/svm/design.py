@@ -57,6 +57,7 @@ nothing per mu). A tiny relative jitter keeps Cholesky defined when G is numeric
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -411,7 +412,8 @@ def _openblas() -> ThreadpoolController:
 
 
 @functools.lru_cache(maxsize=None)
-def _row_workers(threads: int) -> ThreadPoolExecutor:
+def _row_workers(threads: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per process: a forked child (the image cache's decoders fork) has none of its parent's threads."""
     return ThreadPoolExecutor(threads, thread_name_prefix="replearn-rows")
 
 
@@ -429,7 +431,7 @@ def _in_row_parts(n: int, columns: int, rows) -> list:
         return [rows(0, n)]
     bounds = np.linspace(0, n, threads + 1).astype(int).tolist()
     with _openblas().limit(limits=1):
-        return list(_row_workers(threads).map(rows, bounds[:-1], bounds[1:]))
+        return list(_row_workers(threads, os.getpid()).map(rows, bounds[:-1], bounds[1:]))
 
 
 @functools.lru_cache(maxsize=1)
