@@ -1,6 +1,7 @@
 """Shared fixtures. Tests are CPU-only and offline; those needing ../shared/data skip without it."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -12,6 +13,14 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("REPLEARN_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_collection_modifyitems(config, items):

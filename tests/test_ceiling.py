@@ -4,23 +4,14 @@ No timing is asserted: the numbers depend on the machine and on what else runs o
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import load_benchmark
 from replearn.models import zoo
 
 
-def load_ceiling():
-    spec = importlib.util.spec_from_file_location("ceiling", REPO / "benchmarks" / "ceiling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ceiling = load_ceiling()
+ceiling = load_benchmark("ceiling")
 
 
 def test_measure_returns_positive_rates_with_the_expected_fields():

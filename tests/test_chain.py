@@ -5,7 +5,6 @@ preset's keys and layout stay valid, and (with ../shared/data) the README's make
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, random_images
+from conftest import REPO, load_benchmark, random_images
 from replearn import chain
 from replearn.core import stage
 from replearn.core.config import ConfigError, build
@@ -96,9 +95,7 @@ def test_chain_builds_every_row_then_reuses_everything(sources, capsys, monkeypa
     said = capsys.readouterr().err
     assert re.search(r"pretrain: \S+ is up to date \(key \w+\)", said) and "curve: " in said, said
     # benchmarks/cpu_eval.py reads a finished chain's folders into one record: every SVM result, fitted once
-    spec = importlib.util.spec_from_file_location("cpu_eval", REPO / "benchmarks" / "cpu_eval.py")
-    cpu_eval = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cpu_eval)
+    cpu_eval = load_benchmark("cpu_eval")
     out = cpu_eval.main(["--work", str(sources["root"]), "--assemble", "--wall-seconds", "1",
                          "--out", str(sources["root"] / "eval" / "tiny.json")])
     record = json.loads(out.read_text())

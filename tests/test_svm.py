@@ -568,11 +568,8 @@ def test_accuracies_of_several_models_in_one_product_match_each_models_own():
 def test_a_benchmark_rerun_keeps_the_record_it_replaces():
     """benchmarks/svm.py: a part's old record is kept under its commit (and machine, where it ran on another),
     _2 for a second rerun of one commit, and never for this run's own earlier save."""
-    import importlib.util
-    from conftest import REPO
-    spec = importlib.util.spec_from_file_location("bench_svm", REPO / "benchmarks" / "svm.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import load_benchmark
+    bench = load_benchmark("svm")
     here, epyc = bench.hardware(), "CPU AMD EPYC (2 cores, AVX2)"
     old = {"seconds": 1.0, "measured": {"git_commit": "abcdef012345", "hardware": here}}
     new = {"seconds": 2.0, "measured": {"git_commit": "0123456789ab", "hardware": here, "date": "today"}}
