@@ -103,3 +103,25 @@ def test_commit_is_dirty_for_code_changes_only(tmp_path):
     with open(clone / "replearn" / "budget.py", "a") as f:
         f.write("# changed\n")
     assert subprocess.run(read, cwd=clone, env=env, capture_output=True, text=True, check=True).stdout.strip().endswith("-dirty")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_blocks_read_the_stored_values_whatever_the_rows_and_layers(tmp_path, dtype):
+    """iter_blocks / read: contiguous rows (read into a reused buffer), scattered rows and a layer subset give
+    exactly h5py's values as float32, in sorted row order, also across several blocks of one buffer."""
+    path, rng = tmp_path / f"{dtype}.h5", np.random.default_rng(0)
+    values = (rng.standard_normal((37, 7)) * 100).astype(dtype)
+    with FeatureWriter(path, [("conv1", 3), ("conv2", 4)], {"model": "dcgan"}, dtype=dtype) as w:
+        w.create_split("train", 37)
+        w.write("train", 0, values.astype(np.float32), np.arange(37) % 3)
+    expected = values.astype(np.float32)
+    scattered = np.array([30, 2, 5, 6, 7, 19])
+    with FeatureFile(path) as ff:
+        assert np.array_equal(ff.read("train"), expected)
+        assert np.array_equal(ff.read("train", scattered), expected[np.sort(scattered)])
+        assert np.array_equal(ff.read("train", scattered, layers=[1]), expected[np.sort(scattered)][:, 3:])
+        blocks = [(idx.copy(), block.copy()) for idx, block in ff.iter_blocks("train", block=8)]
+        assert np.array_equal(np.concatenate([i for i, _ in blocks]), np.arange(37))
+        assert np.array_equal(np.concatenate([b for _, b in blocks]), expected)
+        assert all(b.dtype == np.float32 for _, b in blocks)
+        assert list(ff.iter_blocks("train", np.array([], int))) == []

@@ -298,6 +298,14 @@ class FeatureWriter:
         raise raised from None
 
 
+def _convert_into(out: np.ndarray, values: np.ndarray) -> None:
+    """out[...] = values (float16 or float32 rows into float32) by torch: threaded and, for float16, vectorised
+    (a 4096 x 28672 block: 0.02-0.04 s, where numpy's astype took 0.24-0.97 s into fresh memory; the same bits)."""
+    import torch      # here, as in utils: the store's other readers need no torch
+
+    torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(values)))
+
+
 class FeatureFile:
     """Read side of a feature file: row blocks as float32, optionally a subset of layers."""
 
@@ -344,17 +352,31 @@ class FeatureFile:
 
     def iter_blocks(self, split: str, rows: np.ndarray | None = None, block: int = 4096,
                     layers: Sequence[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (row indices, float32 block) pairs; rows are read in sorted order for speed."""
+        """Yield (row indices, float32 block) pairs; rows are read in sorted order for speed. Each block is a view
+        of one buffer that the next block overwrites: copy what you keep."""
         data = self.require_split(split)["features"]
         rows = np.arange(data.shape[0]) if rows is None else np.sort(np.asarray(rows))
         cols = self.columns(layers)
+        if len(rows) == 0:
+            return
+        # two buffers reused for every block: on this VM first-touching fresh memory ran at ~1.5 GB/s, so a fresh
+        # float32 block (470 MB at 4096 x 28672) cost 0.3 s, and one fresh stored block 0.08-0.56 s to read
+        n = min(block, len(rows))
+        out = np.empty((n, data.shape[1] if cols is None else len(cols)), np.float32)
+        stored = out if data.dtype == np.float32 else np.empty((n, data.shape[1]), data.dtype)
         for start in range(0, len(rows), block):
             idx = rows[start:start + block]
-            contiguous = len(idx) and idx[-1] - idx[0] == len(idx) - 1
-            values = data[idx[0]:idx[-1] + 1] if contiguous else data[idx]
-            if cols is not None:
-                values = values[:, cols]
-            yield idx, values.astype(np.float32, copy=False)
+            contiguous = idx[-1] - idx[0] == len(idx) - 1
+            if contiguous and cols is None:
+                values = stored[:len(idx)]
+                data.read_direct(values, np.s_[idx[0]:idx[-1] + 1])
+            else:
+                values = data[idx[0]:idx[-1] + 1] if contiguous else data[idx]
+                if cols is not None:
+                    values = values[:, cols]
+            if values.base is not out and values is not out:
+                _convert_into(out[:len(idx)], values)
+            yield idx, out[:len(idx)]
 
     def digest(self, block: int = 4096) -> str:
         """sha256 of what a fit can see: the layer layout, and every split's labels and stored feature bytes

@@ -279,9 +279,10 @@ def load_train(ff: FeatureFile, order: np.ndarray, cfg: Config) -> np.ndarray:
     X = np.empty((len(order), _width(ff, cfg)), dtype=np.float32)                   # N x D
     position = np.empty(ff.num_rows("train"), dtype=np.int64)
     position[order] = np.arange(len(order))
+    rows = torch.from_numpy(X)
     for idx, block in ff.iter_blocks("train", order, layers=cfg.layers):
         _require_finite(ff, "train", idx, block)
-        X[position[idx]] = block
+        rows.index_copy_(0, torch.from_numpy(position[idx]), torch.from_numpy(block))   # threaded, unlike numpy's
     if cfg.l2_normalize:
         _preprocess_inplace(X, dataclasses.replace(cfg, standardize=False), None)
     return X
