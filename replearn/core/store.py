@@ -300,7 +300,7 @@ class FeatureWriter:
 
 def _convert_into(out: np.ndarray, values: np.ndarray) -> None:
     """out[...] = values (float16 or float32 rows into float32) by torch: threaded and, for float16, vectorised
-    (a 4096 x 28672 block: 0.02-0.04 s, where numpy's astype took 0.24-0.97 s into fresh memory; the same bits)."""
+    (the same bits as numpy's astype, 0.02-0.04 s a 4096 x 28672 block against 0.24-0.97 s)."""
     import torch      # here, as in utils: the store's other readers need no torch
 
     torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(values)))
@@ -359,22 +359,23 @@ class FeatureFile:
         cols = self.columns(layers)
         if len(rows) == 0:
             return
-        # two buffers reused for every block: on this VM first-touching fresh memory ran at ~1.5 GB/s, so a fresh
-        # float32 block (470 MB at 4096 x 28672) cost 0.3 s, and one fresh stored block 0.08-0.56 s to read
+        # two buffers reused for every block: on the VMs measured, memory is slow to touch the first time (~1.5 GB/s:
+        # 0.3 s a fresh 470 MB float32 block; benchmarks/results/notes.md, stop 59)
         n = min(block, len(rows))
         out = np.empty((n, data.shape[1] if cols is None else len(cols)), np.float32)
         stored = out if data.dtype == np.float32 else np.empty((n, data.shape[1]), data.dtype)
         for start in range(0, len(rows), block):
             idx = rows[start:start + block]
             contiguous = idx[-1] - idx[0] == len(idx) - 1
-            if contiguous and cols is None:
+            direct = contiguous and cols is None
+            if direct:
                 values = stored[:len(idx)]
                 data.read_direct(values, np.s_[idx[0]:idx[-1] + 1])
             else:
                 values = data[idx[0]:idx[-1] + 1] if contiguous else data[idx]
                 if cols is not None:
                     values = values[:, cols]
-            if values.base is not out and values is not out:
+            if not (direct and stored is out):          # float32 rows read straight into `out` need no copy
                 _convert_into(out[:len(idx)], values)
             yield idx, out[:len(idx)]
 
