@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 
 import numpy as np
 import pytest
+import torch
 
 from replearn.probe import svm
 from replearn.core.config import ConfigError, build
@@ -592,10 +594,8 @@ def test_a_benchmark_rerun_keeps_the_record_it_replaces():
 def test_row_parts_work_in_a_forked_child(monkeypatch):
     """A process forked after the row-part threads started (the image cache's decoders fork) computes its
     products on a pool of its own (the parent's threads do not exist in the child)."""
-    multiprocessing = pytest.importorskip("multiprocessing")
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork on this platform")
-    torch = pytest.importorskip("torch")
     monkeypatch.setattr(svm.design, "SKINNY_FORWARD_ROWS", 4)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     a = np.arange(60 * 5, dtype=np.float32).reshape(60, 5)
